@@ -1,0 +1,32 @@
+"""gfss_hf: generalized few-shot semantic segmentation on the Hugging Face stack.
+
+Importing the package registers the model with the Auto classes (`AutoConfig`, `AutoModel`,
+`AutoModelForSemanticSegmentation`, `AutoImageProcessor`) and the `few-shot-segmentation` pipeline. Registration is
+idempotent.
+"""
+
+from .configuration_gfss import GFSSConfig
+from .image_processing_gfss import GFSSImageProcessor
+from .modeling_gfss import GFSSModel, GFSSModelOutput, GFSSPreTrainedModel
+
+__version__ = "0.1.0"
+
+__all__ = ["GFSSConfig", "GFSSImageProcessor", "GFSSModel", "GFSSModelOutput", "GFSSPreTrainedModel", "__version__"]
+
+
+def _register() -> None:
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForSemanticSegmentation
+
+    try:
+        AutoConfig.register("gfss", GFSSConfig, exist_ok=True)
+    except TypeError:  # older signature without exist_ok
+        AutoConfig.register("gfss", GFSSConfig)
+    for auto in (AutoModel, AutoModelForSemanticSegmentation):
+        try:
+            auto.register(GFSSConfig, GFSSModel, exist_ok=True)
+        except TypeError:
+            auto.register(GFSSConfig, GFSSModel)
+    AutoImageProcessor.register(GFSSConfig, image_processor_classes={"pil": GFSSImageProcessor}, exist_ok=True)
+
+
+_register()

@@ -1,0 +1,345 @@
+"""Image processor of GFSS models: resize the longer side, pad to a square canvas, normalise; masks NEAREST with
+ignore padding; post-processing back to each image's original size.
+
+Pure PIL + numpy (no torchvision): results are the same on every machine.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers.processing_utils import ImagesKwargs
+
+__all__ = ["GFSSImageProcessor", "load_image", "load_mask"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_IMAGE_SIDE = 16384
+
+
+class GFSSImageProcessorKwargs(ImagesKwargs, total=False):
+    image_size: int
+    pad_mode: str
+    ignore_index: int
+
+
+def _describe(obj) -> str:
+    return f"{type(obj).__name__}" + (f" of shape {tuple(obj.shape)}" if hasattr(obj, "shape") else "")
+
+
+def load_image(image, name: str = "image") -> Image.Image:
+    """
+    Read one image as an RGB `PIL.Image`.
+
+    Accepts a `PIL.Image` (any mode: grayscale, RGBA, palette, 16-bit are converted to 8-bit RGB), a path, or a numpy
+    array / torch tensor (`HxW`, `HxWxC` or `CxHxW`; uint8, uint16, or float in [0, 1]). `name` is used in error
+    messages. Zero-size images and images with a side above 16384 px are rejected.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"{name}: file {str(path)!r} does not exist.")
+        try:
+            with Image.open(path) as handle:
+                handle.load()
+                image = handle.copy()
+        except Exception as err:
+            raise ValueError(f"{name}: {str(path)!r} is not a readable image ({err}).") from err
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+        if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
+            image = image.transpose(1, 2, 0)
+    if isinstance(image, np.ndarray):
+        array = image
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+            raise ValueError(f"{name}: expected an HxW or HxWx3/4 array, got {_describe(array)}.")
+        _check_size(array.shape[0], array.shape[1], name)
+        if array.dtype == np.uint16:
+            array = (array.astype(np.float32) / 257.0).round().astype(np.uint8)
+        elif np.issubdtype(array.dtype, np.floating):
+            if array.size and (array.min() < 0 or array.max() > 1):
+                raise ValueError(
+                    f"{name}: float images must be in [0, 1], got [{array.min():.3g}, {array.max():.3g}]; pass "
+                    "uint8 pixels or rescale."
+                )
+            array = (array * 255.0).round().astype(np.uint8)
+        elif array.dtype != np.uint8:
+            array = np.clip(array, 0, 255).astype(np.uint8)
+        if array.ndim == 3 and array.shape[-1] == 4:
+            array = array[..., :3]
+        if array.ndim == 2:
+            array = np.repeat(array[..., None], 3, axis=-1)
+        return Image.fromarray(np.ascontiguousarray(array), mode="RGB")
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"{name}: expected a PIL image, a numpy array, a torch tensor or a path, got {_describe(image)}.")
+    _check_size(image.height, image.width, name)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        scale = 257.0 if array.max() <= 65535 and image.mode != "I" else max(array.max() / 255.0, 1.0)
+        return load_image((np.clip(array / scale, 0, 255)).round().astype(np.uint8), name)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return image
+
+
+def load_mask(mask, name: str = "mask") -> np.ndarray:
+    """
+    Read one label map as an `HxW` int64 array. Palette PNGs give their indices (VOC convention); RGB masks whose
+    three channels are equal are read as one channel; a path is opened with PIL.
+    """
+    if isinstance(mask, (str, os.PathLike)):
+        path = Path(mask)
+        if not path.is_file():
+            raise FileNotFoundError(f"{name}: file {str(path)!r} does not exist.")
+        try:
+            with Image.open(path) as handle:
+                mask = np.array(handle)
+        except Exception as err:
+            raise ValueError(f"{name}: {str(path)!r} is not a readable mask image ({err}).") from err
+    elif isinstance(mask, Image.Image):
+        mask = np.array(mask)
+    elif isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu().numpy()
+    if not isinstance(mask, np.ndarray):
+        raise TypeError(f"{name}: expected a PIL image, numpy array, tensor or path, got {_describe(mask)}.")
+    if mask.ndim == 3:
+        if mask.shape[-1] == 1:
+            mask = mask[..., 0]
+        elif mask.shape[-1] in (3, 4) and (mask[..., 0] == mask[..., 1]).all() and (mask[..., 0] == mask[..., 2]).all():
+            mask = mask[..., 0]
+        else:
+            raise ValueError(
+                f"{name}: expected a single-channel label map, got {_describe(mask)}; save masks as 'L' or palette PNGs "
+                "holding class indices."
+            )
+    if mask.ndim != 2:
+        raise ValueError(f"{name}: expected an HxW label map, got {_describe(mask)}.")
+    if mask.dtype == bool:
+        mask = mask.astype(np.int64)
+    if np.issubdtype(mask.dtype, np.floating):
+        if not np.all(mask == np.round(mask)):
+            raise ValueError(f"{name}: label maps must hold integer class indices, got fractional values.")
+    _check_size(mask.shape[0], mask.shape[1], name)
+    return mask.astype(np.int64)
+
+
+def _check_size(height: int, width: int, name: str) -> None:
+    if height < 1 or width < 1:
+        raise ValueError(f"{name} has size {width}x{height}; images must have at least one pixel.")
+    if max(height, width) > MAX_IMAGE_SIDE:
+        raise ValueError(
+            f"{name} has size {width}x{height}, above the limit of {MAX_IMAGE_SIDE} px per side; downscale it first."
+        )
+
+
+class GFSSImageProcessor(BaseImageProcessor):
+    r"""
+    Prepares images (and label maps) for [`GFSSModel`].
+
+    Images: converted to RGB, the longer side resized to `image_size` keeping the aspect ratio (bilinear), normalised
+    with `image_mean` / `image_std`, and pasted top-left into an `image_size x image_size` canvas filled with the
+    mean colour (`pad_mode="mean"`, this paper) or black (`pad_mode="zero"`, RePRI / DIaM). Label maps: resized
+    NEAREST, padded with `ignore_index`, returned as int64 `labels`.
+
+    Args:
+        image_size (`int`, *optional*, defaults to 473): side of the square canvas.
+        pad_mode (`str`, *optional*, defaults to `"mean"`): `"mean"` or `"zero"`.
+        image_mean (`tuple[float]`, *optional*, defaults to ImageNet's): normalisation mean (0-1 scale).
+        image_std (`tuple[float]`, *optional*, defaults to ImageNet's): normalisation std (0-1 scale).
+        ignore_index (`int`, *optional*, defaults to 255): label of padded mask pixels.
+
+    Example:
+
+    ```python
+    >>> from PIL import Image
+    >>> from gfss_hf import GFSSImageProcessor
+    >>> processor = GFSSImageProcessor(image_size=96)
+    >>> batch = processor(Image.new("RGB", (120, 60)), return_tensors="pt")
+    >>> batch["pixel_values"].shape, batch["resized_sizes"].tolist()
+    (torch.Size([1, 3, 96, 96]), [[48, 96]])
+    ```
+    """
+
+    model_input_names = ["pixel_values"]
+    valid_kwargs = GFSSImageProcessorKwargs
+
+    def __init__(
+        self,
+        image_size: int = 473,
+        pad_mode: str = "mean",
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
+        ignore_index: int = 255,
+        **kwargs,
+    ):
+        kwargs.pop("image_processor_type", None)
+        kwargs.pop("auto_map", None)
+        kwargs.pop("processor_class", None)
+        super().__init__()
+        if int(image_size) < 8:
+            raise ValueError(f"image_size={image_size} is too small; use at least 8 (473 in the paper).")
+        if pad_mode not in ("mean", "zero"):
+            raise ValueError(f"pad_mode={pad_mode!r} is invalid; allowed values are 'mean' and 'zero'.")
+        self.image_size = int(image_size)
+        self.pad_mode = pad_mode
+        self.image_mean = [float(v) for v in image_mean]
+        self.image_std = [float(v) for v in image_std]
+        self.ignore_index = int(ignore_index)
+        self._valid_kwargs_names = []
+
+    @classmethod
+    def from_config(cls, config) -> GFSSImageProcessor:
+        """The processor matching a [`GFSSConfig`] (its `image_size` and `pad_mode`)."""
+        return cls(image_size=config.image_size, pad_mode=config.pad_mode, ignore_index=config.ignore_index)
+
+    def to_dict(self):
+        output = {
+            "image_size": self.image_size,
+            "pad_mode": self.pad_mode,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+            "ignore_index": self.ignore_index,
+            "image_processor_type": type(self).__name__,
+        }
+        auto_map = getattr(self, "_auto_map", None)
+        if auto_map:
+            output["auto_map"] = auto_map
+        return output
+
+    # -- geometry ----------------------------------------------------------------------------------------------
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """Size `(h, w)` of an `height x width` image after resizing its longer side to `image_size`."""
+        scale = self.image_size / max(height, width)
+        return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+
+    def _prepare_image(self, image: Image.Image) -> tuple[np.ndarray, tuple[int, int]]:
+        new_h, new_w = self.resized_size(image.height, image.width)
+        if (new_h, new_w) != (image.height, image.width):
+            image = image.resize((new_w, new_h), resample=Image.BILINEAR)
+        array = np.asarray(image, dtype=np.float32) / 255.0
+        array = (array - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
+        if self.pad_mode == "mean":
+            fill = np.zeros(3, np.float32)  # the mean colour normalises to 0
+        else:
+            fill = -np.asarray(self.image_mean, np.float32) / np.asarray(self.image_std, np.float32)
+        canvas = np.empty((self.image_size, self.image_size, 3), np.float32)
+        canvas[...] = fill
+        canvas[:new_h, :new_w] = array
+        return canvas.transpose(2, 0, 1), (new_h, new_w)
+
+    def _prepare_mask(self, mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        new_h, new_w = size
+        if mask.min() < 0 or mask.max() > 65535:
+            raise ValueError(f"label values must be in [0, 65535], got [{mask.min()}, {mask.max()}].")
+        if mask.shape != (new_h, new_w):
+            mask = np.asarray(
+                Image.fromarray(mask.astype(np.int32), mode="I").resize((new_w, new_h), resample=Image.NEAREST)
+            )
+        canvas = np.full((self.image_size, self.image_size), self.ignore_index, np.int64)
+        canvas[:new_h, :new_w] = mask
+        return canvas
+
+    # -- main entry --------------------------------------------------------------------------------------------
+    def __call__(self, images, segmentation_maps=None, **kwargs) -> BatchFeature:
+        return self.preprocess(images, segmentation_maps=segmentation_maps, **kwargs)
+
+    def preprocess(self, images, segmentation_maps=None, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
+        """
+        Args:
+            images: one image or a list (PIL, numpy, tensor or path; see `load_image`).
+            segmentation_maps: optional label map(s) of the same sizes (see `load_mask`).
+            return_tensors (`str`, *optional*, defaults to `"pt"`): `"pt"` or `"np"`.
+
+        Returns:
+            `BatchFeature` with `pixel_values` `(B, 3, S, S)` float32, `original_sizes` and `resized_sizes` `(B, 2)`
+            int64 (height, width), and `labels` `(B, S, S)` int64 when masks are given.
+        """
+        if kwargs:
+            raise TypeError(f"GFSSImageProcessor got unexpected arguments {sorted(kwargs)}.")
+        single = not isinstance(images, (list, tuple))
+        images = [images] if single else list(images)
+        if not images:
+            raise ValueError("images is empty; give at least one image.")
+        masks = None
+        if segmentation_maps is not None:
+            masks = [segmentation_maps] if not isinstance(segmentation_maps, (list, tuple)) else list(segmentation_maps)
+            if len(masks) != len(images):
+                raise ValueError(f"got {len(images)} images but {len(masks)} segmentation maps; give one per image.")
+        pixel_values, labels, original_sizes, resized_sizes = [], [], [], []
+        for i, image in enumerate(images):
+            pil = load_image(image, name=f"image {i}")
+            array, size = self._prepare_image(pil)
+            pixel_values.append(array)
+            original_sizes.append((pil.height, pil.width))
+            resized_sizes.append(size)
+            if masks is not None:
+                mask = load_mask(masks[i], name=f"segmentation map {i}")
+                if mask.shape != (pil.height, pil.width):
+                    raise ValueError(
+                        f"segmentation map {i} has size {mask.shape[1]}x{mask.shape[0]} but its image has "
+                        f"{pil.width}x{pil.height}; masks must have the size of their image."
+                    )
+                labels.append(self._prepare_mask(mask, size))
+        data = {
+            "pixel_values": np.stack(pixel_values),
+            "original_sizes": np.asarray(original_sizes, np.int64),
+            "resized_sizes": np.asarray(resized_sizes, np.int64),
+        }
+        if masks is not None:
+            data["labels"] = np.stack(labels)
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    # -- post-processing ---------------------------------------------------------------------------------------
+    def post_process_logits(self, logits: torch.Tensor, target_sizes) -> list[torch.Tensor]:
+        """
+        Undo pad and resize on canvas logits: crop each image's valid region and resize it bilinearly to its
+        original size.
+
+        Args:
+            logits (`torch.Tensor` of shape `(B, C, S, S)` or `(B, C, h, w)`): canvas logits (any resolution that
+                is a scaling of the canvas).
+            target_sizes (`list[tuple[int, int]]`): original `(height, width)` per image.
+
+        Returns:
+            `list[torch.Tensor]`, each `(C, height, width)`.
+        """
+        if len(target_sizes) != logits.shape[0]:
+            raise ValueError(f"got {logits.shape[0]} logits but {len(target_sizes)} target sizes.")
+        out = []
+        scale = logits.shape[-1] / self.image_size
+        for i, (height, width) in enumerate(target_sizes):
+            new_h, new_w = self.resized_size(int(height), int(width))
+            crop_h = max(1, int(round(new_h * scale)))
+            crop_w = max(1, int(round(new_w * scale)))
+            cropped = logits[i : i + 1, :, :crop_h, :crop_w]
+            out.append(
+                F.interpolate(cropped.float(), size=(int(height), int(width)), mode="bilinear", align_corners=False)[0]
+            )
+        return out
+
+    def post_process_semantic_segmentation(self, outputs, target_sizes=None) -> list[torch.Tensor]:
+        """
+        Label maps at each image's original size.
+
+        Args:
+            outputs: a [`GFSSModelOutput`] (or anything with `.logits`), or a logits tensor `(B, C, S, S)`.
+            target_sizes (`list[tuple[int, int]]` or tensor `(B, 2)`, *optional*): original `(height, width)` per
+                image (the `original_sizes` returned by the processor). Without it, canvas-size maps are returned.
+
+        Returns:
+            `list[torch.Tensor]` of int64 `(height, width)` label maps (classifier rows).
+        """
+        logits = outputs.logits if hasattr(outputs, "logits") else outputs
+        if target_sizes is None:
+            return list(logits.argmax(dim=1))
+        if isinstance(target_sizes, torch.Tensor):
+            target_sizes = target_sizes.tolist()
+        return [lg.argmax(dim=0) for lg in self.post_process_logits(logits, target_sizes)]

@@ -1,0 +1,482 @@
+"""GFSS model: a timm ResNet backbone dilated to output stride 8, a pyramid pooling decoder (PSPNet) and a 1x1
+classifier that grows with novel classes.
+
+This is the one model file: it imports only `configuration_gfss` and `losses` relatively, so a saved folder with
+`trust_remote_code=True` works without the `gfss_hf` package.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput, logging
+
+from .configuration_gfss import GFSSConfig
+from .losses import label_smoothed_cross_entropy
+
+__all__ = ["GFSSModel", "GFSSModelOutput", "GFSSPreTrainedModel", "GFSSPyramidPooling", "load_weights_file"]
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class GFSSModelOutput(ModelOutput):
+    r"""
+    Output of [`GFSSModel`].
+
+    Args:
+        loss (`torch.FloatTensor`, *optional*):
+            Label-smoothed cross-entropy on `labels` (returned when `labels` is given).
+        logits (`torch.FloatTensor` of shape `(batch_size, num_labels, height, width)`):
+            Class scores upsampled to the input size; rows ordered `[background, base..., novel...]`.
+        features (`torch.FloatTensor` of shape `(batch_size, hidden_size, h, w)`):
+            The dense decoder feature `I` the classifier reads (`h = height / output_stride`).
+        embeddings (`torch.FloatTensor` of shape `(batch_size, projection_dim, h, w)`, *optional*):
+            L2-normalised contrastive embeddings (returned with `output_embeddings=True`).
+        backbone_features (`torch.FloatTensor` of shape `(batch_size, C4, h, w)`, *optional*):
+            The last backbone stage (returned with `output_backbone_features=True`).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    features: torch.FloatTensor | None = None
+    embeddings: torch.FloatTensor | None = None
+    backbone_features: torch.FloatTensor | None = None
+
+
+class GFSSPyramidPooling(nn.Module):
+    """
+    Pyramid pooling module + bottleneck of PSPNet.
+
+    Each bin `s` adaptive-average-pools the input to `s x s`, projects it with a 1x1 conv (no bias) to
+    `in_channels // len(pool_scales)` channels, BN, ReLU, and upsamples bilinearly back. The input and the stages are
+    concatenated `[input, stage_0, ..., stage_n]` and reduced by a 3x3 conv (no bias) + BN + ReLU + Dropout2d to
+    `hidden_size` channels.
+
+    Args:
+        in_channels (`int`): channels of the backbone feature.
+        hidden_size (`int`): output channels.
+        pool_scales (`tuple[int]`): the bins.
+        dropout (`float`): Dropout2d probability.
+        align_corners (`bool`): of the stage upsampling.
+    """
+
+    def __init__(self, in_channels: int, hidden_size: int, pool_scales, dropout: float, align_corners: bool):
+        super().__init__()
+        stage_channels = in_channels // len(pool_scales)
+        self.align_corners = align_corners
+        self.stages = nn.ModuleList(
+            nn.Sequential(
+                nn.AdaptiveAvgPool2d(scale),
+                nn.Conv2d(in_channels, stage_channels, kernel_size=1, bias=False),
+                nn.BatchNorm2d(stage_channels),
+                nn.ReLU(inplace=True),
+            )
+            for scale in pool_scales
+        )
+        self.bottleneck = nn.Sequential(
+            nn.Conv2d(in_channels + stage_channels * len(pool_scales), hidden_size, 3, padding=1, bias=False),
+            nn.BatchNorm2d(hidden_size),
+            nn.ReLU(inplace=True),
+            nn.Dropout2d(p=dropout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        outs = [x]
+        for stage in self.stages:
+            outs.append(F.interpolate(stage(x), size=size, mode="bilinear", align_corners=self.align_corners))
+        return self.bottleneck(torch.cat(outs, dim=1))
+
+
+def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """
+    Read a weights file safely: `.safetensors` through safetensors, anything else through
+    `torch.load(weights_only=True)`. Containers (`state_dict`, `model`) are unwrapped and a leading `module.` is
+    stripped from every key.
+
+    Args:
+        path (`str` or `os.PathLike`): the file.
+
+    Returns:
+        `dict[str, torch.Tensor]`: the flat state dict.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file {path!r} does not exist; give the path of a .safetensors or .pth file.")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        obj = load_file(path)
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # an old pickle with non-tensor objects
+            raise ValueError(
+                f"{path!r} could not be read with torch.load(weights_only=True): {err}. Only files of tensors are "
+                "loaded safely; if you trust the file, re-save its state_dict with torch.save or safetensors."
+            ) from err
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a state dict of tensors.")
+    out = {}
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        out[key[len("module.") :] if key.startswith("module.") else key] = value
+    return out
+
+
+# Flat deep stem (semseg's ImageNet `resnet50_v2.pth`) -> timm deep stem. Applied in one pass from the original key.
+_FLAT_STEM_TO_TIMM = {
+    "conv1.": "conv1.0.",
+    "bn1.": "conv1.1.",
+    "conv2.": "conv1.3.",
+    "bn2.": "conv1.4.",
+    "conv3.": "conv1.6.",
+    "bn3.": "bn1.",
+}
+
+
+def _imagenet_to_timm_keys(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Map an ImageNet ResNet state dict (timm deep stem, or the flat deep stem) to the timm `features_only` keys.
+
+    Returns the mapped dict and the list of dropped keys (the `fc` head)."""
+    stem = state_dict.get("conv1.weight")
+    if stem is not None and stem.shape[-1] == 7:
+        raise ValueError(
+            "this file has a single 7x7 stem conv (torchvision / timm plain ResNet-50), which cannot be loaded into "
+            "the 3-conv deep stem of resnet50s; use deep-stem weights (timm resnet50s.gluon_in1k or semseg's "
+            "resnet50_v2.pth)."
+        )
+    deep = state_dict.get("conv1.0.weight")
+    if deep is not None and deep.shape[0] == 32:
+        raise ValueError(
+            "this file has a 32-wide deep stem (timm resnet50c/resnet50d), which does not fit resnet50s's 64-64-128 "
+            "stem; use resnet50s.gluon_in1k or semseg's resnet50_v2.pth."
+        )
+    flat = "conv3.weight" in state_dict and "conv1.weight" in state_dict
+    mapped, dropped = {}, []
+    for key, value in state_dict.items():
+        if key.startswith("fc."):
+            dropped.append(key)
+            continue
+        new_key = key
+        if flat:
+            for src, dst in _FLAT_STEM_TO_TIMM.items():
+                if key.startswith(src):
+                    new_key = dst + key[len(src) :]
+                    break
+        mapped[new_key] = value
+    return mapped, dropped
+
+
+class GFSSPreTrainedModel(PreTrainedModel):
+    config_class = GFSSConfig
+    config: GFSSConfig
+    base_model_prefix = "gfss"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = False
+    accepts_loss_kwargs = False
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Conv2d):
+            if module is getattr(self, "classifier", None):
+                init.normal_(module.weight, mean=0.0, std=0.01)
+            else:
+                init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            if getattr(module, "running_mean", None) is not None:
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+                init.zeros_(module.num_batches_tracked)
+        elif isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=0.01)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+
+
+class GFSSModel(GFSSPreTrainedModel):
+    r"""
+    PSPNet for generalized few-shot segmentation: timm backbone (`features_only`, dilated by `output_stride`) ->
+    pyramid pooling decoder -> dense feature `I` (`hidden_size` channels) -> 1x1 classifier whose rows are
+    `[background, base..., novel...]` (`config.id2label`). An optional projection head gives L2-normalised pixel
+    embeddings for contrastive pre-training.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from gfss_hf import GFSSConfig, GFSSModel
+    >>> config = GFSSConfig(backbone="resnet18", hidden_size=64, image_size=64, base_class_names=("a", "b"))
+    >>> model = GFSSModel(config).eval()
+    >>> out = model(torch.randn(1, 3, 64, 64))
+    >>> out.logits.shape, out.features.shape
+    (torch.Size([1, 3, 64, 64]), torch.Size([1, 64, 8, 8]))
+    ```
+    """
+
+    def __init__(self, config: GFSSConfig):
+        super().__init__(config)
+        self.backbone = timm.create_model(
+            config.backbone,
+            pretrained=False,
+            features_only=True,
+            output_stride=config.output_stride,
+            out_indices=(-1,),
+            **config.backbone_kwargs,
+        )
+        if config.dilation_style == "pspnet":
+            self._apply_pspnet_dilation()
+        in_channels = self.backbone.feature_info.channels()[-1]
+        self.decoder = GFSSPyramidPooling(
+            in_channels, config.hidden_size, config.pool_scales, config.dropout, config.ppm_align_corners
+        )
+        self.classifier = nn.Conv2d(config.hidden_size, config.num_labels, kernel_size=1, bias=config.classifier_bias)
+        if config.use_projection:
+            source = config.hidden_size if config.projection_source == "decoder" else in_channels
+            self.projection = nn.Sequential(
+                nn.Conv2d(source, source, kernel_size=1),
+                nn.BatchNorm2d(source),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(source, config.projection_dim, kernel_size=1),
+            )
+        else:
+            self.projection = None
+        self._backbone_frozen = False
+        self.post_init()
+
+    # -- structure ---------------------------------------------------------------------------------------------
+    def _apply_pspnet_dilation(self) -> None:
+        """Dilate the first block of layer3/layer4 as the PSPNet code does (timm keeps the previous dilation there).
+
+        Dilation is not stored in a state dict, so converted checkpoints need this to compute what they computed."""
+        if self.config.output_stride != 8:
+            raise ValueError(
+                f"dilation_style='pspnet' needs output_stride=8, got {self.config.output_stride}; use "
+                "dilation_style='timm'."
+            )
+        for layer_name, dilation in (("layer3", 2), ("layer4", 4)):
+            layer = getattr(self.backbone, layer_name, None)
+            conv = getattr(layer[0], "conv2", None) if layer is not None else None
+            if not isinstance(conv, nn.Conv2d):
+                raise ValueError(
+                    f"dilation_style='pspnet' expects a ResNet bottleneck backbone with {layer_name}[0].conv2; "
+                    f"backbone {self.config.backbone!r} has none. Use dilation_style='timm'."
+                )
+            conv.dilation = (dilation, dilation)
+            conv.padding = (dilation * (conv.kernel_size[0] // 2), dilation * (conv.kernel_size[1] // 2))
+
+    @property
+    def num_base_classes(self) -> int:
+        return self.config.num_base_classes
+
+    # -- freezing ----------------------------------------------------------------------------------------------
+    def freeze_backbone(self) -> GFSSModel:
+        """Freeze backbone + decoder (+ projection): `requires_grad=False` and eval mode (BatchNorm running statistics,
+        no dropout), which `.train()` does not undo. Only the classifier stays trainable. Returns `self`."""
+        self._backbone_frozen = True
+        for module in self._frozen_modules():
+            module.requires_grad_(False)
+            module.eval()
+        return self
+
+    def unfreeze_backbone(self) -> GFSSModel:
+        """Undo `freeze_backbone()`. Returns `self`."""
+        self._backbone_frozen = False
+        for module in self._frozen_modules():
+            module.requires_grad_(True)
+            module.train(self.training)
+        return self
+
+    @property
+    def backbone_frozen(self) -> bool:
+        return self._backbone_frozen
+
+    def _frozen_modules(self):
+        return [m for m in (self.backbone, self.decoder, self.projection) if m is not None]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if getattr(self, "_backbone_frozen", False):
+            for module in self._frozen_modules():
+                module.eval()
+        return self
+
+    # -- weights -----------------------------------------------------------------------------------------------
+    def load_backbone_weights(self, path: str | os.PathLike | None = None, strict: bool = True) -> dict[str, list]:
+        """
+        Load ImageNet weights into the backbone from a local file (never downloaded).
+
+        Accepts timm deep-stem weights (`resnet50s.gluon_in1k`, identity keys) and the flat deep-stem layout of
+        semseg's `resnet50_v2.pth` (`conv1/bn1/conv2/bn2/conv3/bn3`), as `.safetensors` or `.pth`
+        (`weights_only=True`). The `fc` head is dropped. Plain 7x7-stem and 32-wide-stem files are refused.
+
+        Args:
+            path (`str`, *optional*): the file; defaults to `config.backbone_weights_path`.
+            strict (`bool`, *optional*, defaults to `True`): raise if a backbone tensor is missing or unexpected.
+
+        Returns:
+            `dict` with lists `missing`, `unexpected`, `dropped` (keys).
+        """
+        path = path if path is not None else self.config.backbone_weights_path
+        if path is None:
+            raise ValueError("no weights file: pass `path` or set `config.backbone_weights_path`.")
+        mapped, dropped = _imagenet_to_timm_keys(load_weights_file(path))
+        own = self.backbone.state_dict()
+        for key, value in mapped.items():
+            if key in own and own[key].shape != value.shape:
+                raise ValueError(
+                    f"backbone tensor {key!r} has shape {tuple(value.shape)} in {os.fspath(path)!r} but "
+                    f"{tuple(own[key].shape)} in {self.config.backbone!r}; the file is for another architecture."
+                )
+        result = self.backbone.load_state_dict(mapped, strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+        report = {"missing": missing, "unexpected": list(result.unexpected_keys), "dropped": dropped}
+        if strict and (missing or result.unexpected_keys):
+            raise ValueError(
+                f"backbone weights from {os.fspath(path)!r} do not match {self.config.backbone!r}: missing "
+                f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {list(result.unexpected_keys)[:5]}; "
+                "pass strict=False to load the matching part."
+            )
+        logger.info(f"loaded backbone weights from {path}: {report}")
+        return report
+
+    @torch.no_grad()
+    def expand_classifier(
+        self,
+        novel_class_names,
+        weights: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        seed: int = 0,
+    ) -> GFSSModel:
+        """
+        Append one classifier row per novel class, keeping the existing rows bit-identical, and record the names in
+        the config (so `save_pretrained` -> `from_pretrained` gives back the expanded model).
+
+        Args:
+            novel_class_names (`list[str]`): names of the new classes; must not exist yet.
+            weights (`torch.Tensor` of shape `(N, hidden_size)` or `(N, hidden_size, 1, 1)`, *optional*):
+                Rows for the new classes (e.g. adapted by few-shot fine-tuning). Default: normal with std 0.01 drawn
+                from a generator seeded with `seed` (the reference initialises novel rows randomly).
+            bias (`torch.Tensor` of shape `(N,)`, *optional*): bias of the new rows when the classifier has a bias;
+                default 0.
+            seed (`int`, *optional*, defaults to 0): seed of the default initialisation.
+
+        Returns:
+            `self`.
+        """
+        names = [str(n) for n in novel_class_names]
+        if not names:
+            raise ValueError("novel_class_names is empty; give at least one class name.")
+        existing = set(self.config.class_names)
+        for name in names:
+            if name in existing:
+                raise ValueError(
+                    f"class {name!r} already exists in the model ({self.config.class_names}); choose another name."
+                )
+        if len(set(names)) != len(names):
+            raise ValueError(f"novel_class_names {names} repeats a name; every class needs a unique name.")
+        old = self.classifier
+        hidden = old.weight.shape[1]
+        if weights is None:
+            generator = torch.Generator().manual_seed(seed)
+            weights = torch.randn(len(names), hidden, generator=generator) * 0.01
+        weights = weights.detach().reshape(len(names), -1)
+        if weights.shape[1] != hidden:
+            raise ValueError(
+                f"weights has {weights.shape[1]} features per row but the classifier reads {hidden}; give "
+                f"weights of shape ({len(names)}, {hidden})."
+            )
+        new = nn.Conv2d(hidden, old.out_channels + len(names), kernel_size=1, bias=old.bias is not None)
+        new = new.to(device=old.weight.device, dtype=old.weight.dtype)
+        new.weight.copy_(torch.cat([old.weight, weights.to(old.weight)[:, :, None, None]], dim=0))
+        if old.bias is not None:
+            extra = torch.zeros(len(names)) if bias is None else bias.detach().reshape(len(names))
+            new.bias.copy_(torch.cat([old.bias, extra.to(old.bias)]))
+        elif bias is not None:
+            raise ValueError("bias was given but the classifier has no bias (config.classifier_bias=False).")
+        new.weight.requires_grad_(old.weight.requires_grad)
+        self.classifier = new
+        self.config.set_class_names(novel_class_names=(*self.config.novel_class_names, *names))
+        return self
+
+    # -- forward -----------------------------------------------------------------------------------------------
+    def extract_features(self, pixel_values: torch.Tensor, return_backbone: bool = False):
+        """Dense decoder feature `I` (B, hidden_size, h, w); with `return_backbone`, also the last backbone stage."""
+        backbone_features = self.backbone(pixel_values)[-1]
+        features = self.decoder(backbone_features)
+        return (features, backbone_features) if return_backbone else features
+
+    def upsample_logits(self, logits: torch.Tensor, size) -> torch.Tensor:
+        """Bilinear upsampling of logits to `size` with the config's `align_corners`."""
+        return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=self.config.logits_align_corners)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_embeddings: bool | None = None,
+        output_backbone_features: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> GFSSModelOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`):
+                Normalised images (see [`GFSSImageProcessor`]).
+            labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
+                Classifier-row labels (background 0, base 1..B), `config.ignore_index` ignored. When given, `loss`
+                is the label-smoothed cross-entropy (`config.label_smoothing`) at the input resolution.
+            output_embeddings (`bool`, *optional*):
+                Return L2-normalised contrastive embeddings (needs `config.use_projection`).
+            output_backbone_features (`bool`, *optional*):
+                Return the last backbone stage.
+
+        Returns:
+            [`GFSSModelOutput`] (or a tuple with `return_dict=False`).
+        """
+        if kwargs:
+            raise TypeError(f"GFSSModel.forward got unexpected arguments {sorted(kwargs)}.")
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(
+                f"pixel_values must have shape (batch, 3, height, width), got {tuple(pixel_values.shape)}; use "
+                "GFSSImageProcessor to prepare images."
+            )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        features, backbone_features = self.extract_features(pixel_values, return_backbone=True)
+        logits = self.upsample_logits(self.classifier(features), pixel_values.shape[-2:])
+        embeddings = None
+        if output_embeddings:
+            if self.projection is None:
+                raise ValueError("output_embeddings=True needs a projection head: set config.use_projection=True.")
+            source = features if self.config.projection_source == "decoder" else backbone_features
+            embeddings = F.normalize(self.projection(source), p=2, dim=1)
+        loss = None
+        if labels is not None:
+            loss = label_smoothed_cross_entropy(
+                logits, labels, epsilon=self.config.label_smoothing, ignore_index=self.config.ignore_index
+            )
+        output = GFSSModelOutput(
+            loss=loss,
+            logits=logits,
+            features=features,
+            embeddings=embeddings,
+            backbone_features=backbone_features if output_backbone_features else None,
+        )
+        return output if return_dict else output.to_tuple()
