@@ -27,6 +27,11 @@ def _register() -> None:
         except TypeError:
             auto.register(GFSSConfig, GFSSModel)
     AutoImageProcessor.register(GFSSConfig, image_processor_classes={"pil": GFSSImageProcessor}, exist_ok=True)
+    # Hub export: saving copies the code files next to the weights and writes `auto_map`, so a saved folder loads
+    # with `trust_remote_code=True` where gfss_hf is not installed.
+    GFSSConfig.register_for_auto_class()
+    GFSSModel.register_for_auto_class("AutoModel")
+    GFSSImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 
 _register()

@@ -181,9 +181,12 @@ class GFSSImageProcessor(BaseImageProcessor):
         **kwargs,
     ):
         kwargs.pop("image_processor_type", None)
-        kwargs.pop("auto_map", None)
         kwargs.pop("processor_class", None)
+        auto_map = kwargs.pop("auto_map", None)
+        if kwargs:
+            raise TypeError(f"GFSSImageProcessor got unexpected arguments {sorted(kwargs)}.")
         super().__init__()
+        self.auto_map = auto_map
         if int(image_size) < 8:
             raise ValueError(f"image_size={image_size} is too small; use at least 8 (473 in the paper).")
         if pad_mode not in ("mean", "zero"):
@@ -209,7 +212,7 @@ class GFSSImageProcessor(BaseImageProcessor):
             "ignore_index": self.ignore_index,
             "image_processor_type": type(self).__name__,
         }
-        auto_map = getattr(self, "_auto_map", None)
+        auto_map = getattr(self, "auto_map", None)
         if auto_map:
             output["auto_map"] = auto_map
         return output

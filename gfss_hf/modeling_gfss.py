@@ -148,24 +148,30 @@ _FLAT_STEM_TO_TIMM = {
 }
 
 
-def _imagenet_to_timm_keys(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Map an ImageNet ResNet state dict (timm deep stem, or the flat deep stem) to the timm `features_only` keys.
+def _imagenet_to_timm_keys(
+    state_dict: dict[str, torch.Tensor], target_keys
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Map an ImageNet ResNet state dict to the timm `features_only` keys of a backbone whose keys are `target_keys`.
 
-    Returns the mapped dict and the list of dropped keys (the `fc` head)."""
+    Same-layout files map by identity; the flat deep stem (semseg's `resnet50_v2.pth`) maps to timm's deep stem. A
+    7x7 stem or a 32-wide deep stem offered to a 64-64-128 deep-stem backbone is refused with the reason. Returns the
+    mapped dict and the list of dropped keys (the `fc` head)."""
+    target_keys = set(target_keys)
+    target_deep = "conv1.0.weight" in target_keys
     stem = state_dict.get("conv1.weight")
-    if stem is not None and stem.shape[-1] == 7:
+    if target_deep and stem is not None and stem.shape[-1] == 7:
         raise ValueError(
             "this file has a single 7x7 stem conv (torchvision / timm plain ResNet-50), which cannot be loaded into "
             "the 3-conv deep stem of resnet50s; use deep-stem weights (timm resnet50s.gluon_in1k or semseg's "
             "resnet50_v2.pth)."
         )
     deep = state_dict.get("conv1.0.weight")
-    if deep is not None and deep.shape[0] == 32:
+    if target_deep and deep is not None and deep.shape[0] == 32:
         raise ValueError(
             "this file has a 32-wide deep stem (timm resnet50c/resnet50d), which does not fit resnet50s's 64-64-128 "
             "stem; use resnet50s.gluon_in1k or semseg's resnet50_v2.pth."
         )
-    flat = "conv3.weight" in state_dict and "conv1.weight" in state_dict
+    flat = target_deep and "conv3.weight" in state_dict and "conv1.weight" in state_dict
     mapped, dropped = {}, []
     for key, value in state_dict.items():
         if key.startswith("fc."):
@@ -337,8 +343,8 @@ class GFSSModel(GFSSPreTrainedModel):
         path = path if path is not None else self.config.backbone_weights_path
         if path is None:
             raise ValueError("no weights file: pass `path` or set `config.backbone_weights_path`.")
-        mapped, dropped = _imagenet_to_timm_keys(load_weights_file(path))
         own = self.backbone.state_dict()
+        mapped, dropped = _imagenet_to_timm_keys(load_weights_file(path), own.keys())
         for key, value in mapped.items():
             if key in own and own[key].shape != value.shape:
                 raise ValueError(
@@ -415,6 +421,15 @@ class GFSSModel(GFSSPreTrainedModel):
         self.classifier = new
         self.config.set_class_names(novel_class_names=(*self.config.novel_class_names, *names))
         return self
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # The Hub export maps AutoModel (registered in gfss_hf/__init__.py); the segmenting Auto class points to the
+        # same class, so `AutoModelForSemanticSegmentation.from_pretrained(..., trust_remote_code=True)` works too.
+        if self._auto_class is not None:
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map["AutoModelForSemanticSegmentation"] = "modeling_gfss.GFSSModel"
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     # -- forward -----------------------------------------------------------------------------------------------
     def extract_features(self, pixel_values: torch.Tensor, return_backbone: bool = False):
