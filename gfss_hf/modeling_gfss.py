@@ -156,6 +156,13 @@ def _imagenet_to_timm_keys(
     Same-layout files map by identity; the flat deep stem (semseg's `resnet50_v2.pth`) maps to timm's deep stem. A
     7x7 stem or a 32-wide deep stem offered to a 64-64-128 deep-stem backbone is refused with the reason. Returns the
     mapped dict and the list of dropped keys (the `fc` head)."""
+    if any(key.startswith(("layer0.", "ppm.", "learner_base.", "backbone.layer1.")) for key in state_dict):
+        # A segmentation checkpoint would otherwise fail with hundreds of missing/unexpected keys.
+        raise ValueError(
+            "this file is a PSPNet segmentation checkpoint (semseg / PFENet / RePRI / BAM / CAPL / POP layout), not "
+            "ImageNet backbone weights; convert it with gfss_hf.conversion.convert_checkpoint or "
+            "scripts/convert_checkpoint.py."
+        )
     target_keys = set(target_keys)
     target_deep = "conv1.0.weight" in target_keys
     stem = state_dict.get("conv1.weight")
