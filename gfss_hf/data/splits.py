@@ -212,7 +212,8 @@ class FoldSplit:
         return {**self.base_id2label(), **{b + 1 + r: name for r, name in enumerate(self.novel_names)}}
 
     # ------------------------------------------------------------- remapping
-    def _validated(self, label: np.ndarray) -> np.ndarray:
+    def check_label(self, label: np.ndarray) -> np.ndarray:
+        """Validate a dataset-id label map (integer, values 0..N or 255) and return it as `uint8`."""
         arr = np.asarray(label)
         if arr.dtype.kind not in "ui":
             raise ValueError(f"label must be an integer array, got dtype {arr.dtype}; pass the raw label map.")
@@ -253,7 +254,7 @@ class FoldSplit:
             `np.ndarray` of shape `(H, W)`, `uint8`: 0 background, base class -> rank in `base_ids` + 1, novel ->
             255 (or 0), 255 stays 255.
         """
-        arr = self._validated(label)
+        arr = self.check_label(label)
         return self._lut(0 if novel_to_background else IGNORE_INDEX)[arr]
 
     def to_gfss_labels(self, label: np.ndarray) -> np.ndarray:
@@ -266,7 +267,7 @@ class FoldSplit:
             `np.ndarray` of shape `(H, W)`, `uint8`: base c -> rank + 1, novel c -> B + 1 + rank in `novel_ids`,
             0 and 255 unchanged.
         """
-        arr = self._validated(label)
+        arr = self.check_label(label)
         return self._lut(None)[arr]
 
     @classmethod

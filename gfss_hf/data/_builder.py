@@ -1,0 +1,264 @@
+"""Shared plumbing of the dataset builders: configs, list files, image/mask reading, atomic JSON caches."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from transformers.utils import logging
+
+from .episodes import compute_pixel_counts
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "VIEWS",
+    "GFSSBuilderConfig",
+    "GFSSBuilderMixin",
+    "config_kwargs",
+    "atomic_write_json",
+    "atomic_write_bytes",
+    "read_list_file",
+    "read_mask",
+    "read_rgb",
+    "image_feature_value",
+    "default_index_cache_dir",
+    "cached_pixel_counts",
+    "segmentation_features",
+]
+
+VIEWS = ("base_train", "train", "val")
+_BASE_FIELDS = {"name", "version", "data_files", "description"}
+
+
+@dataclass
+class GFSSBuilderConfig(datasets.BuilderConfig):
+    """Fields shared by the GFSS builders.
+
+    Args:
+        fold (`int`, defaults to 0): the fold whose novel classes the `"base_train"` view removes.
+        view (`str`, defaults to `"base_train"`): `"base_train"` (train list, images with >= 1 base class of
+            >= `min_pixels` px, labels via `FoldSplit.to_base_training`), `"train"` (train list, dataset ids) or
+            `"val"` (val list, dataset ids).
+        min_pixels (`int`, defaults to 2048): area threshold of the base-training filter (2 * 32 * 32).
+        novel_to_background (`bool`, defaults to `False`): in `"base_train"`, novel pixels -> 0 instead of 255.
+    """
+
+    fold: int = 0
+    view: str = "base_train"
+    min_pixels: int = 2048
+    novel_to_background: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.view not in VIEWS:
+            raise ValueError(f"view={self.view!r} is not known; use one of {list(VIEWS)}.")
+        if self.min_pixels < 0:
+            raise ValueError(f"min_pixels={self.min_pixels} must be >= 0.")
+
+
+class GFSSBuilderMixin:
+    """Shared builder behaviour: `from_config`, and data errors surfaced as themselves.
+
+    `datasets` wraps any error raised while generating examples in a generic `DatasetGenerationError`; the errors
+    raised here name the bad file and the fix, so they are re-raised unwrapped (the partial cache is removed by
+    `datasets` before that).
+    """
+
+    @classmethod
+    def from_config(cls, config: datasets.BuilderConfig, cache_dir: str | None = None, **kwargs):
+        """Instantiate from a config instance (datasets builders take config fields as keyword arguments)."""
+        return cls(cache_dir=cache_dir, **config_kwargs(config), **kwargs)
+
+    def download_and_prepare(self, *args, **kwargs):
+        try:
+            return super().download_and_prepare(*args, **kwargs)
+        except datasets.exceptions.DatasetGenerationError as err:
+            cause = err.__cause__
+            if isinstance(cause, (ValueError, OSError, KeyError)):
+                raise cause.with_traceback(cause.__traceback__) from None
+            raise
+
+
+def config_kwargs(config: datasets.BuilderConfig) -> dict[str, Any]:
+    """Keyword arguments that rebuild `config` through a builder's constructor.
+
+    `datasets` builders take the config fields as keyword arguments (they hash them into the cache path); this turns
+    a config instance into those arguments.
+    """
+    out = {}
+    for f in dataclasses.fields(config):
+        if f.name in _BASE_FIELDS:
+            continue
+        value = getattr(config, f.name)
+        if value is None:
+            continue
+        out[f.name] = str(value) if isinstance(value, os.PathLike) else value
+    return out
+
+
+def segmentation_features() -> datasets.Features:
+    """`{"id": string, "image": Image (RGB), "label": Image (mode L)}`."""
+    return datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(), "label": datasets.Image()})
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and `os.replace`, so readers never see a
+    half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """`json.dump` to `path` atomically (temporary file + `os.replace`)."""
+    atomic_write_bytes(path, json.dumps(obj, sort_keys=True).encode("utf-8"))
+
+
+def read_list_file(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """Read a list file of `image_relpath mask_relpath` lines (blank lines skipped).
+
+    A line with a single token `X` is read as `JPEGImages/X.jpg SegmentationClassAug/X.png`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"list file {str(path)!r} does not exist; give an existing list file or None for the standard one."
+        )
+    pairs = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) == 1:
+            parts = [f"JPEGImages/{parts[0]}.jpg", f"SegmentationClassAug/{parts[0]}.png"]
+        if len(parts) != 2:
+            raise ValueError(
+                f"{path}:{lineno}: expected 'image_path mask_path' (or a bare id), got {line!r}; fix that line."
+            )
+        pairs.append((parts[0], parts[1]))
+    return pairs
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """Read a label PNG as a `uint8` array of shape `(H, W)` (palette indices for palette PNGs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"mask {str(path)!r} does not exist; check the data folder and the list file.")
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L", "I", "I;16"):
+                raise ValueError(
+                    f"mask {str(path)!r} has mode {im.mode!r}; masks must be single-channel label PNGs (mode P or L) "
+                    "holding class ids, not colour images. Convert it to class ids."
+                )
+            arr = np.asarray(im)
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"mask {str(path)!r} cannot be read ({err}); replace or remove the file.") from err
+    if arr.dtype != np.uint8:
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise ValueError(f"mask {str(path)!r} has values outside 0..255; store class ids 0..N and 255 = ignore.")
+        arr = arr.astype(np.uint8)
+    return arr
+
+
+def read_rgb(path: str | os.PathLike) -> Image.Image:
+    """Read an image as a loaded PIL RGB image, with an error naming the file when it is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {str(path)!r} does not exist; check the data folder and the list file.")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"image {str(path)!r} cannot be read ({err}); replace or remove the file.") from err
+
+
+def image_feature_value(path: str | os.PathLike) -> tuple[dict | Image.Image, tuple[int, int]]:
+    """What to yield for an `Image()` feature, and the image's (height, width).
+
+    RGB JPEG/PNG files are stored as their original bytes (exact, compact, self-contained); other files are
+    decoded and stored as RGB PIL images. The file is fully decoded either way, so a corrupt file fails here with
+    an error naming it.
+    """
+    path = Path(path)
+    image = read_rgb(path)
+    with Image.open(path) as im:
+        original_format, original_mode = im.format, im.mode
+    if original_mode == "RGB" and original_format in ("JPEG", "PNG"):
+        return {"path": None, "bytes": path.read_bytes()}, (image.height, image.width)
+    return image, (image.height, image.width)
+
+
+def default_index_cache_dir() -> Path:
+    """Folder for the per-class index caches: `$HF_DATASETS_CACHE/gfss_hf_index`."""
+    return Path(datasets.config.HF_DATASETS_CACHE) / "gfss_hf_index"
+
+
+def _fingerprint(parts: Iterable[str]) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _stat_key(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    return f"{st.st_size}-{st.st_mtime_ns}"
+
+
+def cached_pixel_counts(
+    name: str,
+    items: Sequence[tuple[str, str]],
+    load_label: Callable[[str], np.ndarray],
+    cache_dir: str | os.PathLike | None,
+    extra_key: Sequence[str] = (),
+) -> dict[str, dict[int, int]]:
+    """Per-image class pixel counts, cached as JSON keyed on the (id, mask path) list.
+
+    Args:
+        name (`str`): prefix of the cache file.
+        items (`Sequence[tuple[str, str]]`): (image id, mask path) pairs.
+        load_label (`Callable[[str], np.ndarray]`): reads one mask path to a `uint8` array.
+        cache_dir (`str`, *optional*): folder of the cache; `None` uses `default_index_cache_dir()`; `False`-y
+            empty string disables caching.
+        extra_key (`Sequence[str]`, *optional*): more strings that change the cache key.
+    """
+    # Path, size and mtime of every mask: an edited mask invalidates the cache.
+    key = _fingerprint([name, *extra_key, *(f"{i}\t{os.path.abspath(p)}\t{_stat_key(p)}" for i, p in items)])
+    path = None
+    if cache_dir != "":
+        path = Path(cache_dir if cache_dir is not None else default_index_cache_dir()) / f"{name}-{key}.json"
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+                return {i: {int(c): int(n) for c, n in counts.items()} for i, counts in data["pixel_counts"].items()}
+            except (ValueError, KeyError) as err:
+                logger.warning(f"ignoring the unreadable index cache {path} ({err}); recomputing it")
+    counts = compute_pixel_counts((image_id, load_label(mask_path)) for image_id, mask_path in items)
+    if path is not None:
+        atomic_write_json(path, {"pixel_counts": {i: {str(c): n for c, n in v.items()} for i, v in counts.items()}})
+    return counts

@@ -1,0 +1,309 @@
+"""A builder for your own data: a folder of images, label masks and class names.
+
+Layout:
+
+```
+my_data/
+  images/<id>.jpg            (or .jpeg .png .bmp .webp .tif .tiff)
+  masks/<id>.png             single-channel label PNGs: 0 background, 1..N classes, 255 ignore
+  classes.json               (or classes.yaml / classes.yml)
+  train.txt, val.txt         optional: one id per line; without them every mask is in both lists
+```
+
+`classes.json` gives the class names (id i + 1 for `names[i]`) and either explicit novel classes per fold (names
+or ids) or a number of folds to split the classes into consecutive groups, PASCAL-5i style:
+
+```json
+{"names": ["cat", "dog", "car", "bus"], "folds": [["cat"], ["bus", "car"]]}
+{"names": ["cat", "dog", "car", "bus"], "num_folds": 2}
+```
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+from PIL import Image
+from transformers.utils import logging
+
+from ._builder import (
+    GFSSBuilderConfig,
+    GFSSBuilderMixin,
+    cached_pixel_counts,
+    image_feature_value,
+    read_mask,
+    segmentation_features,
+)
+from .episodes import class_index_from_pixel_counts
+from .splits import IGNORE_INDEX, FoldSplit
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "FolderClasses",
+    "read_folder_classes",
+    "folder_split",
+    "folder_entries",
+    "folder_pixel_counts",
+    "folder_class_index",
+    "FolderSegmentationConfig",
+    "FolderSegmentation",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+_CLASS_FILES = ("classes.json", "classes.yaml", "classes.yml")
+
+
+@dataclass(frozen=True)
+class FolderClasses:
+    """Class names and fold table read from `classes.json` / `classes.yaml`.
+
+    Args:
+        names (`tuple[str, ...]`): class names, background excluded; `names[i]` is id `i + 1`.
+        folds (`tuple[tuple[int, ...], ...]`): novel ids of each fold.
+        dataset (`str`): dataset name (the `"dataset"` key, default: the folder name).
+    """
+
+    names: tuple[str, ...]
+    folds: tuple[tuple[int, ...], ...]
+    dataset: str
+
+    def split(self, fold: int) -> FoldSplit:
+        if not 0 <= fold < len(self.folds):
+            raise ValueError(
+                f"fold={fold} is not a fold of {self.dataset!r}; it has folds {list(range(len(self.folds)))}."
+            )
+        return FoldSplit.from_novel_ids(self.dataset, fold, self.names, self.folds[fold], split_kind="custom")
+
+
+def _check_root(data_dir: str | os.PathLike | None) -> Path:
+    if data_dir is None:
+        raise ValueError("data_dir is None; pass the folder holding images/, masks/ and classes.json.")
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"data folder {str(root)!r} does not exist; pass the folder holding images/, masks/ and classes.json."
+        )
+    for sub in ("images", "masks"):
+        if not (root / sub).is_dir():
+            raise FileNotFoundError(
+                f"folder {str(root / sub)!r} does not exist; put the {'RGB images' if sub == 'images' else 'label PNGs'}"
+                f" in {sub}/ under {str(root)!r}."
+            )
+    return root
+
+
+def read_folder_classes(data_dir: str | os.PathLike) -> FolderClasses:
+    """Read the class names and fold table of a folder dataset (see the module docstring for the format)."""
+    root = _check_root(data_dir)
+    path = next((root / n for n in _CLASS_FILES if (root / n).is_file()), None)
+    if path is None:
+        raise FileNotFoundError(
+            f"no class file in {str(root)!r} (looked for {list(_CLASS_FILES)}); write classes.json with "
+            '{"names": [...], "num_folds": K} or {"names": [...], "folds": [[novel...], ...]}.'
+        )
+    try:
+        if path.suffix == ".json":
+            data = json.loads(path.read_text())
+        else:
+            import yaml
+
+            data = yaml.safe_load(path.read_text())
+    except Exception as err:
+        raise ValueError(f"class file {str(path)!r} cannot be parsed ({err}); fix its syntax.") from err
+    if not isinstance(data, dict) or not isinstance(data.get("names"), list) or not data["names"]:
+        raise ValueError(f"class file {str(path)!r} needs a non-empty 'names' list of class names (no background).")
+    names = tuple(str(n) for n in data["names"])
+    if "background" in (n.lower() for n in names):
+        raise ValueError(
+            f"class file {str(path)!r} lists 'background'; background is id 0 implicitly, remove it from 'names'."
+        )
+    n = len(names)
+    if ("folds" in data) == ("num_folds" in data):
+        raise ValueError(
+            f"class file {str(path)!r} needs exactly one of 'folds' (novel classes per fold) or 'num_folds'."
+        )
+    if "num_folds" in data:
+        k = data["num_folds"]
+        if not isinstance(k, int) or not 1 <= k <= n:
+            raise ValueError(f"num_folds={k!r} in {str(path)!r} must be an integer in 1..{n} (number of classes).")
+        folds = tuple(tuple(int(i) + 1 for i in chunk) for chunk in np.array_split(np.arange(n), k))
+    else:
+        folds = []
+        for f, novel in enumerate(data["folds"]):
+            ids = []
+            for item in novel:
+                if isinstance(item, str):
+                    if item not in names:
+                        raise ValueError(f"fold {f} of {str(path)!r} names {item!r}, which is not in 'names'.")
+                    ids.append(names.index(item) + 1)
+                elif isinstance(item, int) and 1 <= item <= n:
+                    ids.append(item)
+                else:
+                    raise ValueError(f"fold {f} of {str(path)!r}: {item!r} is neither a class name nor an id 1..{n}.")
+            folds.append(tuple(sorted(set(ids))))
+        folds = tuple(folds)
+    dataset = str(data.get("dataset", root.resolve().name))
+    classes = FolderClasses(names, folds, dataset)
+    for f in range(len(folds)):
+        classes.split(f)  # validates each fold (non-empty, partition)
+    return classes
+
+
+def folder_split(data_dir: str | os.PathLike, fold: int) -> FoldSplit:
+    """The `FoldSplit` of fold `fold` of a folder dataset."""
+    return read_folder_classes(data_dir).split(fold)
+
+
+def folder_entries(
+    data_dir: str | os.PathLike, split: str = "val", list_file: str | os.PathLike | None = None
+) -> list[tuple[str, Path, Path]]:
+    """(id, image path, mask path) of the images of a list.
+
+    The list is `list_file`, else `<data_dir>/<split>.txt`, else every mask in `masks/`. Every mask needs an image
+    of the same stem in `images/`.
+    """
+    root = _check_root(data_dir)
+    if list_file is None and (root / f"{split}.txt").is_file():
+        list_file = root / f"{split}.txt"
+    if list_file is not None:
+        lf = Path(list_file)
+        if not lf.is_file():
+            raise FileNotFoundError(f"list file {str(lf)!r} does not exist; give an existing file of ids or None.")
+        ids = [Path(line.split()[0]).stem for line in lf.read_text().splitlines() if line.strip()]
+        masks = [root / "masks" / f"{i}.png" for i in ids]
+        missing = [str(m) for m in masks if not m.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} mask(s) named by {str(lf)!r} do not exist, e.g. {missing[:3]}; add them or remove the "
+                "ids from the list."
+            )
+    else:
+        masks = sorted(p for p in (root / "masks").iterdir() if p.suffix.lower() == ".png")
+        if not masks:
+            raise FileNotFoundError(f"no .png mask in {str(root / 'masks')!r}; add label PNGs named <id>.png.")
+    images = {}
+    for p in (root / "images").iterdir():
+        if p.suffix.lower() in IMAGE_EXTENSIONS:
+            images.setdefault(p.stem, p)
+    out = []
+    for m in masks:
+        if m.stem not in images:
+            raise FileNotFoundError(
+                f"mask {str(m)!r} has no image: expected {str(root / 'images' / m.stem)}.<ext> with ext in "
+                f"{list(IMAGE_EXTENSIONS)}; add the image or remove the mask."
+            )
+        out.append((m.stem, images[m.stem], m))
+    return out
+
+
+def folder_pixel_counts(
+    data_dir: str | os.PathLike,
+    split: str = "val",
+    list_file: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> dict[str, dict[int, int]]:
+    """Per image id, the pixel count of every class present; checks that mask values are within the classes."""
+    classes = read_folder_classes(data_dir)
+    entries = folder_entries(data_dir, split, list_file)
+    counts = cached_pixel_counts("folder", [(i, str(m)) for i, _, m in entries], read_mask, cache_dir)
+    n = len(classes.names)
+    for image_id, _, mask in entries:
+        bad = sorted(c for c in counts[image_id] if c > n and c != IGNORE_INDEX)
+        if bad:
+            raise ValueError(
+                f"mask {str(mask)!r} holds values {bad} but {str(Path(data_dir))!r} declares {n} classes (values "
+                f"0..{n}, {IGNORE_INDEX} = ignore); add the missing class names to the class file or fix the mask."
+            )
+    return counts
+
+
+def folder_class_index(
+    data_dir: str | os.PathLike,
+    split: str = "val",
+    min_pixels: int = 2048,
+    list_file: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> dict[int, list[str]]:
+    """Class id -> sorted image ids where the class covers >= `min_pixels` pixels."""
+    counts = folder_pixel_counts(data_dir, split, list_file, cache_dir)
+    n = len(read_folder_classes(data_dir).names)
+    return class_index_from_pixel_counts(counts, min_pixels, class_ids=range(1, n + 1))
+
+
+@dataclass
+class FolderSegmentationConfig(GFSSBuilderConfig):
+    """Configuration of [`FolderSegmentation`] (fields of [`GFSSBuilderConfig`] plus the ones below).
+
+    Args:
+        train_list (`str`, *optional*): ids of the train/base_train views (default: `train.txt` or all masks).
+        val_list (`str`, *optional*): ids of the val view (default: `val.txt` or all masks).
+        index_cache_dir (`str`, *optional*): where the per-class pixel counts are cached.
+    """
+
+    train_list: str | None = None
+    val_list: str | None = None
+    index_cache_dir: str | None = None
+
+
+class FolderSegmentation(GFSSBuilderMixin, datasets.GeneratorBasedBuilder):
+    """Builder over `images/` + `masks/` + `classes.json`: `{"id", "image", "label"}` examples.
+
+    Example:
+
+    ```python
+    >>> builder = FolderSegmentation(cache_dir="/tmp/cache", data_dir="my_data", fold=0, view="val")
+    >>> builder.download_and_prepare()
+    >>> val = builder.as_dataset(split="validation")
+    >>> builder.fold_split.novel_names
+    ```
+    """
+
+    BUILDER_CONFIG_CLASS = FolderSegmentationConfig
+    VERSION = datasets.Version("1.0.0")
+
+    @property
+    def fold_split(self) -> FoldSplit:
+        return folder_split(self.config.data_dir, self.config.fold)
+
+    def _info(self) -> datasets.DatasetInfo:
+        return datasets.DatasetInfo(description="User folder dataset for GFSS", features=segmentation_features())
+
+    def _split_generators(self, dl_manager):
+        cfg = self.config
+        split_name = "val" if cfg.view == "val" else "train"
+        list_file = cfg.val_list if cfg.view == "val" else cfg.train_list
+        fold_split = self.fold_split
+        entries = folder_entries(cfg.data_dir, split_name, list_file)
+        # Checks every mask's values before anything is written.
+        counts = folder_pixel_counts(cfg.data_dir, split_name, list_file, cfg.index_cache_dir)
+        if cfg.view == "base_train":
+            base = set(fold_split.base_ids)
+            entries = [e for e in entries if any(n >= cfg.min_pixels and c in base for c, n in counts[e[0]].items())]
+            if not entries:
+                logger.warning(
+                    f"no image of {cfg.data_dir!r} has a base class of >= {cfg.min_pixels} px; lower "
+                    "min_pixels for small images"
+                )
+        name = datasets.Split.VALIDATION if cfg.view == "val" else datasets.Split.TRAIN
+        return [datasets.SplitGenerator(name=name, gen_kwargs={"entries": entries, "fold_split": fold_split})]
+
+    def _generate_examples(self, entries, fold_split: FoldSplit):
+        cfg = self.config
+        for k, (image_id, image_path, mask_path) in enumerate(entries):
+            image, (height, width) = image_feature_value(image_path)
+            label = read_mask(mask_path)
+            if label.shape != (height, width):
+                raise ValueError(
+                    f"mask {str(mask_path)!r} is {label.shape[1]}x{label.shape[0]} but image {str(image_path)!r} is "
+                    f"{width}x{height}; masks must have their image's size."
+                )
+            if cfg.view == "base_train":
+                label = fold_split.to_base_training(label, novel_to_background=cfg.novel_to_background)
+            yield k, {"id": image_id, "image": image, "label": Image.fromarray(label, "L")}
