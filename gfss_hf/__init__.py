@@ -8,10 +8,19 @@ idempotent.
 from .configuration_gfss import GFSSConfig
 from .image_processing_gfss import GFSSImageProcessor
 from .modeling_gfss import GFSSModel, GFSSModelOutput, GFSSPreTrainedModel
+from .pipeline_few_shot_segmentation import FewShotSegmentationPipeline, register_pipeline
 
 __version__ = "0.1.0"
 
-__all__ = ["GFSSConfig", "GFSSImageProcessor", "GFSSModel", "GFSSModelOutput", "GFSSPreTrainedModel", "__version__"]
+__all__ = [
+    "FewShotSegmentationPipeline",
+    "GFSSConfig",
+    "GFSSImageProcessor",
+    "GFSSModel",
+    "GFSSModelOutput",
+    "GFSSPreTrainedModel",
+    "__version__",
+]
 
 
 def _register() -> None:
@@ -32,6 +41,7 @@ def _register() -> None:
     GFSSConfig.register_for_auto_class()
     GFSSModel.register_for_auto_class("AutoModel")
     GFSSImageProcessor.register_for_auto_class("AutoImageProcessor")
+    register_pipeline()
 
 
 _register()

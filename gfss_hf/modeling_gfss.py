@@ -429,6 +429,13 @@ class GFSSModel(GFSSPreTrainedModel):
         self.config.set_class_names(novel_class_names=(*self.config.novel_class_names, *names))
         return self
 
+    def learn_classes(self, support_images, support_masks, class_names, image_processor=None, **kwargs) -> list[str]:
+        """Learn new classes from a few annotated images and keep them as classifier rows (see
+        `gfss_hf.adaptation.learn_classes`); `save_pretrained` then publishes them."""
+        from .adaptation import learn_classes  # lazy: the model file does not depend on the adaptation engine
+
+        return learn_classes(self, support_images, support_masks, class_names, image_processor=image_processor, **kwargs)
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         # The Hub export maps AutoModel (registered in gfss_hf/__init__.py); the segmenting Auto class points to the
         # same class, so `AutoModelForSemanticSegmentation.from_pretrained(..., trust_remote_code=True)` works too.

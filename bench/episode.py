@@ -1,0 +1,104 @@
+"""Time of one 1-shot GFSS episode, split into feature extraction and classifier adaptation.
+
+The model is the paper's PSPNet (ResNet-50 deep stem, output stride 8) with random weights (timing only), B = 15
+base classes, a 473x473 canvas. An episode = features of the support and the query (one forward each) + 100 SGD
+steps of the (B+2)-way classifier + the query prediction. Adaptation is timed with the exact loss (logits upsampled
+to 473x473) and with the feature-resolution loss; `--naive` also times the straightforward autograd implementation
+(losses.py on upsampled logits) for comparison.
+
+Usage:
+
+    OMP_NUM_THREADS=1 python bench/episode.py --threads 1 [--naive] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+from gfss_hf import GFSSConfig, GFSSModel
+from gfss_hf.adaptation import AdaptationConfig, adapt_gfss, predict
+from gfss_hf.losses import distillation_loss, few_shot_cross_entropy
+
+
+def _timed(fn, repeats):
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def naive_adaptation(features, labels, base_weight, steps=100, lr=0.1, gamma=10.0):
+    """Autograd on losses.py with logits upsampled every step (what the engine replaces)."""
+    t, dim = base_weight.shape
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.cat([base_weight, torch.randn(1, dim, generator=generator) * 0.01]).requires_grad_(True)
+    size = labels.shape[-2:]
+    up = lambda z: F.interpolate(z, size=size, mode="bilinear", align_corners=True)  # noqa: E731
+    teacher = up(torch.einsum("cd,kdhw->kchw", base_weight, features))
+    rows = torch.where((labels == 1), t, labels)
+    for _ in range(steps):
+        logits = up(torch.einsum("cd,kdhw->kchw", weight, features))
+        loss = few_shot_cross_entropy(logits, rows) + gamma * distillation_loss(logits, teacher, mask=labels != 255)
+        (grad,) = torch.autograd.grad(loss, weight)
+        with torch.no_grad():
+            weight -= lr * grad
+    return weight.detach()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--image-size", type=int, default=473)
+    parser.add_argument("--base-classes", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--naive", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    config = GFSSConfig(base_class_names=tuple(f"base{i}" for i in range(args.base_classes)),
+                        image_size=args.image_size, use_projection=False)  # fmt: skip
+    model = GFSSModel(config).eval()
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, args.image_size, args.image_size, generator=generator)  # support, query
+    labels = torch.zeros(1, args.image_size, args.image_size, dtype=torch.long)
+    s = args.image_size
+    labels[0, s // 4 : s // 2, s // 5 : s // 2] = 1  # a foreground object
+
+    with torch.no_grad():
+        model.extract_features(images[:1])  # warm-up
+        extract_s, feats = _timed(lambda: torch.cat([model.extract_features(x[None]) for x in images]), args.repeats)
+    support, query = feats[:1], feats[1:]
+    base_weight = model.classifier.weight.detach().flatten(1)
+
+    results = {}
+    for resolution in ("input", "feature"):
+        cfg = AdaptationConfig(steps=args.steps, loss_resolution=resolution)
+
+        def episode(cfg=cfg):
+            clf = adapt_gfss(support, labels, base_weight, support_classes=[0], config=cfg)
+            return predict(query, clf, size=(s, s)).argmax(1)
+
+        results[resolution], _ = _timed(episode, args.repeats)
+    if args.naive:
+        results["naive autograd (input)"], _ = _timed(
+            lambda: naive_adaptation(support, labels, base_weight, steps=args.steps), 1
+        )
+
+    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {args.threads}")
+    print(f"feature extraction (support + query, {s}x{s}, resnet50s OS8 + PPM): {extract_s:.2f} s")
+    for name, seconds in results.items():
+        share = seconds / (seconds + extract_s)
+        print(f"adaptation ({name}, {args.steps} steps, {args.base_classes + 2}-way) + prediction: {seconds:.2f} s "
+              f"= {100 * share:.1f} % of the episode")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

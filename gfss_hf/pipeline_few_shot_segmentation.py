@@ -1,0 +1,225 @@
+"""The `few-shot-segmentation` pipeline: segment query images into the model's classes plus classes learned on the
+spot from a few annotated support images.
+
+This file imports the model, the image processor and the adaptation engine relatively, so that
+`pipe.save_pretrained(dir)` exports a folder that `pipeline(model=dir, trust_remote_code=True)` loads without the
+`gfss_hf` package.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import Pipeline
+from transformers.utils import logging
+
+from .adaptation import AdaptationConfig, adapt_encoded, encode_supports, predict
+from .image_processing_gfss import GFSSImageProcessor, load_image
+
+__all__ = ["FewShotSegmentationPipeline", "register_pipeline"]
+
+logger = logging.get_logger(__name__)
+
+TASK = "few-shot-segmentation"
+_SUPPORT_KEYS = ("support_images", "support_masks", "class_names", "mask_type", "mode", "persist", "seed")
+_ADAPTATION_KEYS = tuple(
+    name for name in AdaptationConfig.__dataclass_fields__ if name not in ("method", "align_corners", "ignore_index")
+)
+
+
+class FewShotSegmentationPipeline(Pipeline):
+    r"""
+    Few-shot semantic segmentation: learn new classes from a few annotated support images (the classifier is
+    fine-tuned on frozen features, see `gfss_hf.adaptation`) and segment query images into the model's classes
+    plus the new ones.
+
+    Call it as `pipe(query_images, support_images=[...], support_masks=[...], class_names=[...], ...)`:
+
+    - `query_images`: one image or a list (PIL, numpy, tensor, path or URL-free file path; grayscale, RGBA and
+      16-bit images are converted).
+    - `support_images`, `support_masks`: lists of the same length. By default (`mask_type="binary"`) a mask is a
+      binary mask of ITS image's class: values 0 (background) / 1 (object) / 255 (ignored), or a white-on-black
+      image with values 0 / 255 (255 = object), or a boolean array. With `mask_type="label_map"` a mask holds
+      0 background, `k` for `class_names[k - 1]`, 255 ignored, and annotates every listed class.
+    - `class_names`: with binary masks, the class of each support (repeat a name for K shots of one class, or give
+      one string for all); with label maps, the names of the values `1..N` (unique).
+    - `mode`: `"gfss"` (default: all classes of the model + the new ones, CE' + gamma * KD) or `"fss"` (each new
+      class against background only, a fresh 2-way classifier per class).
+    - Fine-tuning options: `steps` (100), `lr` (0.1), `gamma` (10.0), `seed`, and any other field of
+      [`AdaptationConfig`] (`kd_scale`, `kd_skip_novel`, `novel_init`, `ce_weighting`, `loss_resolution`, ...).
+    - `persist=True` (GFSS only): append the learned rows to the model (`model.expand_classifier`), so that later
+      calls without supports, and `pipe.save_pretrained(dir)`, include the new classes. The model keeps its
+      pre-trained base rows; only the new rows are added.
+    - `return_label_map=True`: return `{"segments": [...], "label_map": np.ndarray (H, W) int64, "id2label": {...}}`
+      instead of the list of segments.
+
+    Without any support argument the pipeline segments the model's own classes (base + classes persisted before).
+
+    Each query gives a list of `{"label": str, "score": float, "mask": PIL.Image (mode "L", 255 = class)}`, one per
+    class present in the prediction, at the query's original size (like the `image-segmentation` pipeline);
+    `score` is the mean probability of the class over its mask.
+
+    Example:
+
+    ```python
+    >>> from transformers import pipeline
+    >>> import gfss_hf  # registers the task
+    >>> pipe = pipeline("few-shot-segmentation", model="path/to/gfss-model")  # doctest: +SKIP
+    >>> segments = pipe(query, support_images=[img], support_masks=[mask], class_names=["zebra"])  # doctest: +SKIP
+    >>> [s["label"] for s in segments]  # doctest: +SKIP
+    ['background', 'horse', 'zebra']
+    ```
+    """
+
+    _load_processor = False
+    _load_image_processor = True
+    _load_feature_extractor = False
+    _load_tokenizer = False
+    _load_video_processor = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.image_processor is None:
+            self.image_processor = GFSSImageProcessor.from_config(self.model.config)
+
+    # -- parameters ------------------------------------------------------------------------------------------------
+    def _sanitize_parameters(self, return_label_map=None, _learned=None, **kwargs):
+        if kwargs:
+            raise TypeError(
+                f"{type(self).__name__} got unexpected arguments {sorted(kwargs)}; supports and fine-tuning options "
+                f"are {sorted(_SUPPORT_KEYS + _ADAPTATION_KEYS)}."
+            )
+        forward, post = {}, {}
+        if _learned is not None:
+            forward["_learned"] = _learned
+            post["_learned"] = _learned
+        if return_label_map is not None:
+            post["return_label_map"] = bool(return_label_map)
+        return {}, forward, post
+
+    def __call__(self, images, **kwargs):
+        """Segment `images` (one or a list); see the class docstring for the arguments."""
+        support_kwargs = {k: kwargs.pop(k) for k in _SUPPORT_KEYS if k in kwargs}
+        adaptation_kwargs = {k: kwargs.pop(k) for k in _ADAPTATION_KEYS if k in kwargs}
+        learned = self.learn(**support_kwargs, **adaptation_kwargs) if (support_kwargs or adaptation_kwargs) else None
+        if learned is not None:
+            kwargs["_learned"] = learned
+        if isinstance(images, tuple):
+            images = list(images)
+        return super().__call__(images, **kwargs)
+
+    # -- learning --------------------------------------------------------------------------------------------------
+    def learn(
+        self,
+        support_images=None,
+        support_masks=None,
+        class_names=None,
+        mask_type: str = "binary",
+        mode: str = "gfss",
+        persist: bool = False,
+        **adaptation_kwargs,
+    ) -> dict:
+        """
+        Adapt the classifier to the supports (once per call, shared by all queries). Returns the adapted classifier
+        with its class names; with `persist=True` the new rows are also written into the model.
+        """
+        if mode not in ("gfss", "fss"):
+            raise ValueError(f"mode={mode!r} is invalid; use 'gfss' (all classes) or 'fss' (new class vs background).")
+        if persist and mode != "gfss":
+            raise ValueError("persist=True keeps classes in the model's classifier, which needs mode='gfss'.")
+        if support_images is None or (isinstance(support_images, (list, tuple)) and len(support_images) == 0):
+            raise ValueError(
+                "no supports: pass support_images=[...] with support_masks=[...] and class_names=[...] (at least one "
+                "annotated image), or call the pipeline with none of the support arguments to segment the model's "
+                "own classes."
+            )
+        config = AdaptationConfig(method=mode, **adaptation_kwargs)
+        model = self.model
+        model.eval()
+        encoded = encode_supports(
+            model, support_images, support_masks, class_names, self.image_processor, mask_type, config.loss_resolution
+        )
+        with torch.enable_grad():  # Pipeline.forward runs under no_grad; the engine's optional autograd term needs it
+            classifier = adapt_encoded(model, encoded, config)
+        base_names = list(model.config.class_names)
+        if persist:
+            model.expand_classifier(encoded.class_names, weights=classifier.novel_weight, bias=classifier.novel_bias)
+            logger.info(f"persisted classes {encoded.class_names} into the model")
+        return {"mode": mode, "classifier": classifier, "base_names": base_names, "class_names": encoded.class_names}
+
+    # -- the three stages ------------------------------------------------------------------------------------------
+    def preprocess(self, image):
+        pil = load_image(image, name="query image")
+        inputs = self.image_processor(pil, return_tensors="pt")
+        return {"pixel_values": inputs["pixel_values"], "original_size": (pil.height, pil.width)}
+
+    def _forward(self, model_inputs, _learned=None):
+        model = self.model
+        param = next(model.parameters())
+        pixel_values = model_inputs["pixel_values"].to(device=param.device, dtype=param.dtype)
+        size = pixel_values.shape[-2:]
+        align = model.config.logits_align_corners
+        features = model.extract_features(pixel_values)
+        if _learned is None:
+            logits = model.upsample_logits(model.classifier(features), size)
+        elif _learned["mode"] == "gfss":
+            logits = predict(features, _learned["classifier"], size=size, align_corners=align)
+        else:
+            # One 2-way classifier per class: P(class n) from its own classifier, P(background) = 1 - the best one;
+            # returned as log-probabilities so that post-processing treats every mode alike.
+            per_class = predict(features[None].expand(len(_learned["class_names"]), *features.shape),
+                                _learned["classifier"], size=size, align_corners=align)  # fmt: skip
+            fg = per_class.float().softmax(dim=2)[:, :, 1].permute(1, 0, 2, 3)  # (Q, N, S, S)
+            probs = torch.cat([1.0 - fg.amax(dim=1, keepdim=True), fg], dim=1)
+            logits = probs.clamp_min(1e-12).log()
+        return {"logits": logits, "original_size": model_inputs["original_size"]}
+
+    def postprocess(self, model_outputs, return_label_map: bool = False, _learned=None):
+        if _learned is None:
+            names = list(self.model.config.class_names)
+        elif _learned["mode"] == "gfss":
+            names = _learned["base_names"] + list(_learned["class_names"])
+        else:
+            names = [self.model.config.background_name] + list(_learned["class_names"])
+        original = model_outputs["original_size"]
+        original = tuple(int(v) for v in (original.tolist() if isinstance(original, torch.Tensor) else original))
+        # Logits are resized to the original size first (as `post_process_semantic_segmentation` does), then turned
+        # into probabilities.
+        logits = self.image_processor.post_process_logits(model_outputs["logits"], [original])[0]
+        probs = logits.softmax(dim=0)
+        if _learned is not None and _learned["mode"] == "fss":
+            # Background wins unless a class is more likely than not.
+            best, label = probs[1:].max(dim=0)
+            label_map = torch.where(best > 0.5, label + 1, torch.zeros_like(label))
+        else:
+            label_map = probs.argmax(dim=0)
+        segments = []
+        for index in torch.unique(label_map).tolist():
+            mask = label_map == index
+            segments.append(
+                {
+                    "label": names[index],
+                    "score": round(float(probs[index][mask].mean()), 4),
+                    "mask": Image.fromarray(mask.numpy().astype(np.uint8) * 255, mode="L"),
+                }
+            )
+        if return_label_map:
+            return {
+                "segments": segments,
+                "label_map": label_map.numpy().astype(np.int64),
+                "id2label": dict(enumerate(names)),
+            }
+        return segments
+
+
+def register_pipeline() -> None:
+    """Register the `few-shot-segmentation` task with transformers' `pipeline()` (idempotent)."""
+    from transformers import AutoModel
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    if TASK in PIPELINE_REGISTRY.get_supported_tasks():
+        _, impl, _ = PIPELINE_REGISTRY.check_task(TASK)
+        if impl.get("impl") is FewShotSegmentationPipeline:
+            return
+    PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=FewShotSegmentationPipeline, pt_model=AutoModel, type="image")

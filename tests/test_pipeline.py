@@ -1,0 +1,254 @@
+"""The `few-shot-segmentation` pipeline and `learn_classes`: end to end on PIL inputs, persistence across
+save/load, loading through `trust_remote_code` in a fresh process, and input validation."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import pipeline
+
+from gfss_hf import GFSSImageProcessor, GFSSModel
+from gfss_hf.adaptation import learn_classes
+from gfss_hf.data.splits import get_split
+from gfss_hf.data.synthetic import SyntheticSegmentation
+from gfss_hf.pipeline_few_shot_segmentation import FewShotSegmentationPipeline, register_pipeline
+
+register_pipeline()
+
+FAST = {"steps": 30}
+
+
+@pytest.fixture(scope="module")
+def samples(pretrained_tiny_dir):
+    """Val images of the procedural dataset with their novel-class masks (fold 0)."""
+    split = get_split("synthetic", 0)
+    size = GFSSModel.from_pretrained(pretrained_tiny_dir).config.image_size
+    data = SyntheticSegmentation("val", num_images=60, image_size=size, seed=0)
+    novel_id = split.novel_ids[0]
+    rich = [i for i in range(len(data)) if (data[i]["label"] == novel_id).sum() >= 300]
+    other_id = split.novel_ids[1]
+    rich_other = [i for i in range(len(data)) if (data[i]["label"] == other_id).sum() >= 300]
+    assert len(rich) >= 3 and len(rich_other) >= 1
+    return {"data": data, "novel_id": novel_id, "rich": rich, "other_id": other_id, "rich_other": rich_other,
+            "novel_name": split.novel_names[0], "other_name": split.novel_names[1]}  # fmt: skip
+
+
+def _pil(sample):
+    return Image.fromarray(sample["image"], "RGB")
+
+
+def _mask(sample, class_id, white=True):
+    m = (sample["label"] == class_id).astype(np.uint8)
+    return Image.fromarray(m * (255 if white else 1), "L")
+
+
+@pytest.fixture()
+def pipe(pretrained_tiny_dir):
+    # The package is imported: the locally registered classes are used, not the folder's copied code.
+    return pipeline("few-shot-segmentation", model=str(pretrained_tiny_dir), device="cpu", trust_remote_code=False)
+
+
+def test_pipeline_end_to_end_with_pil_inputs(pipe, samples):
+    assert isinstance(pipe, FewShotSegmentationPipeline)
+    data, cid = samples["data"], samples["novel_id"]
+    support, query = data[samples["rich"][0]], data[samples["rich"][1]]
+    # A non-square query: masks must come back at its original size.
+    query_image = _pil(query).resize((80, 64))
+    out = pipe([query_image, _pil(query)], support_images=[_pil(support)], support_masks=[_mask(support, cid)],
+               class_names=[samples["novel_name"]], return_label_map=True, **FAST)  # fmt: skip
+    assert len(out) == 2
+    first = out[0]
+    assert first["label_map"].shape == (64, 80)
+    names = list(pipe.model.config.class_names) + [samples["novel_name"]]
+    assert first["id2label"] == dict(enumerate(names))
+    for segment in first["segments"]:
+        assert segment["mask"].mode == "L" and segment["mask"].size == (80, 64)
+        assert segment["label"] in names and 0.0 < segment["score"] <= 1.0
+        assert set(np.unique(np.asarray(segment["mask"]))) <= {0, 255}
+    # The learned class is found where it was annotated (the support itself, class-balanced loss as the reference).
+    fit = pipe(_pil(support), support_images=[_pil(support)], support_masks=[_mask(support, cid)],
+               class_names=[samples["novel_name"]], return_label_map=True, ce_weighting="reference")  # fmt: skip
+    novel_row = names.index(samples["novel_name"])
+    pred = fit["label_map"] == novel_row
+    target = support["label"] == cid
+    iou = (pred & target).sum() / max((pred | target).sum(), 1)
+    assert iou > 0.2, iou
+    # The model itself is untouched without persist=True.
+    assert samples["novel_name"] not in pipe.model.config.class_names
+    # Plain list output by default.
+    segments = pipe(_pil(query), support_images=[_pil(support)], support_masks=[_mask(support, cid, white=False)],
+                    class_names=samples["novel_name"], **FAST)  # fmt: skip
+    assert isinstance(segments, list) and {"label", "score", "mask"} <= set(segments[0])
+    assert samples["novel_name"] in [s["label"] for s in segments]
+
+
+def test_fss_mode_and_label_maps(pipe, samples):
+    data, cid, oid = samples["data"], samples["novel_id"], samples["other_id"]
+    a, b = data[samples["rich"][0]], data[samples["rich_other"][0]]
+    # Two classes at once from label maps: value 1 = first class, 2 = second class.
+    maps = []
+    for sample in (a, b):
+        m = np.zeros(sample["label"].shape, np.uint8)
+        m[sample["label"] == cid] = 1
+        m[sample["label"] == oid] = 2
+        maps.append(m)
+    names = [samples["novel_name"], samples["other_name"]]
+    out = pipe(_pil(a), support_images=[_pil(a), _pil(b)], support_masks=maps, class_names=names,
+               mask_type="label_map", return_label_map=True, **FAST)  # fmt: skip
+    assert out["id2label"][len(out["id2label"]) - 1] == names[1]
+    fss = pipe(_pil(a), support_images=[_pil(a), _pil(b)], support_masks=[_mask(a, cid), _mask(b, oid)],
+               class_names=names, mode="fss", return_label_map=True, **FAST)  # fmt: skip
+    assert fss["id2label"] == {0: "background", 1: names[0], 2: names[1]}
+    pred, target = fss["label_map"] == 1, a["label"] == cid
+    assert (pred & target).sum() / max((pred | target).sum(), 1) > 0.3
+
+
+def test_persist_save_load_and_learn_more(pipe, samples, tmp_path):
+    data, cid = samples["data"], samples["novel_id"]
+    support, query = data[samples["rich"][0]], data[samples["rich"][2]]
+    adapted = pipe(_pil(query), support_images=[_pil(support)], support_masks=[_mask(support, cid)],
+                   class_names=[samples["novel_name"]], persist=True, return_label_map=True, **FAST)  # fmt: skip
+    model = pipe.model
+    assert model.config.novel_class_names == (samples["novel_name"],)
+    plain = pipe(_pil(query), return_label_map=True)
+    assert plain["id2label"] == adapted["id2label"]
+    # The persisted model segments the new class with a plain forward pass.
+    assert (plain["label_map"] == len(plain["id2label"]) - 1).sum() > 0
+    pipe.save_pretrained(tmp_path / "learned")
+    reloaded = pipeline("few-shot-segmentation", model=str(tmp_path / "learned"), device="cpu", trust_remote_code=False)
+    again = reloaded(_pil(query), return_label_map=True)
+    assert again["id2label"] == plain["id2label"]
+    np.testing.assert_array_equal(again["label_map"], plain["label_map"])
+    config = json.loads((tmp_path / "learned" / "config.json").read_text())
+    assert "few-shot-segmentation" in config["custom_pipelines"]
+    # Learning one more class appends a row after the first learned one.
+    other = data[samples["rich_other"][0]]
+    reloaded(_pil(query), support_images=[_pil(other)], support_masks=[_mask(other, samples["other_id"])],
+             class_names=[samples["other_name"]], persist=True, **FAST)  # fmt: skip
+    assert reloaded.model.config.novel_class_names == (samples["novel_name"], samples["other_name"])
+    torch.testing.assert_close(reloaded.model.classifier.weight[: model.classifier.weight.shape[0]],
+                               model.classifier.weight, rtol=1e-6, atol=0)  # fmt: skip
+    with pytest.raises(ValueError, match="already a class"):
+        reloaded(_pil(query), support_images=[_pil(other)], support_masks=[_mask(other, samples["other_id"])],
+                 class_names=[samples["other_name"]], **FAST)  # fmt: skip
+
+
+def test_learn_classes_writes_rows_into_the_model(pretrained_tiny_dir, samples, tmp_path):
+    model = GFSSModel.from_pretrained(pretrained_tiny_dir).eval()
+    rows_before = model.classifier.weight.detach().clone()
+    data, cid = samples["data"], samples["novel_id"]
+    shots = [data[i] for i in samples["rich"][:2]]
+    learned = learn_classes(model, [_pil(s) for s in shots], [_mask(s, cid) for s in shots], samples["novel_name"],
+                            steps=20)  # fmt: skip
+    assert learned == [samples["novel_name"]]
+    assert torch.equal(model.classifier.weight[: rows_before.shape[0]], rows_before)
+    assert model.config.id2label[len(rows_before)] == samples["novel_name"]
+    model.save_pretrained(tmp_path / "m")
+    back = GFSSModel.from_pretrained(tmp_path / "m").eval()
+    x = GFSSImageProcessor.from_config(model.config)(_pil(data[samples["rich"][2]]))["pixel_values"]
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_trust_remote_code_in_a_fresh_process(pipe, samples, tmp_path):
+    data, cid = samples["data"], samples["novel_id"]
+    support = data[samples["rich"][0]]
+    export = tmp_path / "export"
+    pipe.save_pretrained(export)
+    assert (export / "pipeline_few_shot_segmentation.py").is_file()
+    assert (export / "adaptation.py").is_file()
+    _pil(support).save(tmp_path / "support.png")
+    _mask(support, cid).save(tmp_path / "mask.png")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["gfss_hf"] = None  # the package must not be importable: only the exported files are used
+        from transformers import pipeline
+        pipe = pipeline(model={str(export)!r}, trust_remote_code=True, device="cpu")
+        assert type(pipe).__name__ == "FewShotSegmentationPipeline", type(pipe)
+        assert "gfss_hf" not in type(pipe).__module__
+        out = pipe({str(tmp_path / "support.png")!r}, support_images=[{str(tmp_path / "support.png")!r}],
+                   support_masks=[{str(tmp_path / "mask.png")!r}], class_names=["new"], steps=5,
+                   return_label_map=True)
+        print("LABELS", sorted(s["label"] for s in out["segments"]))
+        print("NEW", out["id2label"][len(out["id2label"]) - 1])
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": ""}  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "NEW new" in result.stdout
+
+
+def _rgb(h, w, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _box_mask(h, w):
+    m = np.zeros((h, w), np.uint8)
+    m[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 1
+    return m
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"support_images": [], "support_masks": [], "class_names": []}, "no supports"),
+        ({"support_images": [_rgb(40, 40)], "support_masks": [_box_mask(40, 40)] * 2, "class_names": ["x"]},
+         "one mask per image"),
+        ({"support_images": [_rgb(40, 40)] * 2, "support_masks": [_box_mask(40, 40)] * 2, "class_names": ["x"] * 3},
+         "class_names"),
+        ({"support_images": [_rgb(40, 40)], "support_masks": [_box_mask(40, 30)], "class_names": ["x"]},
+         "size of its image"),
+        ({"support_images": [_rgb(40, 40)], "support_masks": [np.zeros((40, 40), np.uint8)], "class_names": ["x"]},
+         "no foreground"),
+        ({"support_images": [_rgb(40, 2000)], "support_masks": [np.pad(np.ones((1, 1), np.uint8), ((20, 19), (0, 1999)))],
+          "class_names": ["x"]}, "after resizing"),
+        ({"support_images": [_rgb(40, 40)], "support_masks": [_box_mask(40, 40) * 7], "class_names": ["x"]},
+         "besides 0/1/255"),
+        ({"support_images": [_rgb(40, 40)], "support_masks": [_box_mask(40, 40)], "class_names": ["background"]},
+         "already a class"),
+        ({"support_images": [_rgb(40, 40)] * 2, "support_masks": [_box_mask(40, 40)] * 2, "class_names": ["x", "x"],
+          "mask_type": "label_map"}, "repeats"),
+        ({"support_images": [_rgb(0, 40)], "support_masks": [np.zeros((0, 40), np.uint8)], "class_names": ["x"]},
+         "0"),
+        ({"support_images": [np.zeros((20000, 4, 3), np.uint8)], "support_masks": [np.ones((20000, 4), np.uint8)],
+          "class_names": ["x"]}, "4x20000"),
+        ({"support_images": [_rgb(40, 40)], "support_masks": [_box_mask(40, 40)], "class_names": ["x"], "mode": "x"},
+         "mode="),
+        ({"support_images": [_rgb(40, 40)], "support_masks": [_box_mask(40, 40)], "class_names": ["x"], "mode": "fss",
+          "persist": True}, "persist"),
+        ({"support_images": [_rgb(40, 40)], "support_masks": [_box_mask(40, 40)], "class_names": ["x"],
+          "kd_scale": "printed"}, "kd_scale"),
+    ],
+    ids=["no-supports", "mask-count", "name-count", "mask-size", "empty-mask", "empty-after-resize", "non-binary",
+         "base-name", "repeated-name", "zero-size", "huge", "mode", "fss-persist", "bad-option"],  # fmt: skip
+)
+def test_bad_inputs_raise_clear_errors(pipe, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        pipe(_rgb(40, 40), **kwargs)
+
+
+def test_unknown_argument_is_rejected(pipe):
+    with pytest.raises(TypeError, match="unexpected arguments"):
+        pipe(_rgb(40, 40), support_imgs=[_rgb(40, 40)])
+
+
+def test_grayscale_rgba_and_16_bit_images(pipe, samples):
+    data, cid = samples["data"], samples["novel_id"]
+    support = data[samples["rich"][0]]
+    gray = _pil(support).convert("L")
+    rgba = _pil(support).convert("RGBA")
+    deep = Image.fromarray(np.asarray(gray).astype(np.uint16) * 257)  # mode "I;16"
+    mask = _mask(support, cid)
+    out = pipe([gray, rgba, deep], support_images=[gray, rgba, deep], support_masks=[mask] * 3,
+               class_names=samples["novel_name"], steps=3)  # fmt: skip
+    assert len(out) == 3 and all(seg["mask"].size == gray.size for seg in out[2])
