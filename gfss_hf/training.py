@@ -1,0 +1,908 @@
+"""Base-class pre-training of a [`GFSSModel`] with Accelerate (the loop behind `scripts/pretrain.py`).
+
+Loss (METHOD.md section 3): label-smoothed cross-entropy (RePRI convention) + `contrastive_weight` x the
+pixel-to-pixel contrastive loss, whose sampled pixels of ALL processes form one contrast set. SGD (momentum 0.9,
+weight decay 1e-4; AdamW as an option), cosine learning-rate decay per optimizer step, random horizontal flip
+only.
+
+Reproducibility: data order comes from Accelerate's seedable sampler (`seed + epoch`), flips from
+`(seed, epoch, index)`, dropout and contrastive sampling from `(seed, step, process)`. A run resumed from a
+checkpoint therefore continues with the batches, flips, dropout masks and samples of the uninterrupted run, and on
+CPU ends with identical weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from huggingface_hub import HfApi
+from torch.utils.data import DataLoader, Dataset
+from transformers.utils import logging
+
+from .configuration_gfss import GFSSConfig
+from .image_processing_gfss import GFSSImageProcessor
+from .losses import contrastive_loss_from_samples, count_contrastive_pairs, sample_contrastive_pixels
+from .modeling_gfss import GFSSModel
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "DATASETS",
+    "TrainingConfig",
+    "PretrainingDataset",
+    "build_model",
+    "build_pretraining_datasets",
+    "check_data_dir",
+    "cosine_schedule",
+    "evaluate_base_miou",
+    "find_last_checkpoint",
+    "get_fold_split",
+    "preflight",
+    "pretrain",
+    "push_folder_to_hub",
+    "resolve_checkpoint",
+]
+
+DATASETS = ("synthetic", "pascal5i", "pascal10i", "coco20i", "folder")
+_CHECKPOINT_DIR = "checkpoints"
+_CHECKPOINT_PREFIX = "checkpoint-"
+_TRAINER_STATE = "trainer_state.json"
+
+
+@dataclass
+class TrainingConfig:
+    r"""
+    Every hyper-parameter of a pre-training run. Load it from YAML with [`TrainingConfig.from_yaml`]; unknown keys
+    are an error that lists the valid ones.
+
+    Args:
+        dataset (`str`, defaults to `"synthetic"`): `"synthetic"` (embedded, no download), `"pascal5i"`,
+            `"pascal10i"`, `"coco20i"` or `"folder"` (your own images + masks + classes.json).
+        fold (`int`, defaults to 0): the fold whose base classes are trained (novel pixels are ignored).
+        split_kind (`str`, *optional*): fold-table variant (COCO-20i: `"interleaved"` or `"consecutive"`).
+        data_dir (`str`, *optional*): root of the data (not used by `"synthetic"`).
+        cache_dir (`str`, *optional*): `datasets` cache of the builders (default: the Hugging Face cache).
+        num_train_images (`int`, defaults to 1000): size of the synthetic train split.
+        num_val_images (`int`, *optional*, defaults to 200): validation images (synthetic: the split size; other
+            datasets: the first `num_val_images` of the val list; `None`: all).
+        dataset_seed (`int`, defaults to 0): seed of the synthetic renderer.
+        min_pixels (`int`, *optional*): base-training filter (an image needs a base class with this many pixels);
+            `None` uses the builder's default (2,048 px; 64 px for the 96-px synthetic images).
+        novel_to_background (`bool`, defaults to `False`): label novel pixels background instead of ignoring them.
+        backbone (`str`, defaults to `"resnet50s"`), backbone_kwargs (`dict`), output_stride (`int`, 8),
+        dilation_style (`str`, `"timm"`), hidden_size (`int`, 512), pool_scales (`list[int]`, `[1, 2, 3, 6]`),
+        dropout (`float`, 0.1), image_size (`int`, 473), pad_mode (`str`, `"mean"`), projection_dim (`int`, 256),
+        projection_source (`str`, `"decoder"`): the model (see [`GFSSConfig`]).
+        backbone_weights (`str`, *optional*): local file of ImageNet backbone weights
+            ([`GFSSModel.load_backbone_weights`]).
+        num_epochs (`int`, defaults to 100), max_steps (`int`, *optional*): length of the run in epochs, or in
+            optimizer steps when `max_steps` is given.
+        batch_size (`int`, defaults to 12): images per process per forward pass.
+        gradient_accumulation_steps (`int`, defaults to 1): forward passes per optimizer step.
+        optimizer (`str`, defaults to `"sgd"`): `"sgd"` (the paper: momentum, weight decay) or `"adamw"` (leaves
+            the all-background solution much sooner when training from scratch, as on the synthetic data).
+        learning_rate (`float`, 2.5e-3), momentum (`float`, 0.9, SGD only), weight_decay (`float`, 1e-4).
+        lr_schedule (`str`, defaults to `"cosine"`): `"cosine"` (to 0 at the last step) or `"constant"`.
+        label_smoothing (`float`, defaults to 0.1): epsilon of the cross-entropy.
+        contrastive_weight (`float`, defaults to 0.1): lambda; 0 disables the term and skips the projection head.
+        temperature (`float`, 0.1), base_temperature (`float`, *optional*), max_samples (`int`, 1024),
+        max_views (`int`, 100), background_anchors (`bool`, `False`): the contrastive loss
+            (see `gfss_hf.losses.contrastive_loss_from_samples`).
+        hflip (`bool`, defaults to `True`): random horizontal flips (the only augmentation of the paper).
+        seed (`int`, defaults to 0): seed of initialisation, data order, flips, dropout and sampling.
+        num_workers (`int`, defaults to 2): DataLoader workers.
+        mixed_precision (`str`, defaults to `"no"`): `"no"`, `"fp16"` or `"bf16"`.
+        output_dir (`str`, defaults to `"outputs/pretrain"`): where checkpoints, logs and the final model go.
+        checkpointing_steps (`int`, *optional*): save a resumable state every N optimizer steps.
+        checkpoints_total_limit (`int`, *optional*): keep only the newest N checkpoints.
+        stop_after_steps (`int`, *optional*): end the run after N optimizer steps with a checkpoint but without
+            the final model (the schedule still spans the whole run): split a long run into several jobs.
+        eval_every_epochs (`int`, defaults to 1): validation base mIoU every N epochs (0: only at the end).
+        logging_steps (`int`, defaults to 10): log the loss terms and the lr every N optimizer steps.
+        report_to (`str`, defaults to `"auto"`): Accelerate tracker (`"tensorboard"`, `"wandb"`, ...); `"auto"`
+            uses tensorboard when it is installed, `"none"` disables trackers (the JSON-lines log is always written).
+
+    Example:
+
+    ```python
+    >>> config = TrainingConfig.from_yaml("scripts/configs/synthetic.yaml", overrides=["num_epochs=2"])
+    >>> config.num_epochs
+    2
+    ```
+    """
+
+    # data
+    dataset: str = "synthetic"
+    fold: int = 0
+    split_kind: str | None = None
+    data_dir: str | None = None
+    cache_dir: str | None = None
+    num_train_images: int = 1000
+    num_val_images: int | None = 200
+    dataset_seed: int = 0
+    min_pixels: int | None = None
+    novel_to_background: bool = False
+    # model
+    backbone: str = "resnet50s"
+    backbone_kwargs: dict = field(default_factory=dict)
+    output_stride: int = 8
+    dilation_style: str = "timm"
+    hidden_size: int = 512
+    pool_scales: list = field(default_factory=lambda: [1, 2, 3, 6])
+    dropout: float = 0.1
+    image_size: int = 473
+    pad_mode: str = "mean"
+    projection_dim: int = 256
+    projection_source: str = "decoder"
+    backbone_weights: str | None = None
+    # optimisation
+    num_epochs: int = 100
+    max_steps: int | None = None
+    batch_size: int = 12
+    gradient_accumulation_steps: int = 1
+    optimizer: str = "sgd"
+    learning_rate: float = 2.5e-3
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_schedule: str = "cosine"
+    # loss
+    label_smoothing: float = 0.1
+    contrastive_weight: float = 0.1
+    temperature: float = 0.1
+    base_temperature: float | None = None
+    max_samples: int = 1024
+    max_views: int = 100
+    background_anchors: bool = False
+    # loop
+    hflip: bool = True
+    seed: int = 0
+    num_workers: int = 2
+    mixed_precision: str = "no"
+    output_dir: str = "outputs/pretrain"
+    checkpointing_steps: int | None = None
+    checkpoints_total_limit: int | None = None
+    stop_after_steps: int | None = None
+    eval_every_epochs: int = 1
+    logging_steps: int = 10
+    report_to: str = "auto"
+
+    def __post_init__(self):
+        self.validate()
+
+    # -- construction ------------------------------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "the config") -> TrainingConfig:
+        """Build from a flat mapping; unknown keys raise a `ValueError` that lists the valid keys."""
+        if not isinstance(values, Mapping):
+            raise ValueError(f"{source} must be a mapping of keys to values, got {type(values).__name__}.")
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(
+                f"unknown key(s) {unknown} in {source}; valid keys are: {', '.join(cls.field_names())}. Fix the "
+                "spelling or remove them."
+            )
+        return cls(**dict(values))
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, overrides: Sequence[str] | Mapping[str, Any] = ()) -> TrainingConfig:
+        """
+        Read a YAML file of flat `key: value` pairs, then apply `overrides`.
+
+        Args:
+            path (`str` or `os.PathLike`): the YAML file.
+            overrides (`Sequence[str]` of `"key=value"` or a `Mapping`, *optional*): values that replace the file's;
+                a string value is parsed as YAML (`"max_steps=10"` gives an int, `"base_temperature=null"` None).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} does not exist; pass --config with a YAML file.")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{str(path)!r} must hold a mapping of `key: value` lines, got {type(values).__name__}.")
+        values.update(parse_overrides(overrides))
+        return cls.from_dict(values, source=repr(str(path)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> TrainingConfig:
+        return TrainingConfig.from_dict({**self.to_dict(), **changes})
+
+    # -- validation --------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        def bad(name, rule):
+            raise ValueError(f"TrainingConfig.{name}={getattr(self, name)!r} is invalid: {rule}.")
+
+        if self.dataset not in DATASETS:
+            bad("dataset", f"allowed values are {DATASETS}")
+        for name in ("num_epochs", "batch_size", "gradient_accumulation_steps", "logging_steps", "num_train_images"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                bad(name, "must be a positive integer")
+        for name in ("max_steps", "checkpointing_steps", "checkpoints_total_limit", "stop_after_steps", "num_val_images"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                bad(name, "must be a positive integer or null")
+        if self.eval_every_epochs < 0:
+            bad("eval_every_epochs", "must be >= 0 (0 evaluates only at the end)")
+        if self.num_workers < 0:
+            bad("num_workers", "must be >= 0")
+        if self.learning_rate <= 0:
+            bad("learning_rate", "must be > 0")
+        if self.optimizer not in ("sgd", "adamw"):
+            bad("optimizer", "allowed values are 'sgd' and 'adamw'")
+        if self.lr_schedule not in ("cosine", "constant"):
+            bad("lr_schedule", "allowed values are 'cosine' and 'constant'")
+        if self.contrastive_weight < 0:
+            bad("contrastive_weight", "must be >= 0 (0 disables the contrastive term)")
+        if self.temperature <= 0 or (self.base_temperature is not None and self.base_temperature <= 0):
+            bad("temperature", "temperature and base_temperature must be > 0")
+        if self.max_samples < 1 or self.max_views < 1:
+            bad("max_samples", "max_samples and max_views must be >= 1")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            bad("label_smoothing", "must be in [0, 1)")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            bad("mixed_precision", "allowed values are 'no', 'fp16' and 'bf16'")
+        if not isinstance(self.backbone_kwargs, dict):
+            bad("backbone_kwargs", "must be a mapping of timm.create_model keyword arguments")
+        if not isinstance(self.fold, int) or isinstance(self.fold, bool):
+            bad("fold", "must be an integer fold index")
+
+
+def parse_overrides(overrides: Sequence[str] | Mapping[str, Any]) -> dict[str, Any]:
+    """`["key=value", ...]` -> `{key: yaml.safe_load(value)}` (a mapping passes through)."""
+    if isinstance(overrides, Mapping):
+        return dict(overrides)
+    out = {}
+    for item in overrides:
+        key, sep, value = str(item).partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {item!r} is not of the form key=value (e.g. --set num_epochs=5).")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
+# -- data ------------------------------------------------------------------------------------------------------
+def get_fold_split(config: TrainingConfig):
+    """The `FoldSplit` of the run (fold checked against the dataset's fold table)."""
+    from .data.splits import get_split
+
+    if config.dataset == "folder":
+        from .data.folder import folder_split
+
+        check_data_dir(config)
+        return folder_split(config.data_dir, config.fold)
+    return get_split(config.dataset, config.fold, config.split_kind)
+
+
+def check_data_dir(config: TrainingConfig) -> None:
+    """Raise a clear error when `config.data_dir` does not have the layout its dataset needs (before any work)."""
+    if config.dataset == "synthetic":
+        if config.data_dir is not None:
+            logger.warning(f"data_dir={config.data_dir!r} is ignored: the synthetic dataset is rendered in memory")
+        return
+    if config.data_dir is None:
+        raise ValueError(
+            f"dataset={config.dataset!r} needs data_dir (--data_dir PATH); only 'synthetic' works without data."
+        )
+    root = Path(config.data_dir).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"data_dir {str(root)!r} does not exist; pass the root of your {config.dataset} data.")
+    if config.dataset in ("pascal5i", "pascal10i"):
+        from .data.pascal import resolve_voc_root
+
+        voc = resolve_voc_root(root)
+        for sub in ("JPEGImages", "SegmentationClassAug"):
+            if not (voc / sub).is_dir():
+                raise FileNotFoundError(
+                    f"{str(voc / sub)!r} does not exist; PASCAL-5i needs VOC2012/JPEGImages and the SBD-augmented "
+                    "masks in VOC2012/SegmentationClassAug."
+                )
+    elif config.dataset == "coco20i":
+        annotations = sorted((root / "annotations").glob("instances_*20*.json")) if (root / "annotations").is_dir() else []
+        if not annotations:
+            raise FileNotFoundError(
+                f"no annotations/instances_train2014.json (or 2017) under {str(root)!r}; COCO-20i needs "
+                "annotations/instances_{train,val}20XX.json and the train20XX/ and val20XX/ image folders."
+            )
+    elif config.dataset == "folder":
+        from .data.folder import read_folder_classes
+
+        for sub in ("images", "masks"):
+            if not (root / sub).is_dir():
+                raise FileNotFoundError(
+                    f"{str(root / sub)!r} does not exist; a folder dataset needs images/, masks/ and classes.json."
+                )
+        read_folder_classes(root)
+
+
+class _LazySynthetic:
+    """Builds the synthetic split on first use; pickles as its recipe (not the rendered images), so checkpoints of
+    the data sampler and spawned workers stay small."""
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+        self._data = None
+
+    @property
+    def data(self):
+        if self._data is None:
+            from .data.synthetic import SyntheticSegmentation
+
+            self._data = SyntheticSegmentation(**self.kwargs)
+        return self._data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, idx: int) -> dict:
+        return self.data[idx]
+
+    def __getstate__(self):
+        return {"kwargs": self.kwargs, "_data": None}
+
+
+class PretrainingDataset(Dataset):
+    r"""
+    Training/validation samples for a [`GFSSModel`]: `{"pixel_values": (3, S, S) float32, "labels": (S, S) int64}`
+    prepared by a [`GFSSImageProcessor`] (resize the longer side, pad, normalise; masks nearest, padded 255).
+
+    Args:
+        source: indexable of `{"image", "label"}` dicts (numpy arrays or PIL images), e.g. a `datasets.Dataset`.
+        processor ([`GFSSImageProcessor`]): the preprocessing.
+        label_map (`Callable`, *optional*): applied to each label array (e.g. `FoldSplit.to_base_training`).
+        hflip (`bool`, *optional*, defaults to `False`): flip image and label horizontally with probability 0.5,
+            decided by `numpy.random.default_rng([seed, epoch, index])` (reproducible, worker-independent).
+        seed (`int`, *optional*, defaults to 0): seed of the flips.
+        limit (`int`, *optional*): use only the first `limit` samples.
+    """
+
+    def __init__(self, source, processor: GFSSImageProcessor, label_map: Callable | None = None, hflip: bool = False,
+                 seed: int = 0, limit: int | None = None):
+        self.source = source
+        self.processor = processor
+        self.label_map = label_map
+        self.hflip = hflip
+        self.seed = int(seed)
+        self.epoch = 0
+        self.length = len(source) if limit is None else min(int(limit), len(source))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = self.source[int(index)]
+        label = np.asarray(sample["label"])
+        if self.label_map is not None:
+            label = self.label_map(label)
+        batch = self.processor(sample["image"], segmentation_maps=label, return_tensors="np")
+        pixel_values, labels = batch["pixel_values"][0], batch["labels"][0]
+        if self.hflip and np.random.default_rng([self.seed, self.epoch, int(index)]).random() < 0.5:
+            pixel_values, labels = pixel_values[:, :, ::-1], labels[:, ::-1]
+        return {
+            "pixel_values": torch.from_numpy(np.ascontiguousarray(pixel_values)),
+            "labels": torch.from_numpy(np.ascontiguousarray(labels)),
+        }
+
+
+def _builder_dataset(config: TrainingConfig, view: str):
+    common = dict(cache_dir=config.cache_dir, data_dir=config.data_dir, fold=config.fold, view=view)
+    if config.min_pixels is not None:
+        common["min_pixels"] = config.min_pixels
+    if view == "base_train":
+        common["novel_to_background"] = config.novel_to_background
+    if config.dataset in ("pascal5i", "pascal10i"):
+        from .data.pascal import Pascal5i
+
+        builder = Pascal5i(dataset=config.dataset, **common)
+    elif config.dataset == "coco20i":
+        from .data.coco import Coco20i
+
+        builder = Coco20i(split_kind=config.split_kind or "interleaved", **common)
+    else:
+        from .data.folder import FolderSegmentation
+
+        builder = FolderSegmentation(**common)
+    builder.download_and_prepare()
+    return builder.as_dataset(split="validation" if view == "val" else "train")
+
+
+def build_pretraining_datasets(config: TrainingConfig, split=None) -> tuple[PretrainingDataset, PretrainingDataset]:
+    """
+    The base-training view (labels: background 0, base 1..B, novel 255 unless `novel_to_background`) and the
+    validation view with the same label space, both prepared at `config.image_size`.
+
+    Args:
+        config ([`TrainingConfig`]): the run.
+        split (`FoldSplit`, *optional*): the fold (default: `get_fold_split(config)`).
+
+    Returns:
+        `tuple(PretrainingDataset, PretrainingDataset)`: train (with flips when `config.hflip`) and val.
+    """
+    split = split if split is not None else get_fold_split(config)
+    processor = GFSSImageProcessor(image_size=config.image_size, pad_mode=config.pad_mode)
+    val_map = lambda label: split.to_base_training(label, novel_to_background=config.novel_to_background)  # noqa: E731
+    if config.dataset == "synthetic":
+        kwargs = dict(image_size=max(config.image_size, 32), seed=config.dataset_seed, fold=config.fold)
+        if config.min_pixels is not None:
+            kwargs["min_pixels"] = config.min_pixels
+        train_source = _LazySynthetic(split="train", num_images=config.num_train_images, view="base_train",
+                                      novel_to_background=config.novel_to_background, **kwargs)
+        val_source = _LazySynthetic(split="val", num_images=config.num_val_images or 200, view="full", **kwargs)
+        len(train_source)  # renders and filters now, in the main process
+    else:
+        check_data_dir(config)
+        train_source = _builder_dataset(config, "base_train")
+        val_source = _builder_dataset(config, "val")
+    if len(train_source) == 0:
+        raise ValueError(
+            f"the base-training view of {config.dataset!r} fold {config.fold} is empty: no image has a base class "
+            f"with >= min_pixels pixels; lower min_pixels or check data_dir."
+        )
+    train = PretrainingDataset(train_source, processor, hflip=config.hflip, seed=config.seed)
+    val = PretrainingDataset(val_source, processor, label_map=val_map, limit=config.num_val_images)
+    return train, val
+
+
+# -- model -----------------------------------------------------------------------------------------------------
+def build_model(config: TrainingConfig, split=None) -> GFSSModel:
+    """
+    A [`GFSSModel`] with the fold's base classes (`[background, base...]` rows), initialised from `config.seed`
+    (the global RNG is forked, not touched), with ImageNet backbone weights when `config.backbone_weights` is set.
+    The projection head exists only when `contrastive_weight > 0`.
+    """
+    split = split if split is not None else get_fold_split(config)
+    model_config = GFSSConfig(
+        backbone=config.backbone,
+        backbone_kwargs=dict(config.backbone_kwargs),
+        output_stride=config.output_stride,
+        dilation_style=config.dilation_style,
+        hidden_size=config.hidden_size,
+        pool_scales=tuple(config.pool_scales),
+        dropout=config.dropout,
+        image_size=config.image_size,
+        pad_mode=config.pad_mode,
+        projection_dim=config.projection_dim,
+        projection_source=config.projection_source,
+        use_projection=config.contrastive_weight > 0,
+        label_smoothing=config.label_smoothing,
+        base_class_names=split.base_names,
+        dataset=split.dataset,
+        fold=split.fold,
+        split_kind=split.split_kind,
+        backbone_weights_path=config.backbone_weights,
+    )
+    # Module initialisers draw from the global RNG; fork it so that building a model neither depends on nor
+    # changes the caller's random state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = GFSSModel(model_config)
+    if config.backbone_weights:
+        model.load_backbone_weights(config.backbone_weights)
+    return model
+
+
+def cosine_schedule(total_steps: int, schedule: str = "cosine") -> Callable[[int], float]:
+    """Learning-rate factor per optimizer step: `0.5 * (1 + cos(pi * step / total_steps))` (or 1 for constant)."""
+    if schedule == "constant":
+        return lambda step: 1.0
+    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+
+
+# -- checkpoints -----------------------------------------------------------------------------------------------
+def _checkpoint_step(path: Path) -> int | None:
+    match = re.fullmatch(rf"{_CHECKPOINT_PREFIX}(\d+)", path.name)
+    return int(match.group(1)) if match and path.is_dir() and (path / _TRAINER_STATE).is_file() else None
+
+
+def find_last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The complete checkpoint with the highest step under `output_dir/checkpoints`, or None."""
+    folder = Path(output_dir) / _CHECKPOINT_DIR
+    if not folder.is_dir():
+        return None
+    found = [(step, p) for p in folder.iterdir() if (step := _checkpoint_step(p)) is not None]
+    return max(found)[1] if found else None
+
+
+def resolve_checkpoint(resume_from_checkpoint: str | os.PathLike | None, output_dir: str | os.PathLike) -> Path | None:
+    """
+    `"latest"` -> the last checkpoint of `output_dir`; a path -> that checkpoint (or the last one inside it when it
+    is an output folder). Raises before any training when nothing resumable is there.
+    """
+    if resume_from_checkpoint in (None, ""):
+        return None
+    if str(resume_from_checkpoint) == "latest":
+        found = find_last_checkpoint(output_dir)
+        if found is None:
+            raise FileNotFoundError(
+                f"--resume_from_checkpoint latest: no checkpoint in {str(Path(output_dir) / _CHECKPOINT_DIR)!r}; "
+                "train with --checkpointing_steps N first, or start without --resume_from_checkpoint."
+            )
+        return found
+    path = Path(resume_from_checkpoint)
+    if path.is_dir() and (path / _TRAINER_STATE).is_file():
+        return path
+    if path.is_dir() and (found := find_last_checkpoint(path)) is not None:
+        return found
+    raise FileNotFoundError(
+        f"--resume_from_checkpoint {str(path)!r} is not a checkpoint (no {_TRAINER_STATE}) and holds none under "
+        f"{_CHECKPOINT_DIR}/; give a {_CHECKPOINT_DIR}/{_CHECKPOINT_PREFIX}N folder, an output folder, or 'latest'."
+    )
+
+
+def _save_checkpoint(accelerator, output_dir: Path, state: dict, total_limit: int | None) -> Path:
+    """`save_state` into a temporary folder, then rename it: a killed process never leaves a half checkpoint that
+    `latest` would pick."""
+    folder = output_dir / _CHECKPOINT_DIR
+    final = folder / f"{_CHECKPOINT_PREFIX}{state['global_step']}"
+    tmp = folder / f".tmp-{_CHECKPOINT_PREFIX}{state['global_step']}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / _TRAINER_STATE).write_text(json.dumps(state, indent=2, sort_keys=True))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        if total_limit is not None:
+            existing = sorted((s, p) for p in folder.iterdir() if (s := _checkpoint_step(p)) is not None)
+            for _, old in existing[: max(0, len(existing) - total_limit)]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# -- evaluation ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_base_miou(model, dataloader, accelerator, num_classes: int, ignore_index: int = 255) -> dict[str, float]:
+    """
+    Pooled mIoU of the (B+1)-way model on a validation view (labels: background 0, base 1..B, 255 ignored), at the
+    canvas resolution, summed over all processes.
+
+    Returns:
+        `dict` with `base_miou` (classes 1..B), `miou` (background included) and `pixel_accuracy`.
+    """
+    from .metrics import PooledIoU
+
+    metric = PooledIoU(num_classes=num_classes, ignore_index=ignore_index)
+    was_training = model.training
+    model.eval()
+    for batch in dataloader:
+        logits = model(pixel_values=batch["pixel_values"]).logits
+        per_image = metric.episode_confusion(logits.argmax(1), batch["labels"])
+        # gather_for_metrics drops the samples repeated to even out the last batch across processes.
+        metric.add_confusion(accelerator.gather_for_metrics(per_image).cpu())
+    model.train(was_training)
+    confusion = metric.confusion.double()
+    return {
+        "base_miou": metric.mean_iou(list(range(1, num_classes))),
+        "miou": metric.mean_iou(),
+        "pixel_accuracy": float(confusion.diag().sum() / confusion.sum().clamp(min=1)),
+    }
+
+
+# -- hub -------------------------------------------------------------------------------------------------------
+def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, token: str | None = None, private: bool = False,
+                       commit_message: str = "Upload pre-trained GFSS model") -> str:
+    """Create (if needed) the model repo `repo_id` and upload `folder` to it, without the checkpoints and logs.
+
+    Returns the commit URL (as given by `HfApi.upload_folder`)."""
+    api = HfApi(token=token)
+    api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+    result = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        repo_type="model",
+        commit_message=commit_message,
+        ignore_patterns=[f"{_CHECKPOINT_DIR}/*", "logs/*", "*.jsonl", ".tmp-*"],
+    )
+    return str(result)
+
+
+# -- the loop --------------------------------------------------------------------------------------------------
+def _step_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def _tracker(report_to: str) -> str | None:
+    if report_to == "none":
+        return None
+    if report_to != "auto":
+        return report_to
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        return "tensorboard"
+    return None
+
+
+def preflight(config: TrainingConfig, resume_from_checkpoint=None, push_to_hub: bool = False,
+              hub_model_id: str | None = None):
+    """
+    Check everything that can be wrong with a run's inputs before any model is built or batch read: the config
+    values, the fold, the data folder layout, the resume checkpoint and the Hub target.
+
+    Returns:
+        `tuple(FoldSplit, Path | None)`: the fold and the checkpoint to resume from.
+    """
+    config.validate()
+    if push_to_hub and not hub_model_id:
+        raise ValueError("push_to_hub=True needs hub_model_id (e.g. 'user/gfss-pspnet-pascal5i-fold0').")
+    split = get_fold_split(config)
+    check_data_dir(config)
+    checkpoint = resolve_checkpoint(resume_from_checkpoint, config.output_dir)
+    return split, checkpoint
+
+
+def pretrain(
+    config: TrainingConfig,
+    resume_from_checkpoint: str | os.PathLike | None = None,
+    push_to_hub: bool = False,
+    hub_model_id: str | None = None,
+    hub_token: str | None = None,
+) -> dict[str, Any]:
+    r"""
+    Pre-train a [`GFSSModel`] on the base classes of `config.dataset` / `config.fold` with Accelerate.
+
+    Works in one process and under `accelerate launch` (DDP; on CPU `--multi_gpu --num_processes 2` gives a real
+    2-process gloo group). All inputs (fold, data layout, resume folder) are checked before the model is built.
+
+    Args:
+        config ([`TrainingConfig`]): the run.
+        resume_from_checkpoint (`str`, *optional*): `"latest"` or a checkpoint path; the run continues exactly where
+            that checkpoint was taken (same batches, flips, dropout and samples).
+        push_to_hub (`bool`, *optional*, defaults to `False`): upload the final folder with
+            `HfApi().upload_folder` (needs `hub_model_id`).
+        hub_model_id (`str`, *optional*): target repo, e.g. `"user/gfss-pspnet-pascal5i-fold0"`.
+        hub_token (`str`, *optional*): token for the upload (default: the logged-in one).
+
+    Returns:
+        `dict` with `global_step`, `completed` (False when stopped by `stop_after_steps`), `history` (one record per
+        logging step), `eval` (per evaluation), `final_eval`, `output_dir` and `checkpoint` (the last one saved).
+
+    Output folder: `config.json` + `model.safetensors` + `preprocessor_config.json` (loadable by
+    `AutoModel.from_pretrained` once `gfss_hf` is imported), `training_config.yaml`, `train_log.jsonl`,
+    `eval_results.json`, and `checkpoints/checkpoint-N/` when checkpointing.
+
+    Example:
+
+    ```python
+    >>> config = TrainingConfig.from_yaml("scripts/configs/synthetic.yaml", overrides={"max_steps": 20})
+    >>> summary = pretrain(config)
+    >>> summary["final_eval"]["base_miou"]
+    ```
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+    from tqdm.auto import tqdm
+
+    output_dir = Path(config.output_dir)
+    split, checkpoint = preflight(config, resume_from_checkpoint, push_to_hub, hub_model_id)
+
+    tracker = _tracker(config.report_to)
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with=tracker,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+    )
+    world, rank = accelerator.num_processes, accelerator.process_index
+    logger.info(f"pre-training on {world} process(es), device {accelerator.device}")
+
+    with accelerator.main_process_first():
+        train_set, val_set = build_pretraining_datasets(config, split)
+    model = build_model(config, split)
+    num_classes = model.config.num_labels
+    if torch.cuda.is_available() and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if config.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    train_loader = DataLoader(
+        train_set, batch_size=config.batch_size, shuffle=True, drop_last=len(train_set) >= config.batch_size * world,
+        num_workers=config.num_workers,
+    )
+    val_loader = DataLoader(val_set, batch_size=config.batch_size, shuffle=False, num_workers=config.num_workers)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+
+    steps_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
+    total_steps = config.max_steps or config.num_epochs * steps_per_epoch
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    # Not prepared: a prepared scheduler steps once per process per call. This one steps once per optimizer step
+    # and is saved in the checkpoints through register_for_checkpointing.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(total_steps, config.lr_schedule))
+    accelerator.register_for_checkpointing(scheduler)
+
+    global_step, history, evals = 0, [], []
+    if checkpoint is not None:
+        trainer_state = json.loads((checkpoint / _TRAINER_STATE).read_text())
+        global_step = int(trainer_state["global_step"])
+        history, evals = trainer_state.get("history", []), trainer_state.get("eval", [])
+        if trainer_state.get("steps_per_epoch") != steps_per_epoch or trainer_state.get("total_steps") != total_steps:
+            raise ValueError(
+                f"checkpoint {str(checkpoint)!r} was taken with {trainer_state.get('steps_per_epoch')} steps per "
+                f"epoch and {trainer_state.get('total_steps')} steps in all, this run has {steps_per_epoch} and "
+                f"{total_steps}; resume with the same data, batch size, accumulation and number of processes."
+            )
+        accelerator.print(f"resuming from {checkpoint} (step {global_step})")
+        accelerator.load_state(str(checkpoint))
+
+    unwrapped = accelerator.unwrap_model(model)
+    use_contrastive = config.contrastive_weight > 0
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(output_dir / "training_config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    if tracker is not None:
+        accelerator.init_trackers("gfss_pretrain", config={k: v for k, v in config.to_dict().items()
+                                                           if isinstance(v, (int, float, str, bool))})
+    log_path = output_dir / "train_log.jsonl"
+    if checkpoint is not None and accelerator.is_main_process and log_path.is_file():
+        # A killed run may have logged steps past its last checkpoint; the resumed run logs them again.
+        kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= global_step]
+        _atomic_write_text(log_path, "".join(line + "\n" for line in kept))
+    progress = tqdm(total=total_steps, initial=global_step, disable=not accelerator.is_local_main_process,
+                    desc="pre-training")
+    device_type = accelerator.device.type
+    fork_devices = [accelerator.device.index or 0] if device_type == "cuda" else []
+    running = torch.zeros(3, device=accelerator.device)  # loss, ce, contrastive summed over micro-batches
+    running_count = 0
+    completed = True
+    last_checkpoint = checkpoint
+    start_epoch = global_step // steps_per_epoch
+    model.train()
+
+    def state_dict_for_checkpoint():
+        return {"global_step": global_step, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+                "world_size": world, "history": history, "eval": evals}
+
+    for epoch in range(start_epoch, num_epochs):
+        if global_step >= total_steps:
+            break
+        train_set.set_epoch(epoch)
+        train_loader.set_epoch(epoch)
+        skip = (global_step - epoch * steps_per_epoch) * config.gradient_accumulation_steps
+        active = accelerator.skip_first_batches(train_loader, skip) if skip > 0 else train_loader
+        micro = 0
+        for batch in active:
+            with accelerator.accumulate(model):
+                # Dropout draws from the global RNG: seed it per (seed, step, micro-batch, process) inside a fork,
+                # so a resumed run draws the masks of the uninterrupted one.
+                with torch.random.fork_rng(devices=fork_devices, device_type=device_type):
+                    torch.manual_seed(_step_seed(config.seed, global_step, micro, rank))
+                    outputs = model(pixel_values=batch["pixel_values"], labels=batch["labels"],
+                                    output_embeddings=use_contrastive)
+                ce = outputs.loss
+                if use_contrastive:
+                    contrastive = _contrastive_term(unwrapped, outputs, batch["labels"], config, accelerator,
+                                                    _step_seed(config.seed, global_step, micro, rank, 1))
+                    loss = ce + config.contrastive_weight * contrastive
+                else:
+                    contrastive = torch.zeros((), device=ce.device)
+                    loss = ce
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+            micro += 1
+            # The contrastive value of a process is scaled by the world size (see contrastive_loss_from_samples);
+            # its mean over processes is the global loss.
+            running += torch.stack([loss.detach().float(), ce.detach().float(), contrastive.detach().float()])
+            running_count += 1
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            global_step += 1
+            micro = 0
+            progress.update(1)
+            if global_step % config.logging_steps == 0 or global_step == total_steps:
+                values = (accelerator.reduce(running, reduction="mean") / running_count).tolist()
+                record = {"step": global_step, "epoch": epoch, "loss": values[0], "ce": values[1],
+                          "contrastive": values[2], "lr": scheduler.get_last_lr()[0]}
+                history.append(record)
+                running.zero_()
+                running_count = 0
+                progress.set_postfix(loss=f"{values[0]:.4f}")
+                accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=global_step)
+                if accelerator.is_main_process:
+                    with open(log_path, "a") as fh:
+                        fh.write(json.dumps(record) + "\n")
+            end_of_epoch = global_step % steps_per_epoch == 0
+            if end_of_epoch and config.eval_every_epochs and (epoch + 1) % config.eval_every_epochs == 0 \
+                    and global_step < total_steps:
+                result = {"step": global_step, "epoch": epoch + 1,
+                          **evaluate_base_miou(model, val_loader, accelerator, num_classes)}
+                evals.append(result)
+                accelerator.log({f"val/{k}": v for k, v in result.items() if k not in ("step", "epoch")},
+                                step=global_step)
+                logger.info(f"epoch {epoch + 1}: {result}")
+            stop = config.stop_after_steps is not None and global_step >= config.stop_after_steps
+            if (config.checkpointing_steps and global_step % config.checkpointing_steps == 0) or \
+                    (stop and global_step < total_steps):
+                last_checkpoint = _save_checkpoint(accelerator, output_dir, state_dict_for_checkpoint(),
+                                                   config.checkpoints_total_limit)
+            if global_step >= total_steps:
+                break
+            if stop:
+                completed = False
+                break
+        if not completed:
+            break
+    progress.close()
+
+    summary = {"global_step": global_step, "completed": completed, "history": history, "eval": evals,
+               "output_dir": str(output_dir), "checkpoint": str(last_checkpoint) if last_checkpoint else None,
+               "world_size": world}
+    if completed:
+        final = evaluate_base_miou(model, val_loader, accelerator, num_classes)
+        summary["final_eval"] = final
+        accelerator.log({f"val/{k}": v for k, v in final.items()}, step=global_step)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _save_final(accelerator.unwrap_model(model), output_dir, summary, config)
+            if push_to_hub:
+                summary["hub_commit"] = push_folder_to_hub(output_dir, hub_model_id, token=hub_token)
+        accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def _contrastive_term(model: GFSSModel, outputs, labels: torch.Tensor, config: TrainingConfig, accelerator,
+                      seed: int) -> torch.Tensor:
+    """Sample on this process with the GLOBAL pair count, then contrast against the samples of every process."""
+    embeddings = outputs.embeddings
+    size = embeddings.shape[-2:]
+    with torch.no_grad():
+        # Predictions at the feature resolution (the decoder keeps the backbone's size, so this is also the size of
+        # backbone-sourced embeddings) decide hard (mispredicted) vs easy views.
+        predictions = model.classifier(outputs.features.to(model.classifier.weight.dtype)).argmax(1)
+    num_pairs = count_contrastive_pairs(labels, size, max_views=config.max_views, ignore_index=model.config.ignore_index)
+    if accelerator.num_processes > 1:
+        num_pairs = int(accelerator.reduce(torch.tensor(num_pairs, device=labels.device), reduction="sum").item())
+    generator = torch.Generator().manual_seed(seed)
+    x, y = sample_contrastive_pixels(
+        embeddings, labels, predictions, max_samples=config.max_samples, max_views=config.max_views,
+        ignore_index=model.config.ignore_index, num_pairs=num_pairs, generator=generator,
+    )
+    return contrastive_loss_from_samples(
+        x, y, temperature=config.temperature, base_temperature=config.base_temperature, background_index=0,
+        background_anchors=config.background_anchors, gather=accelerator.num_processes > 1,
+    )
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _save_final(model: GFSSModel, output_dir: Path, summary: dict, config: TrainingConfig) -> None:
+    model.save_pretrained(str(output_dir))
+    GFSSImageProcessor.from_config(model.config).save_pretrained(str(output_dir))
+    results = {"global_step": summary["global_step"], "final_eval": summary["final_eval"], "eval": summary["eval"],
+               "dataset": config.dataset, "fold": config.fold, "world_size": summary["world_size"],
+               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    _atomic_write_text(output_dir / "eval_results.json", json.dumps(results, indent=2))
