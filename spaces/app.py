@@ -1,0 +1,550 @@
+"""Gradio Space: generalized few-shot segmentation with a GFSS model.
+
+Paint the new class on one to three support images, name it, and the model learns it in a few seconds (only its
+classifier is fine-tuned on the painted pixels); the query is then segmented into the model's base classes plus the
+new class (GFSS), or into the new class versus background (FSS).
+
+The model comes from `GFSS_MODEL` (a local `save_pretrained` folder or a Hub id); without it, the folder written by
+`make demo` (`demo_output/model_contrastive`) is used. With the `gfss_hf` package installed the model loads
+through it; without (a Hub Space), through the repository's own code (`trust_remote_code=True`).
+
+Run locally: `python spaces/app.py`. Import without launching: `from app import build_app` (or the module-level
+`demo`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+__all__ = [
+    "EXAMPLE_CLASSES",
+    "FewShotSegmenter",
+    "build_app",
+    "default_model_source",
+    "demo",
+    "ensure_examples",
+    "find_example_indices",
+    "painted_mask",
+    "segment",
+]
+
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parent
+DEFAULT_MODEL_DIR = REPO_ROOT / "demo_output" / "model_contrastive"
+EXAMPLES_DIR = HERE / "examples"
+TITLE = "GFSS: generalized few-shot segmentation"
+MAX_SUPPORTS = 3
+MAX_CLASS_NAME = 40
+BRUSH_COLOUR = "#ff2d7a"
+NOVEL_COLOUR = "#ff2d7a"
+# Base-class colours (Tableau 20 without the pinks, which mark the novel class); background stays uncoloured.
+BASE_COLOURS = (
+    "#1f77b4", "#aec7e8", "#ff7f0e", "#ffbb78", "#2ca02c", "#98df8a", "#d62728", "#ff9896", "#9467bd", "#c5b0d5",
+    "#8c564b", "#c49c94", "#7f7f7f", "#c7c7c7", "#bcbd22", "#dbdb8d", "#17becf", "#9edae5",
+)  # fmt: skip
+
+# Examples from the procedural dataset (seed 0, val images, 160 px) for a model pre-trained on the base classes of
+# fold 0 (the `make demo` model): each class is novel in fold 0, so the model never saw it during pre-training.
+# The support is the first val image where the class covers >= 5 % of the image, the query the next one where it
+# covers >= 3 % next to at least one base class (`find_example_indices`).
+EXAMPLE_CLASSES = ("star-plain", "cross-dotted", "circle-plain")
+EXAMPLE_SEED = 0
+EXAMPLE_SIZE = 160
+_SUPPORT_SHARE, _QUERY_SHARE, _SEARCH_LIMIT = 0.05, 0.03, 500
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# examples
+# ---------------------------------------------------------------------------------------------------------------
+def _hex_to_rgb(colour: str) -> tuple[int, int, int]:
+    colour = colour.lstrip("#")
+    return tuple(int(colour[i : i + 2], 16) for i in (0, 2, 4))
+
+
+def _example_paths(folder: Path, i: int) -> dict[str, Path]:
+    return {
+        "query": folder / f"example{i}_query.png",
+        "support": folder / f"example{i}_support.png",
+        "layer": folder / f"example{i}_support_paint.png",
+        "composite": folder / f"example{i}_support_composite.png",
+    }
+
+
+def find_example_indices(class_name: str, fold: int = 0) -> tuple[int, int]:
+    """(support, query) val indices of the procedural dataset for one example class (needs `gfss_hf`)."""
+    from gfss_hf.data.splits import SYNTHETIC_CLASSES, get_split
+    from gfss_hf.data.synthetic import VAL_INDEX_OFFSET, render_sample
+
+    class_id = SYNTHETIC_CLASSES.index(class_name) + 1
+    base_ids = set(get_split("synthetic", fold).base_ids)
+    support = None
+    for i in range(_SEARCH_LIMIT):
+        _, label = render_sample(EXAMPLE_SEED, VAL_INDEX_OFFSET + i, EXAMPLE_SIZE)
+        share = np.bincount(label.ravel(), minlength=256) / label.size
+        if support is None and share[class_id] >= _SUPPORT_SHARE:
+            support = i
+        elif support is not None and share[class_id] >= _QUERY_SHARE and any(share[b] >= _QUERY_SHARE for b in base_ids):
+            return support, i
+    raise RuntimeError(f"no support/query pair for {class_name!r} in the first {_SEARCH_LIMIT} val images.")
+
+
+def render_examples(folder: str | os.PathLike) -> list[dict[str, Path]]:
+    """Render the example images with the procedural dataset (needs `gfss_hf`): query, support, the painted layer
+    (RGBA, alpha = the support mask) and the support with the paint on top. Returns the paths per example."""
+    from gfss_hf.data.splits import SYNTHETIC_CLASSES
+    from gfss_hf.data.synthetic import VAL_INDEX_OFFSET, render_sample
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, name in enumerate(EXAMPLE_CLASSES):
+        support_index, query_index = find_example_indices(name)
+        class_id = SYNTHETIC_CLASSES.index(name) + 1
+        paths = _example_paths(folder, i)
+        query, _ = render_sample(EXAMPLE_SEED, VAL_INDEX_OFFSET + query_index, EXAMPLE_SIZE)
+        support, label = render_sample(EXAMPLE_SEED, VAL_INDEX_OFFSET + support_index, EXAMPLE_SIZE)
+        mask = label == class_id
+        layer = np.zeros((*mask.shape, 4), dtype=np.uint8)
+        layer[mask] = (*_hex_to_rgb(BRUSH_COLOUR), 255)
+        composite = support.copy()
+        composite[mask] = _hex_to_rgb(BRUSH_COLOUR)
+        for key, array in (("query", query), ("support", support), ("layer", layer), ("composite", composite)):
+            _save_png(Image.fromarray(array), paths[key])
+        out.append(paths)
+    return out
+
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    # Atomic: a concurrent reader never sees half a file.
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def ensure_examples(folder: str | os.PathLike = EXAMPLES_DIR) -> list[dict[str, Path]]:
+    """The example files, rendered into `folder` when missing (which needs `gfss_hf`). Returns [] when they are
+    missing and cannot be rendered: the app then has no examples."""
+    folder = Path(folder)
+    paths = [_example_paths(folder, i) for i in range(len(EXAMPLE_CLASSES))]
+    if all(p.is_file() for example in paths for p in example.values()):
+        return paths
+    try:
+        return render_examples(folder)
+    except ImportError:
+        return []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model
+# ---------------------------------------------------------------------------------------------------------------
+def default_model_source() -> str | None:
+    """`GFSS_MODEL` if set, else the `make demo` folder if it exists, else None."""
+    source = os.environ.get("GFSS_MODEL", "").strip()
+    if source:
+        return source
+    return str(DEFAULT_MODEL_DIR) if (DEFAULT_MODEL_DIR / "config.json").is_file() else None
+
+
+def _no_model_message(source: str | None, reason: str | None = None) -> str:
+    where = f"`{source}`" if source else f"`{DEFAULT_MODEL_DIR.relative_to(REPO_ROOT)}` (written by `make demo`)"
+    text = (
+        f"No model found at {where}. Run `make demo` to train the demo models, or set `GFSS_MODEL` to a "
+        "`save_pretrained` folder or a Hub model id (e.g. `GFSS_MODEL=gfss-hf/gfss-pascal5i-fold0`), then restart."
+    )
+    return text + (f" ({reason})" if reason else "")
+
+
+class FewShotSegmenter:
+    """Loads the `few-shot-segmentation` pipeline on first use (thread-safe) and remembers why loading failed.
+
+    Args:
+        source (`str`, *optional*): local folder or Hub id; `None` means "no model".
+    """
+
+    def __init__(self, source: str | None):
+        self.source = source
+        self._pipe = None
+        self._error: str | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def available(self) -> bool:
+        """False when there is no source, a local folder without config.json, or loading failed."""
+        if self.source is None or self._error is not None:
+            return False
+        local = Path(self.source)
+        looks_local = local.is_absolute() or self.source.startswith(".") or local.exists()
+        return not looks_local or (local / "config.json").is_file()
+
+    @property
+    def message(self) -> str:
+        return _no_model_message(self.source, self._error)
+
+    def class_names(self) -> tuple[str, list[str]]:
+        """(background name, names of the model's classes): from a local folder's config.json, else from the loaded
+        model."""
+        config = self._config()
+        names = [config["id2label"][k] for k in sorted(config["id2label"], key=int)]
+        return names[0], names[1:]
+
+    def _config(self) -> dict:
+        local = Path(self.source) / "config.json"
+        if local.is_file():
+            return json.loads(local.read_text())
+        pipe = self.pipeline()
+        return {"id2label": {int(k): v for k, v in pipe.model.config.id2label.items()}}
+
+    def pipeline(self):
+        if not self.available:
+            raise gr.Error(self.message)
+        with self._lock:
+            if self._pipe is None:
+                try:
+                    self._pipe = _load_pipeline(self.source)
+                except Exception as err:
+                    self._error = f"{type(err).__name__}: {err}"
+                    raise gr.Error(self.message) from err
+        return self._pipe
+
+
+def _load_pipeline(source: str):
+    from transformers import pipeline
+
+    try:
+        from gfss_hf import pipeline_few_shot_segmentation
+    except ImportError:
+        # A Space without the package: the Hub repository ships the model and pipeline code.
+        return pipeline("few-shot-segmentation", model=source, trust_remote_code=True)
+    pipeline_few_shot_segmentation.register_pipeline()  # idempotent; importing gfss_hf registers it too
+    # An exported repository names its own pipeline code in config.json (`custom_pipelines`); naming the installed
+    # class runs the package's code instead of asking for trust_remote_code.
+    return pipeline("few-shot-segmentation", model=source,
+                    pipeline_class=pipeline_few_shot_segmentation.FewShotSegmentationPipeline)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------------------------------------------
+def _to_rgb(image, name: str) -> Image.Image:
+    if isinstance(image, (str, os.PathLike)):
+        image = Image.open(image)
+    if isinstance(image, np.ndarray):
+        array = image
+        if array.dtype != np.uint8:
+            array = np.clip(array, 0, 255).astype(np.uint8)
+        image = Image.fromarray(array)
+    if not isinstance(image, Image.Image):
+        raise gr.Error(f"{name} is not an image ({type(image).__name__}); upload a PNG or JPEG.")
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        # Transparent areas become white, as they look in the browser.
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    image = image.convert("RGB")
+    if min(image.size) < 8:
+        raise gr.Error(f"{name} is {image.width}x{image.height} px; use an image of at least 8x8 px.")
+    return image
+
+
+def painted_mask(editor_value, size: tuple[int, int] | None = None) -> np.ndarray | None:
+    """
+    The painted pixels of a `gr.ImageMask` value: layer alpha > 0, over all layers.
+
+    Args:
+        editor_value (`dict` or `None`): `{"background", "layers", "composite"}` (numpy arrays, PIL images or paths).
+        size (`tuple[int, int]`, *optional*): `(width, height)` of the background; layers of another size are
+            resized (nearest) to it.
+
+    Returns:
+        `np.ndarray` of bool `(height, width)`, or `None` when nothing was painted.
+    """
+    if not editor_value:
+        return None
+    mask = None
+    for layer in editor_value.get("layers") or []:
+        if layer is None:
+            continue
+        if isinstance(layer, (str, os.PathLike)):
+            layer = Image.open(layer)
+        image = layer if isinstance(layer, Image.Image) else Image.fromarray(np.asarray(layer).astype(np.uint8))
+        if "A" not in image.getbands():
+            continue
+        alpha = image.getchannel("A")
+        if size is not None and alpha.size != tuple(size):
+            alpha = alpha.resize(tuple(size), Image.NEAREST)
+        painted = np.asarray(alpha) > 0
+        mask = painted if mask is None else (mask | painted)
+    if mask is None or not mask.any():
+        return None
+    return mask
+
+
+def _supports(editors) -> tuple[list[Image.Image], list[np.ndarray]]:
+    images, masks = [], []
+    for i, value in enumerate(editors, start=1):
+        if not value or value.get("background") is None:
+            if value and any(layer is not None for layer in value.get("layers") or []):
+                raise gr.Error(f"Support image {i} has paint but no image; upload the image first, then paint.")
+            continue
+        image = _to_rgb(value["background"], f"Support image {i}")
+        mask = painted_mask(value, image.size)
+        if mask is None:
+            raise gr.Error(
+                f"Support image {i} has no painted pixels: paint over the object of the new class with the brush "
+                "(or remove the image)."
+            )
+        if mask.all():
+            raise gr.Error(f"Support image {i} is painted everywhere; paint only the object, so the model also sees "
+                           "what the new class is not.")
+        images.append(image)
+        masks.append(mask.astype(np.uint8))
+    if not images:
+        raise gr.Error("Add at least one support image and paint the new class on it.")
+    return images, masks
+
+
+def _check_class_name(class_name, known: list[str]) -> str:
+    name = (class_name or "").strip()
+    if not name:
+        raise gr.Error("Type a name for the new class (e.g. 'star-plain').")
+    if len(name) > MAX_CLASS_NAME:
+        raise gr.Error(f"The class name has {len(name)} characters; use at most {MAX_CLASS_NAME}.")
+    clash = [k for k in known if k.lower() == name.lower()]
+    if clash:
+        raise gr.Error(f"'{name}' is already a class of the model ({clash[0]}); choose a new name for the class "
+                       "you painted.")
+    return name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# outputs
+# ---------------------------------------------------------------------------------------------------------------
+def _colour_map(background: str, base: list[str], novel: str) -> dict[str, str]:
+    colours = {name: BASE_COLOURS[i % len(BASE_COLOURS)] for i, name in enumerate(base)}
+    colours[novel] = NOVEL_COLOUR
+    colours[background] = "#000000"
+    return colours
+
+
+def _segments(output) -> list[dict]:
+    """The `{"label", "score", "mask"}` list of one query (the pipeline returns a dict with `return_label_map`, and
+    a list per query for a list of queries)."""
+    if isinstance(output, dict):
+        output = output["segments"]
+    if output and isinstance(output[0], list):
+        output = output[0]
+    return list(output)
+
+
+def _mask_tile(query: Image.Image, mask: np.ndarray, colour: str) -> np.ndarray:
+    """The query dimmed, with the class's pixels in its colour: readable however the gallery crops it."""
+    image = np.asarray(query, dtype=np.float32)
+    tile = image * 0.3
+    tile[mask] = 0.35 * image[mask] + 0.65 * np.asarray(_hex_to_rgb(colour), dtype=np.float32)
+    return tile.round().astype(np.uint8)
+
+
+def segment(segmenter: FewShotSegmenter, query, supports, class_name, mode="GFSS", gamma=10.0, steps=100):
+    """
+    Run one few-shot episode: validate the inputs, adapt, and build the outputs of the app.
+
+    Args:
+        segmenter ([`FewShotSegmenter`]): the model.
+        query: the query image (PIL, numpy or path).
+        supports (`list`): `gr.ImageMask` values (`None` for unused slots).
+        class_name (`str`): name of the painted class.
+        mode (`str`, *optional*, defaults to `"GFSS"`): `"GFSS"` or `"FSS"`.
+        gamma (`float`, *optional*, defaults to 10): distillation weight (GFSS).
+        steps (`int`, *optional*, defaults to 100): SGD steps of the classifier.
+
+    Returns:
+        `(annotated, gallery, legend)`: the `gr.AnnotatedImage` value, the per-class masks and the legend markdown.
+    """
+    if not segmenter.available:
+        raise gr.Error(segmenter.message)
+    if query is None:
+        raise gr.Error("Upload or pick a query image.")
+    query = _to_rgb(query, "The query image")
+    background, base = segmenter.class_names()
+    name = _check_class_name(class_name, [background, *base])
+    images, masks = _supports(supports)
+    mode = str(mode).lower()
+    if mode not in ("gfss", "fss"):
+        raise gr.Error(f"Mode {mode!r} is unknown; choose GFSS or FSS.")
+    try:
+        gamma = float(gamma)
+        steps = int(steps)
+    except (TypeError, ValueError) as err:
+        raise gr.Error(f"gamma and steps must be numbers ({err}).") from err
+    if not 0.0 <= gamma <= 100.0:
+        raise gr.Error(f"gamma={gamma} is out of range; use a value between 0 and 100 (10 in the paper).")
+    if not 1 <= steps <= 1000:
+        raise gr.Error(f"steps={steps} is out of range; use 1 to 1000 (100 in the paper).")
+
+    pipe = segmenter.pipeline()
+    kwargs = dict(support_images=images, support_masks=masks, class_names=[name], mode=mode, steps=steps)
+    if mode == "gfss":
+        kwargs["gamma"] = gamma
+    try:
+        segments = _segments(pipe(query, **kwargs))
+    except ValueError as err:  # the pipeline's messages name the bad input and the fix
+        raise gr.Error(str(err)) from err
+
+    colours = _colour_map(background, base, name)
+    annotations, gallery, rows = [], [], []
+    total = query.width * query.height
+    for seg in segments:
+        label = str(seg["label"])
+        mask = np.asarray(seg["mask"].convert("L") if isinstance(seg["mask"], Image.Image) else seg["mask"]) > 0
+        if label == background or not mask.any():
+            continue
+        colour = colours.setdefault(label, BASE_COLOURS[len(colours) % len(BASE_COLOURS)])
+        kind = "novel" if label == name else "base"
+        score = seg.get("score")
+        annotations.append((mask.astype(np.float32), label))
+        gallery.append((_mask_tile(query, mask, colour), f"{label} ({kind})"))
+        share = 100.0 * mask.sum() / total
+        score_text = f"{score:.2f}" if isinstance(score, (int, float)) else "-"
+        cell = label.replace("|", "\\|")  # a class name must not split the table row
+        rows.append(f'| <span style="color:{colour}">&#9632;</span> {cell} | {kind} | {share:.1f} % | {score_text} |')
+    novel_found = any(label == name for _, label in annotations)
+    legend = [
+        f"**Novel class:** <span style=\"color:{NOVEL_COLOUR}\">&#9632;</span> {name} "
+        + ("" if novel_found else "(not found in the query)"),
+        "",
+        f"**Base classes of the model:** {', '.join(base) if base else '(none)'}"
+        + (" (not predicted in FSS mode)" if mode == "fss" else ""),
+        "",
+    ]
+    if rows:
+        legend += ["| Class | Kind | Share of the image | Score |", "|---|---|---:|---:|", *rows]
+    else:
+        legend.append("Nothing but background was found in the query.")
+    annotated = (query, annotations)
+    return annotated, gallery, "\n".join(legend)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# app
+# ---------------------------------------------------------------------------------------------------------------
+def _intro(segmenter: FewShotSegmenter) -> str:
+    if not segmenter.available:
+        return f"> **{segmenter.message}**"
+    try:
+        _, base = segmenter.class_names()
+        known = f"It knows {len(base)} base classes: {', '.join(base)}."
+    except gr.Error:
+        return f"> **{segmenter.message}**"
+    except Exception:  # a Hub id whose config cannot be read yet: loaded at the first run
+        known = ""
+    return f"Model: `{segmenter.source}`. {known}"
+
+
+def build_app(model: str | os.PathLike | None = None, examples_dir: str | os.PathLike | None = None,
+              default_steps: int = 100) -> gr.Blocks:
+    """
+    Build the Gradio app without launching it.
+
+    Args:
+        model (`str` or `os.PathLike`, *optional*): a `save_pretrained` folder or a Hub id; defaults to
+            [`default_model_source`].
+        examples_dir (`str` or `os.PathLike`, *optional*): folder of the example images (default: `examples/` next
+            to this file; rendered there if missing and `gfss_hf` is installed).
+        default_steps (`int`, *optional*, defaults to 100): initial value of the adaptation-steps slider.
+
+    Returns:
+        `gr.Blocks`; its `segment` endpoint takes (query, support 1, support 2, support 3, class name, mode, gamma,
+        steps).
+
+    Example:
+
+    ```python
+    >>> demo = build_app("demo_output/model_contrastive")  # doctest: +SKIP
+    >>> demo.launch()  # doctest: +SKIP
+    ```
+    """
+    source = os.fspath(model) if model is not None else default_model_source()
+    segmenter = FewShotSegmenter(source)
+    examples = ensure_examples(examples_dir if examples_dir is not None else EXAMPLES_DIR)
+    brush = gr.Brush(colors=[BRUSH_COLOUR], color_mode="fixed", default_size=12)
+
+    with gr.Blocks(title=TITLE) as demo:
+        gr.Markdown(
+            f"# {TITLE}\n"
+            "Paint a new class on one or more **support** images, give it a name, and segment the **query**: the "
+            "model fine-tunes only its classifier on your painted pixels (a few seconds), then predicts its base "
+            "classes plus your class (GFSS), or your class versus background (FSS). Method: *Towards Generalized "
+            "Few-shot Segmentation: On Contrastive Learning and Background Information Modeling* (Liu, Zhang and "
+            "Lu, 2022)."
+        )
+        gr.Markdown(_intro(segmenter), elem_id="model-status")
+        with gr.Row():
+            with gr.Column():
+                query = gr.Image(label="Query image", type="pil", sources=["upload", "clipboard"], elem_id="query")
+                class_name = gr.Textbox(label="New class name", placeholder="e.g. star-plain", max_lines=1,
+                                        elem_id="class-name")
+                mode = gr.Radio(["GFSS", "FSS"], value="GFSS", label="Mode", elem_id="mode",
+                                info="GFSS: base classes + the new class. FSS: the new class vs background.")
+                gamma = gr.Slider(0, 50, value=10, step=0.5, label="gamma (distillation weight, GFSS)",
+                                  elem_id="gamma")
+                with gr.Accordion("Advanced", open=False):
+                    steps = gr.Slider(1, 300, value=default_steps, step=1, label="Adaptation steps (SGD)",
+                                      elem_id="steps")
+            with gr.Column():
+                support_inputs = [
+                    gr.ImageMask(label="Support image 1: paint the new class", type="pil", brush=brush,
+                                 sources=["upload", "clipboard"], elem_id="support-1")
+                ]
+                with gr.Accordion("More shots (optional)", open=False):
+                    for i in range(2, MAX_SUPPORTS + 1):
+                        support_inputs.append(
+                            gr.ImageMask(label=f"Support image {i}", type="pil", brush=brush,
+                                         sources=["upload", "clipboard"], elem_id=f"support-{i}")
+                        )
+        if examples:
+            gr.Examples(
+                examples=[
+                    [str(p["query"]),
+                     {"background": str(p["support"]), "layers": [str(p["layer"])], "composite": str(p["composite"])},
+                     name, "GFSS", 10]
+                    for p, name in zip(examples, EXAMPLE_CLASSES)
+                ],
+                inputs=[query, support_inputs[0], class_name, mode, gamma],
+                label="Examples from the procedural dataset (classes the demo model never saw)",
+                elem_id="examples",
+            )
+        run = gr.Button("Segment", variant="primary", elem_id="run")
+        with gr.Row():
+            overlay = gr.AnnotatedImage(label="Prediction (hover the legend)", elem_id="overlay")
+            masks = gr.Gallery(label="Per-class masks", columns=3, height="auto", object_fit="contain", preview=False,
+                               elem_id="masks")
+        legend = gr.Markdown(elem_id="legend")
+
+        def _run(query_image, s1, s2, s3, name, mode_value, gamma_value, steps_value):
+            annotated, gallery, text = segment(segmenter, query_image, [s1, s2, s3], name, mode_value,
+                                               gamma_value, steps_value)
+            colours = _colour_map(*segmenter.class_names(), (name or "").strip())
+            return gr.AnnotatedImage(value=annotated, color_map=colours), gallery, text
+
+        run.click(
+            _run,
+            inputs=[query, *support_inputs, class_name, mode, gamma, steps],
+            outputs=[overlay, masks, legend],
+            api_name="segment",
+        )
+    demo.segmenter = segmenter
+    return demo
+
+
+demo = build_app()
+
+if __name__ == "__main__":
+    demo.launch()

@@ -1,0 +1,282 @@
+"""The Gradio Space (spaces/app.py): input handling, friendly errors, the API through gradio_client with a painted
+mask, and the page in a real headless Chromium (screenshot -> docs/space_screenshot.png)."""
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCREENSHOT = REPO_ROOT / "docs" / "space_screenshot.png"
+# The flags of STACK.md: headless Chromium as root in a container, without network side channels.
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage"]  # fmt: skip
+STEPS = 100  # adaptation steps (the default): the tiny model needs them to find the example class
+
+
+@pytest.fixture(scope="module")
+def app():
+    spec = importlib.util.spec_from_file_location("gfss_space_app", REPO_ROOT / "spaces" / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def segmenter(app, pretrained_tiny_dir):
+    return app.FewShotSegmenter(str(pretrained_tiny_dir))
+
+
+@pytest.fixture(scope="module")
+def example(app):
+    (paths,) = app.ensure_examples()[:1]
+    name = app.EXAMPLE_CLASSES[0]
+    return paths, name
+
+
+def _editor(paths, layers=True):
+    return {"background": Image.open(paths["support"]),
+            "layers": [Image.open(paths["layer"])] if layers else [],
+            "composite": Image.open(paths["composite"])}  # fmt: skip
+
+
+def test_painted_mask_reads_layer_alpha(app):
+    layer = np.zeros((40, 60, 4), dtype=np.uint8)
+    layer[5:15, 10:30, 3] = 255  # painted: alpha only, any colour
+    layer[30:35, 0:5] = (255, 0, 0, 0)  # coloured but transparent: not painted
+    second = np.zeros((40, 60, 4), dtype=np.uint8)
+    second[20:22, 50:52, 3] = 10
+    value = {"background": np.zeros((40, 60, 3), np.uint8), "layers": [Image.fromarray(layer), second],
+             "composite": None}
+    mask = app.painted_mask(value)
+    assert mask.shape == (40, 60) and mask.sum() == 10 * 20 + 4
+    assert mask[5:15, 10:30].all() and not mask[30:35, 0:5].any() and mask[20:22, 50:52].all()
+    # Layers of another size than the background (canvas scaling) are resized to it.
+    assert app.painted_mask(value, size=(120, 80)).sum() == 4 * (10 * 20 + 4)
+    assert app.painted_mask({"background": None, "layers": [np.zeros((4, 4, 4), np.uint8)]}) is None
+    assert app.painted_mask(None) is None
+
+
+def test_space_metadata_and_requirements():
+    from huggingface_hub import SpaceCard
+
+    card = SpaceCard.load(REPO_ROOT / "spaces" / "README.md")
+    assert card.data.sdk == "gradio" and card.data.app_file == "app.py"
+    assert card.data.sdk_version.split(".")[0] == gr.__version__.split(".")[0]
+    assert "GFSS_MODEL" in card.text
+    lines = (REPO_ROOT / "spaces" / "requirements.txt").read_text().splitlines()
+    requirements = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    for package in ("torch>=2.4", "timm>=1.0", "transformers>=5"):
+        assert package in requirements
+    assert not any(line.startswith("gfss_hf") for line in requirements)  # the Hub repository carries the code
+
+
+def test_examples_are_the_procedural_dataset(app, example, tmp_path):
+    """The shipped PNGs (used on a Space without gfss_hf) are exactly what the procedural dataset renders."""
+    rendered = app.render_examples(tmp_path)
+    shipped = app.ensure_examples()
+    assert len(rendered) == len(shipped) == len(app.EXAMPLE_CLASSES)
+    for fresh, kept in zip(rendered, shipped):
+        for key in ("query", "support", "layer", "composite"):
+            assert np.array_equal(np.asarray(Image.open(fresh[key])), np.asarray(Image.open(kept[key]))), kept[key]
+    from gfss_hf.data.splits import SYNTHETIC_CLASSES
+    from gfss_hf.data.synthetic import VAL_INDEX_OFFSET, render_sample
+
+    paths, name = example
+    support_index, query_index = app.find_example_indices(name)
+    _, label = render_sample(app.EXAMPLE_SEED, VAL_INDEX_OFFSET + support_index, app.EXAMPLE_SIZE)
+    assert np.array_equal(app.painted_mask(_editor(paths)), label == SYNTHETIC_CLASSES.index(name) + 1)
+
+
+def test_inputs_are_validated_with_friendly_errors(app, segmenter, example):
+    paths, name = example
+    query = Image.open(paths["query"])
+    cases = [
+        (dict(query=None), "query image"),
+        (dict(supports=[None, None, None]), "at least one support"),
+        (dict(supports=[_editor(paths, layers=False)]), "no painted pixels"),
+        (dict(supports=[{"background": None, "layers": [Image.open(paths["layer"])], "composite": None}]),
+         "no image"),
+        (dict(class_name="  "), "name for the new class"),
+        (dict(class_name="x" * 41), "at most 40"),
+        (dict(class_name="Circle-Striped"), "already a class of the model"),
+        (dict(gamma=-1), "gamma=-1.0 is out of range"),
+        (dict(steps=0), "steps=0 is out of range"),
+        (dict(mode="both"), "unknown"),
+    ]
+    for overrides, message in cases:
+        kwargs = dict(query=query, supports=[_editor(paths)], class_name=name, mode="GFSS", gamma=10, steps=STEPS)
+        kwargs.update(overrides)
+        with pytest.raises(gr.Error, match=message):
+            app.segment(segmenter, **kwargs)
+    full = _editor(paths)
+    full["layers"] = [Image.new("RGBA", full["background"].size, (0, 0, 0, 255))]
+    with pytest.raises(gr.Error, match="painted everywhere"):
+        app.segment(segmenter, query, [full], name, steps=STEPS)
+
+
+def test_missing_model_gives_a_clear_message(app, example, tmp_path, monkeypatch):
+    monkeypatch.delenv("GFSS_MODEL", raising=False)
+    monkeypatch.setattr(app, "DEFAULT_MODEL_DIR", tmp_path / "demo_output" / "model_contrastive")
+    assert app.default_model_source() is None
+    monkeypatch.setenv("GFSS_MODEL", str(tmp_path / "nowhere"))
+    assert app.default_model_source() == str(tmp_path / "nowhere")
+    demo = app.build_app(tmp_path / "nowhere")
+    assert not demo.segmenter.available
+    status = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "model-status"][0]
+    assert "No model found" in status.value and "make demo" in status.value and "GFSS_MODEL" in status.value
+    paths, name = example
+    with pytest.raises(gr.Error, match="make demo"):
+        app.segment(demo.segmenter, Image.open(paths["query"]), [_editor(paths)], name)
+
+
+def test_segment_outputs_overlay_masks_and_legend(app, segmenter, example):
+    paths, name = example
+    query = Image.open(paths["query"])
+    annotated, gallery, legend = app.segment(segmenter, query, [_editor(paths), None, None], name, "GFSS", 10, STEPS)
+    image, annotations = annotated
+    assert image.size == query.size
+    labels = [label for _, label in annotations]
+    _, base = segmenter.class_names()
+    assert labels and set(labels) <= set(base) | {name}
+    for mask, _ in annotations:
+        assert mask.shape == (query.height, query.width) and mask.max() == 1.0
+    assert len(gallery) == len(annotations) and all(c.endswith(("(base)", "(novel)")) for _, c in gallery)
+    assert "**Novel class:**" in legend and "| Class | Kind |" in legend
+    # FSS: only the new class (or nothing) besides background.
+    annotated, _, legend = app.segment(segmenter, query, [_editor(paths)], name, "FSS", 10, STEPS)
+    assert {label for _, label in annotated[1]} <= {name} and "not predicted in FSS mode" in legend
+
+
+@pytest.fixture(scope="module")
+def launched(app, pretrained_tiny_dir):
+    demo = app.build_app(pretrained_tiny_dir, default_steps=STEPS)
+    demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    try:
+        yield demo
+    finally:
+        demo.close()
+
+
+def test_api_answers_with_a_painted_mask(launched, app, example):
+    from gradio_client import Client, handle_file
+
+    paths, name = example
+    client = Client(launched.local_url, verbose=False)
+    support = {"background": handle_file(str(paths["support"])), "layers": [handle_file(str(paths["layer"]))],
+               "composite": handle_file(str(paths["composite"]))}
+    overlay, gallery, legend = client.predict(handle_file(str(paths["query"])), support, None, None, name, "GFSS",
+                                              10, STEPS, api_name="/segment")
+    value = overlay["value"] if "value" in overlay else overlay
+    assert Image.open(value["image"]).size == Image.open(paths["query"]).size
+    labels = [a["label"] for a in value["annotations"]]
+    assert labels and name in overlay["color_map"]
+    for annotation in value["annotations"]:
+        assert Image.open(annotation["image"]).size == Image.open(paths["query"]).size
+    assert len(gallery) == len(labels) and "**Novel class:**" in legend
+    # The same support without paint is refused with the app's message.
+    unpainted = dict(support, layers=[])
+    with pytest.raises(Exception, match="no painted pixels"):
+        client.predict(handle_file(str(paths["query"])), unpainted, None, None, name, "GFSS", 10, STEPS,
+                       api_name="/segment")
+
+
+def _chromium() -> str | None:
+    path = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return None
+    return path
+
+
+@pytest.mark.browser
+def test_page_in_headless_chromium(launched, app):
+    executable = _chromium()
+    if executable is None:
+        if os.environ.get("GFSS_REQUIRE_BROWSER") == "1":
+            pytest.fail("GFSS_REQUIRE_BROWSER=1 but Chromium or Playwright is missing: apt-get install chromium "
+                        "chromium-driver, pip install playwright.")
+        pytest.skip("headless Chromium not installed (apt-get install chromium chromium-driver)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(launched.local_url, wait_until="domcontentloaded", timeout=120_000)
+            page.wait_for_selector("#run", timeout=120_000)
+            assert page.title() == app.TITLE
+            assert page.get_by_role("heading", name=app.TITLE).is_visible()
+            for selector in ("#query", "#support-1", "#class-name", "#mode", "#gamma", "#overlay", "#masks"):
+                assert page.locator(selector).count() == 1, selector
+            assert page.locator("#run").inner_text().strip() == "Segment"
+            assert page.locator("#examples tbody tr").count() == len(app.EXAMPLE_CLASSES)
+
+            # The first example fills query, painted support and class name; running it shows the overlay.
+            page.locator("#examples tbody tr").first.click()
+            name_box = "document.querySelector('#class-name textarea, #class-name input')"
+            page.wait_for_function(f"{name_box}.value === '{app.EXAMPLE_CLASSES[0]}'", timeout=60_000)
+            page.wait_for_selector("#query img", timeout=60_000)
+            page.locator("#run").click()
+            page.wait_for_selector("#overlay img", timeout=300_000)
+            page.wait_for_selector("#legend >> text=Novel class", timeout=60_000)
+            assert app.EXAMPLE_CLASSES[0] in page.locator("#legend").inner_text()
+            assert page.locator("#masks img").count() >= 1
+            page.wait_for_timeout(500)  # let the overlay finish fading in before the screenshot
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".png", dir=SCREENSHOT.parent)
+            os.close(fd)
+            page.screenshot(path=tmp, full_page=True)
+            os.replace(tmp, SCREENSHOT)
+        finally:
+            browser.close()
+    shot = Image.open(SCREENSHOT)
+    assert shot.width == 1280 and shot.height > 1000
+
+
+@pytest.mark.slow
+def test_space_runs_from_a_hub_export_without_the_package(app, example, pretrained_tiny_dir, tmp_path):
+    """On a Space gfss_hf is not installed: the app loads the exported repository with trust_remote_code."""
+    import subprocess
+    import sys
+
+    spec = importlib.util.spec_from_file_location("push_to_hub", REPO_ROOT / "scripts" / "push_to_hub.py")
+    push = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(push)
+    export = push.stage_export(pretrained_tiny_dir, tmp_path / "export", "someone/gfss-synthetic-fold0")
+    # With the package installed, the export's own pipeline code (custom_pipelines) is not needed either.
+    assert type(app._load_pipeline(str(export))).__module__ == "gfss_hf.pipeline_few_shot_segmentation"
+    paths, name = example
+    script = f"""
+import importlib.util, sys
+sys.modules["gfss_hf"] = None
+from PIL import Image
+spec = importlib.util.spec_from_file_location("space_app", {str(REPO_ROOT / "spaces" / "app.py")!r})
+app = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(app)
+segmenter = app.demo.segmenter
+editor = {{"background": Image.open({str(paths["support"])!r}), "layers": [Image.open({str(paths["layer"])!r})]}}
+annotated, gallery, legend = app.segment(segmenter, Image.open({str(paths["query"])!r}), [editor], {name!r})
+print("SOURCE", segmenter.source)
+print("MODULE", type(segmenter.pipeline()).__module__)
+print("LABELS", sorted(label for _, label in annotated[1]))
+"""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GFSS_MODEL=str(export), HF_MODULES_CACHE=str(tmp_path / "modules"))
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"SOURCE {export}" in proc.stdout
+    assert "MODULE transformers_modules." in proc.stdout
+    assert "LABELS [" in proc.stdout
