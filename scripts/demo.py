@@ -1,0 +1,274 @@
+"""The main job end to end on the embedded procedural dataset (`make demo`).
+
+1. Pre-trains a small PSPNet twice on the base classes of fold 0: cross-entropy only, and cross-entropy + the pixel
+   contrastive loss.
+2. Evaluates both with the `paper` protocol, 1-shot and 5-shot: FSS 2-way, GFSS (B+2)-way with gamma 0 and gamma 10,
+   and gamma 10 with the distillation restricted to pixels not labelled as the novel class.
+3. Prints a table shaped like the paper's Tables 1-4 and writes, under `--output_dir`: `model_ce/` and
+   `model_contrastive/` (loadable with `AutoModel.from_pretrained`, each with its model card `README.md`),
+   `results.json`, `results.md` and `qualitative.png`.
+
+    python scripts/demo.py --output_dir demo_output            # ~10 minutes on 2 CPU cores
+    python scripts/demo.py --output_dir /tmp/d --quick         # the reduced budget the tests run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import gfss_hf
+from gfss_hf import GFSSImageProcessor, GFSSModel
+from gfss_hf.adaptation import AdaptationConfig, adapt_fss, adapt_gfss, predict
+from gfss_hf.cards import render_model_card, save_model_card
+from gfss_hf.data.splits import get_split
+from gfss_hf.data.synthetic import SyntheticSegmentation
+from gfss_hf.evaluation import EvaluationOptions, build_episodes, evaluate_episodes
+from gfss_hf.training import TrainingConfig, pretrain
+
+CONFIG = Path(__file__).resolve().parent / "configs" / "synthetic.yaml"
+MODELS = (("model_ce", "CE", 0.0), ("model_contrastive", "CE + contrastive", 0.1))
+# (key, row label, AdaptationConfig overrides). FSS numbers come with every `paper` evaluation.
+VARIANTS = (
+    ("gamma0", "GFSS (B+2)-way, gamma = 0", {"gamma": 0.0}),
+    ("gamma10", "GFSS (B+2)-way, gamma = 10", {"gamma": 10.0}),
+    ("gamma10_skip", "GFSS, gamma = 10, KD off novel pixels", {"gamma": 10.0, "kd_skip_novel": True}),
+)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output_dir", default="demo_output")
+    parser.add_argument("--fold", type=int, default=0)
+    parser.add_argument("--max_steps", type=int, default=None, help="pre-training steps per model (default: YAML)")
+    parser.add_argument("--episodes", type=int, default=200, help="episodes per evaluation")
+    parser.add_argument("--val_images", type=int, default=120, help="val images episodes are drawn from")
+    parser.add_argument("--adaptation_steps", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=42, help="episode seed")
+    parser.add_argument("--quick", action="store_true", help="tiny budget (tests): few steps, episodes, images")
+    parser.add_argument("--overwrite", action="store_true", help="retrain models that already exist")
+    return parser.parse_args(argv)
+
+
+def train_models(args, out: Path) -> dict[str, Path]:
+    paths = {}
+    for folder, label, weight in MODELS:
+        target = out / folder
+        paths[folder] = target
+        if (target / "model.safetensors").is_file() and not args.overwrite:
+            print(f"[demo] {label}: reusing {target} (pass --overwrite to retrain)", flush=True)
+            continue
+        overrides = {"output_dir": str(target), "fold": args.fold, "contrastive_weight": weight, "num_workers": 0}
+        if args.max_steps is not None:
+            overrides["max_steps"] = args.max_steps
+        if args.quick:
+            overrides.update(num_train_images=64, num_val_images=16, max_steps=args.max_steps or 6, batch_size=4)
+        config = TrainingConfig.from_yaml(CONFIG, overrides=overrides)
+        print(f"[demo] pre-training {label} ({config.backbone}, {config.image_size} px) -> {target}", flush=True)
+        start = time.time()
+        summary = pretrain(config)
+        base = (summary.get("final_eval") or {}).get("base_miou")
+        print(f"[demo] {label}: {summary['global_step']} steps in {time.time() - start:.0f} s"
+              + (f", val base mIoU {100 * base:.1f}" if base is not None else ""), flush=True)
+    return paths
+
+
+def evaluate_models(args, paths, split, val) -> dict:
+    results = {}
+    for folder, label, _ in MODELS:
+        model = GFSSModel.from_pretrained(paths[folder]).eval()
+        processor = GFSSImageProcessor.from_pretrained(paths[folder])
+        results[folder] = {}
+        for shots in (1, 5):
+            episodes = build_episodes("paper", split, val, shots=shots, num_episodes=args.episodes, seed=args.seed)
+            for key, name, overrides in VARIANTS:
+                adaptation = AdaptationConfig(steps=args.adaptation_steps, **overrides)
+                options = EvaluationOptions(adaptation=adaptation, progress=True)
+                print(f"[demo] {label}, {shots}-shot, {name}", flush=True)
+                result = evaluate_episodes(model, episodes, split=split, val_source=val, processor=processor,
+                                           options=options)
+                results[folder][f"{shots}shot/{key}"] = {
+                    "metrics": result.metrics,
+                    "num_episodes": result.num_episodes,
+                    "episodes_hash": result.episodes_hash,
+                    "adaptation": adaptation.to_dict(),
+                }
+    return results
+
+
+def _pct(value) -> str:
+    return "-" if value is None or value != value else f"{100 * value:.1f}"
+
+
+def results_table(results) -> str:
+    """Rows: pre-training x method; columns: 1-shot and 5-shot novel / base / mean mIoU (percent)."""
+    header = ("| pre-training | method | 1-shot novel | 1-shot base | 1-shot mean | 5-shot novel | 5-shot base "
+              "| 5-shot mean |")
+    lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for folder, label, _ in MODELS:
+        res = results[folder]
+        cells = []
+        for shots in (1, 5):
+            m = res[f"{shots}shot/gamma0"]["metrics"]
+            cells += [_pct(m["fss_novel_miou"]), "-", "-"]
+        lines.append(f"| {label} | FSS 2-way | " + " | ".join(cells) + " |")
+        for key, name, _ in VARIANTS:
+            cells = []
+            for shots in (1, 5):
+                m = res[f"{shots}shot/{key}"]["metrics"]
+                cells += [_pct(m["gfss_novel_miou"]), _pct(m["gfss_base_miou"]), _pct(m["gfss_mean_miou"])]
+            lines.append(f"| {label} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# -- qualitative figure ---------------------------------------------------------------------------------------------
+def _palette(n: int) -> np.ndarray:
+    import matplotlib
+
+    colours = (np.asarray(matplotlib.colormaps["tab20"].colors) * 255).astype(np.uint8)
+    out = np.zeros((256, 3), np.uint8)
+    for i in range(1, n):
+        out[i] = colours[(i - 1) % len(colours)]
+    out[255] = (255, 255, 255)
+    return out
+
+
+def qualitative_figure(model_dir: Path, split, val, path: Path, seed: int, steps: int, num: int = 4) -> None:
+    """Support with its mask, query, ground truth, FSS, GFSS gamma 0 and gamma 10 predictions for a few episodes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model = GFSSModel.from_pretrained(model_dir).eval()
+    processor = GFSSImageProcessor.from_pretrained(model_dir)
+    episodes = build_episodes("paper", split, val, shots=1, num_episodes=num, seed=seed)
+    base_rows = len(split.base_ids) + 1
+    # display ids: dataset ids (0 background, 1..20 classes)
+    row_to_dataset = np.array([0, *split.base_ids, 0], np.int64)
+    palette = _palette(len(split.class_names) + 1)
+    columns = ["support + mask", "query", "ground truth", "FSS 2-way", "GFSS gamma=0", "GFSS gamma=10"]
+    fig, axes = plt.subplots(len(episodes), len(columns), figsize=(2.2 * len(columns), 2.3 * len(episodes)))
+    axes = np.atleast_2d(axes)
+    for row, spec in enumerate(episodes):
+        novel = spec.class_ids[0]
+        support = val.get_by_id(spec.support_ids[novel][0])
+        query = val.get_by_id(spec.query_id)
+        batch = processor([support["image"], query["image"]],
+                          segmentation_maps=[np.asarray(support["label"]), np.asarray(query["label"])])
+        size = batch["pixel_values"].shape[-2:]
+        with torch.no_grad():
+            features = model.extract_features(batch["pixel_values"])
+        s_label = batch["labels"][0]
+        s_mask = torch.where(s_label == 255, 255, (s_label == novel).long())[None]
+        fss = adapt_fss(features[:1], s_mask, config=AdaptationConfig(method="fss", steps=steps, seed=spec.index))
+        preds = [predict(features[1:], fss, size=size)[0].argmax(0).numpy()]
+        preds[0] = np.where(preds[0] == 1, novel, 0)
+        for gamma in (0.0, 10.0):
+            gfss = adapt_gfss(features[:1], s_mask, model.classifier.weight[:, :, 0, 0].detach(),
+                              config=AdaptationConfig(gamma=gamma, steps=steps, seed=spec.index))
+            rows = predict(features[1:], gfss, size=size)[0].argmax(0).numpy()
+            shown = row_to_dataset[np.minimum(rows, base_rows)]
+            preds.append(np.where(rows == base_rows, novel, shown))
+        h, w = (int(v) for v in batch["resized_sizes"][1])
+        sh, sw = (int(v) for v in batch["resized_sizes"][0])
+        support_img = np.asarray(support["image"]).copy()
+        overlay = np.asarray(support["label"]) == novel
+        support_img[overlay] = (0.45 * support_img[overlay] + 0.55 * np.array([255, 40, 40])).astype(np.uint8)
+        panels = [support_img, np.asarray(query["image"]), palette[np.asarray(query["label"])]]
+        panels += [palette[p[:h, :w]] for p in preds]
+        for col, panel in enumerate(panels):
+            ax = axes[row, col]
+            ax.imshow(panel, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(columns[col], fontsize=9)
+        axes[row, 0].set_ylabel(split.class_names[novel - 1], fontsize=8)
+        del sh, sw
+    fig.suptitle(f"1-shot episodes, fold {split.fold} (novel class on the left; colours = classes)", fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.quick:
+        args.episodes = min(args.episodes, 6)
+        args.val_images = min(args.val_images, 24)
+        args.adaptation_steps = min(args.adaptation_steps, 10)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    start = time.time()
+    paths = train_models(args, out)
+    split = get_split("synthetic", args.fold)
+    training = TrainingConfig.from_yaml(CONFIG)
+    # Episodes come from a val split the pre-training never saw (its own seed offset in the renderer).
+    val = SyntheticSegmentation(split="val", num_images=args.val_images, image_size=training.image_size,
+                                seed=training.dataset_seed)
+    results = evaluate_models(args, paths, split, val)
+    table = results_table(results)
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    payload = {
+        "gfss_hf_version": gfss_hf.__version__,
+        "dataset": "synthetic",
+        "fold": args.fold,
+        "protocol": "paper",
+        "episodes": args.episodes,
+        "val_images": args.val_images,
+        "seed": args.seed,
+        "date": stamp,
+        "machine": machine,
+        "results": results,
+    }
+    _atomic_write(out / "results.json", json.dumps(payload, indent=2, default=float))
+    header = (f"Procedural dataset, fold {args.fold}, `paper` protocol, {args.episodes} episodes per cell, mIoU in %; "
+              f"{stamp}, {machine}.\n\n")
+    _atomic_write(out / "results.md", header + table + "\n")
+    # Model cards: the main method (gamma = 10) of each model, 1-shot and 5-shot.
+    for folder, label, _ in MODELS:
+        entries = []
+        for shots in (1, 5):
+            m = results[folder][f"{shots}shot/gamma10"]["metrics"]
+            entries.append({
+                "protocol": "paper", "dataset": "synthetic", "fold": args.fold, "shots": shots,
+                "metrics": {"novel_miou_2way": results[folder][f"{shots}shot/gamma0"]["metrics"]["fss_novel_miou"],
+                            "novel_miou_gfss": m["gfss_novel_miou"], "base_miou": m["gfss_base_miou"]},
+                "episodes": args.episodes,
+            })
+        card = render_model_card(paths[folder], {"results": entries}, repo_id=f"gfss-hf/gfss-synthetic-{folder}",
+                                 model_name=f"gfss-synthetic-{folder}")
+        save_model_card(card, paths[folder] / "README.md")
+    shutil.copyfile(paths["model_contrastive"] / "README.md", out / "model_card.md")
+    qualitative_figure(paths["model_contrastive"], split, val, out / "qualitative.png", args.seed,
+                       args.adaptation_steps)
+    print()
+    print(header + table)
+    print(f"\n[demo] done in {time.time() - start:.0f} s; wrote {out}/: model_ce/, model_contrastive/, results.json, "
+          "results.md, model_card.md, qualitative.png", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""`make demo` runs scripts/demo.py; this runs the same code on a reduced budget."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard
+from PIL import Image
+from transformers import AutoModel
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load_demo():
+    spec = importlib.util.spec_from_file_location("gfss_demo_script", ROOT / "scripts" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_demo_quick_end_to_end(tmp_path, capsys):
+    demo = _load_demo()
+    assert demo.main(["--output_dir", str(tmp_path), "--quick"]) == 0
+    printed = capsys.readouterr().out
+    assert "| pre-training | method | 1-shot novel" in printed
+    assert "FSS 2-way" in printed and "gamma = 10" in printed
+    for folder in ("model_ce", "model_contrastive"):
+        model = AutoModel.from_pretrained(tmp_path / folder)
+        assert model.config.dataset == "synthetic" and model.config.fold == 0
+        card = ModelCard.load(tmp_path / folder / "README.md")
+        assert card.data.to_dict().get("model-index"), "the card carries model-index results"
+    assert AutoModel.from_pretrained(tmp_path / "model_contrastive").projection is not None
+    results = json.loads((tmp_path / "results.json").read_text())
+    cells = results["results"]["model_contrastive"]
+    assert set(cells) == {f"{k}shot/{v}" for k in (1, 5) for v in ("gamma0", "gamma10", "gamma10_skip")}
+    for cell in cells.values():
+        for key in ("fss_novel_miou", "gfss_novel_miou", "gfss_base_miou"):
+            assert 0.0 <= cell["metrics"][key] <= 1.0
+    assert (tmp_path / "results.md").read_text().count("\n|") >= 9
+    with Image.open(tmp_path / "qualitative.png") as figure:
+        assert figure.width > 600 and figure.height > 400
+    # A second run reuses the trained models instead of training again.
+    assert demo.main(["--output_dir", str(tmp_path), "--quick"]) == 0
+    assert "reusing" in capsys.readouterr().out
