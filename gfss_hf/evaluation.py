@@ -1,0 +1,991 @@
+"""Episodic evaluation of GFSS models under the three protocols of the literature (`paper`, `diam`, `capl`).
+
+The pieces, in the order an evaluation uses them:
+
+- an image source per list (`val`, and `train` for `capl`): anything with `ids`, `get_by_id(id) -> {"image",
+  "label"}` and `pixel_counts()` (the procedural `SyntheticSegmentation`, or [`DatasetImageSource`] over a
+  `datasets.Dataset` built by the PASCAL / COCO builders);
+- [`build_episodes`]: the seeded samplers of `gfss_hf.data.episodes` for a protocol, fold and shot count;
+- [`FeatureCache`]: the frozen backbone + decoder features of every image, computed once per evaluation and kept on
+  the device (optionally in half precision, under a memory bound beyond which features are recomputed);
+- [`evaluate_episodes`]: the episodes in fixed batches, split over the processes of an `accelerate` launch, adapted
+  with `gfss_hf.adaptation` (FSS 2-way and/or GFSS expanded classifier), scored with pooled IoU
+  (`gfss_hf.metrics.PooledIoU`) and reduced across processes at the end.
+
+Results do not depend on the number of processes or on the feature cache: work is cut into the same batches
+whatever the process count, each image's features are computed alone (`feature_batch_size=1`), and the metric sums
+are integers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.utils import logging
+
+from .adaptation import AdaptationConfig, CarryOverState, adapt_fss, adapt_gfss, predict
+from .data.episodes import (
+    EpisodeSpec,
+    class_index_from_pixel_counts,
+    sample_capl_run,
+    sample_diam_run,
+    sample_paper_episodes,
+    scaled_pixel_threshold,
+)
+from .data.splits import IGNORE_INDEX, FoldSplit
+from .metrics import PooledIoU, harmonic_mean
+
+__all__ = [
+    "EVALUATION_PROTOCOLS",
+    "DatasetImageSource",
+    "EvaluationOptions",
+    "EvaluationResult",
+    "FeatureCache",
+    "build_episodes",
+    "default_min_pixels",
+    "episodes_hash",
+    "evaluate_episodes",
+    "load_image_source",
+    "metric_keys",
+    "results_markdown",
+    "save_results",
+]
+
+logger = logging.get_logger(__name__)
+
+EVALUATION_PROTOCOLS = ("paper", "diam", "capl")
+_FEATURE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_PAPER_KEYS = (
+    "fss_novel_miou",
+    "fss_fb_iou",
+    "gfss_novel_miou",
+    "gfss_base_miou",
+    "gfss_mean_miou",
+    "gfss_harmonic_miou",
+    "gfss_fb_iou",
+    "fss_novel_episode_miou",
+    "gfss_novel_episode_miou",
+    "gfss_base_episode_miou",
+)
+_RUN_KEYS = ("base_miou", "novel_miou", "mean_miou", "harmonic_miou", "novel_episode_miou")
+
+
+def metric_keys(protocol: str) -> tuple[str, ...]:
+    """
+    The keys of `EvaluationResult.metrics` for `protocol` (fractions in [0, 1]).
+
+    - `paper`: `fss_novel_miou` (2-way novel mIoU), `fss_fb_iou`, `gfss_novel_miou` ((B+2)-way novel mIoU),
+      `gfss_base_miou` (binary IoU of the extra base image's class), `gfss_mean_miou`, `gfss_harmonic_miou`,
+      `gfss_fb_iou` (novel vs. rest: a base prediction counts as background), and the per-episode means
+      `*_episode_miou` (for comparison only).
+    - `diam`: `base_miou` (background excluded), `novel_miou`, `mean_miou`, `harmonic_miou`,
+      `novel_episode_miou`: means over runs, each with a `*_std` (sample standard deviation over runs).
+    - `capl`: as `diam` with background in `base_miou`, plus `total_miou` (all classes).
+    """
+    if protocol == "paper":
+        return _PAPER_KEYS
+    if protocol == "diam":
+        keys = _RUN_KEYS
+    elif protocol == "capl":
+        keys = (*_RUN_KEYS, "total_miou")
+    else:
+        raise ValueError(f"protocol={protocol!r} is not known; use one of {list(EVALUATION_PROTOCOLS)}.")
+    return tuple(k for key in keys for k in (key, f"{key}_std"))
+
+
+# -- image sources --------------------------------------------------------------------------------------------------
+class DatasetImageSource:
+    """
+    Image access by id over a `datasets.Dataset` with columns `id`, `image` and `label` (dataset ids, 255 ignored),
+    as the PASCAL / COCO builders of `gfss_hf.data` produce.
+
+    Args:
+        dataset (`datasets.Dataset`): the split.
+        pixel_counts (`dict[str, dict[int, int]]`, *optional*): per image id, the pixel count of each class (e.g.
+            `gfss_hf.data.pascal.pascal_pixel_counts`, computed from the masks without decoding images); computed
+            from the `label` column when not given.
+
+    Example:
+
+    ```python
+    >>> source = DatasetImageSource(builder.as_dataset(split="validation"))  # doctest: +SKIP
+    >>> sample = source.get_by_id(source.ids[0])  # doctest: +SKIP
+    ```
+    """
+
+    def __init__(self, dataset, pixel_counts: Mapping[str, Mapping[int, int]] | None = None):
+        missing = {"id", "image", "label"} - set(dataset.column_names)
+        if missing:
+            raise ValueError(
+                f"the dataset lacks column(s) {sorted(missing)}; an image source needs 'id', 'image' and 'label' "
+                "(build it with a gfss_hf.data builder)."
+            )
+        self.dataset = dataset
+        self.ids = [str(i) for i in dataset["id"]]
+        self._row = {image_id: k for k, image_id in enumerate(self.ids)}
+        if len(self._row) != len(self.ids):
+            raise ValueError("the dataset repeats image ids; every row needs a unique 'id'.")
+        self._pixel_counts = None if pixel_counts is None else {str(k): dict(v) for k, v in pixel_counts.items()}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def get_by_id(self, image_id: str) -> dict:
+        if image_id not in self._row:
+            raise KeyError(f"image id {image_id!r} is not in this dataset ({len(self.ids)} images).")
+        row = self.dataset[self._row[image_id]]
+        return {"id": image_id, "image": row["image"], "label": np.asarray(row["label"])}
+
+    def pixel_counts(self) -> dict[str, dict[int, int]]:
+        if self._pixel_counts is None:
+            from .data.episodes import compute_pixel_counts
+
+            labels = self.dataset.select_columns(["id", "label"])
+            self._pixel_counts = compute_pixel_counts((str(r["id"]), np.asarray(r["label"])) for r in labels)
+        return self._pixel_counts
+
+
+# -- episodes -------------------------------------------------------------------------------------------------------
+def default_min_pixels(protocol: str, dataset: str, image_size: int | None = None) -> int:
+    """
+    Area threshold of a protocol's class index (`paper`: query/support/base images; `diam`, `capl`: supports).
+
+    PASCAL / COCO: 2,048 px (`paper`, `capl`), 16,384 px (`diam`, at 417 px). The procedural dataset (96 px by
+    default, thresholds scaled to `image_size`): `paper` / `capl` use its 64 px base-training threshold; `diam` uses
+    300 px, because its objects cover 2-10 % of an image and DIaM's 9.4 % (16,384 / 417^2) would leave one or two
+    support candidates for some novel classes.
+    """
+    if protocol not in EVALUATION_PROTOCOLS:
+        raise ValueError(f"protocol={protocol!r} is not known; use one of {list(EVALUATION_PROTOCOLS)}.")
+    if dataset == "synthetic":
+        from .data.synthetic import DEFAULT_IMAGE_SIZE, DEFAULT_MIN_PIXELS
+
+        size = int(image_size or DEFAULT_IMAGE_SIZE)
+        if protocol == "diam":
+            return scaled_pixel_threshold(300, DEFAULT_IMAGE_SIZE, size)
+        return scaled_pixel_threshold(DEFAULT_MIN_PIXELS, DEFAULT_IMAGE_SIZE, size)
+    return 16384 if protocol == "diam" else 2048
+
+
+def build_episodes(
+    protocol: str,
+    split: FoldSplit,
+    val_source,
+    *,
+    shots: int = 1,
+    num_episodes: int = 20000,
+    seed: int = 42,
+    runs: int = 5,
+    train_source=None,
+    min_pixels: int | None = None,
+    class_sampling: str = "pair",
+) -> list[EpisodeSpec]:
+    """
+    Sample the episodes of a protocol with the seeded samplers of `gfss_hf.data.episodes`.
+
+    Args:
+        protocol (`str`): `"paper"`, `"diam"` or `"capl"`.
+        split ([`FoldSplit`]): the fold (base / novel dataset ids).
+        val_source: image source of the val list (`ids`, `pixel_counts()`).
+        shots (`int`, *optional*, defaults to 1): K.
+        num_episodes (`int`, *optional*, defaults to 20000): `paper` only.
+        seed (`int`, *optional*, defaults to 42): sampler seed.
+        runs (`int`, *optional*, defaults to 5): `diam` / `capl`: support sets (runs) `0..runs-1`.
+        train_source: image source of the train list (`capl` supports).
+        min_pixels (`int`, *optional*): area threshold (default: [`default_min_pixels`] for `split.dataset`).
+        class_sampling (`str`, *optional*, defaults to `"pair"`): `paper` only, see `sample_paper_episodes`.
+
+    Returns:
+        `list[EpisodeSpec]`: for `diam` / `capl`, one spec per (run, query), runs in order.
+    """
+    if protocol not in EVALUATION_PROTOCOLS:
+        raise ValueError(f"protocol={protocol!r} is not known; use one of {list(EVALUATION_PROTOCOLS)}.")
+    if min_pixels is None:
+        min_pixels = default_min_pixels(protocol, split.dataset, getattr(val_source, "image_size", None))
+    common = {"dataset": split.dataset, "fold": split.fold}
+    if protocol == "paper":
+        index = class_index_from_pixel_counts(val_source.pixel_counts(), min_pixels)
+        return sample_paper_episodes(
+            index, val_source.ids, split.novel_ids, split.base_ids, shots, num_episodes, seed,
+            class_sampling=class_sampling, **common,
+        )  # fmt: skip
+    if runs < 1:
+        raise ValueError(f"runs={runs} must be >= 1 (DIaM uses 5 support sets).")
+    episodes: list[EpisodeSpec] = []
+    for run in range(runs):
+        if protocol == "diam":
+            episodes += sample_diam_run(
+                val_source.pixel_counts(), val_source.ids, split.novel_ids, shots, seed, run=run,
+                min_support_pixels=min_pixels, **common,
+            )  # fmt: skip
+        else:
+            if train_source is None:
+                raise ValueError("the 'capl' protocol draws supports from the train list: pass train_source.")
+            episodes += sample_capl_run(
+                train_source.pixel_counts(), val_source.ids, split.novel_ids, shots, seed, run=run,
+                min_support_pixels=min_pixels, **common,
+            )  # fmt: skip
+    return episodes
+
+
+def episodes_hash(episodes: Sequence[EpisodeSpec]) -> str:
+    """SHA-256 of the episode list (its JSON form): two evaluations with the same hash saw the same episodes."""
+    payload = json.dumps([e.to_dict() for e in episodes], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+# -- feature cache --------------------------------------------------------------------------------------------------
+@dataclass
+class _Record:
+    label: np.ndarray  # (S, S) uint8 dataset ids on the canvas, padding = ignore
+    original_size: tuple[int, int]
+
+
+class FeatureCache:
+    r"""
+    Frozen dense features (`model.extract_features`) of images by (source, id), computed once and kept on the
+    model's device.
+
+    Args:
+        model ([`GFSSModel`]): in eval mode; only `extract_features` is used.
+        processor ([`GFSSImageProcessor`]): prepares images and label maps.
+        sources (`dict[str, source]`): image sources by name (`"val"`, `"train"`).
+        dtype (`str`, *optional*, defaults to `"float32"`): precision features are kept in (`"float16"` halves the
+            memory). Features are rounded to it whether cached or recomputed, so caching never changes a result.
+        enabled (`bool`, *optional*, defaults to `True`): keep features; `False` recomputes them at every request
+            (the reference code's behaviour).
+        max_bytes (`int`, *optional*): memory bound of the kept features; once reached, features of further images
+            are recomputed at each request. Default: 60% of the free device memory on CUDA, 25% of the RAM on CPU.
+        batch_size (`int`, *optional*, defaults to 1): images per forward pass. With 1, an image's features do not
+            depend on which other images are computed with it (convolutions are not batch-invariant to the last
+            bit), which keeps results identical across process counts and with / without the cache.
+
+    Example:
+
+    ```python
+    >>> cache = FeatureCache(model, processor, {"val": val_source})  # doctest: +SKIP
+    >>> feats = cache.features("val", ["val-000000", "val-000001"])  # (2, D, h, w)  # doctest: +SKIP
+    ```
+    """
+
+    def __init__(
+        self,
+        model,
+        processor,
+        sources: Mapping[str, Any],
+        *,
+        dtype: str = "float32",
+        enabled: bool = True,
+        max_bytes: int | None = None,
+        batch_size: int = 1,
+    ):
+        if dtype not in _FEATURE_DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not supported; use one of {list(_FEATURE_DTYPES)}.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1.")
+        self.model = model
+        self.processor = processor
+        self.sources = dict(sources)
+        self.dtype = _FEATURE_DTYPES[dtype]
+        self.enabled = enabled
+        self.batch_size = int(batch_size)
+        self.device = next(model.parameters()).device
+        self.max_bytes = int(max_bytes) if max_bytes is not None else _default_cache_bytes(self.device)
+        self._features: dict[tuple[str, str], torch.Tensor] = {}
+        self._records: dict[tuple[str, str], _Record] = {}
+        self.bytes = 0
+        self.stats = {"requests": 0, "hits": 0, "computed": 0, "stored": 0, "full": 0}
+
+    def _source(self, name: str):
+        if name not in self.sources:
+            raise KeyError(f"no image source named {name!r}; known: {sorted(self.sources)}.")
+        return self.sources[name]
+
+    def _prepare(self, name: str, image_id: str, need_pixels: bool):
+        sample = self._source(name).get_by_id(image_id)
+        batch = self.processor(sample["image"], segmentation_maps=np.asarray(sample["label"]), return_tensors="pt")
+        key = (name, image_id)
+        if key not in self._records:
+            label = batch["labels"][0].numpy()
+            if label.max() > 255:
+                raise ValueError(f"label of {image_id!r} holds {label.max()}, above 255; dataset ids must fit uint8.")
+            size = tuple(int(v) for v in batch["original_sizes"][0].tolist())
+            self._records[key] = _Record(label.astype(np.uint8), size)
+        return batch["pixel_values"] if need_pixels else None
+
+    def record(self, name: str, image_id: str) -> _Record:
+        """The canvas label (dataset ids, uint8 `(S, S)`) and original size of an image."""
+        key = (name, str(image_id))
+        if key not in self._records:
+            self._prepare(name, key[1], need_pixels=False)
+        return self._records[key]
+
+    def labels(self, name: str, ids: Sequence[str]) -> np.ndarray:
+        """`(n, S, S)` uint8 canvas labels (dataset ids, ignore padding) of `ids`."""
+        return np.stack([self.record(name, i).label for i in ids])
+
+    def original_label(self, name: str, image_id: str) -> np.ndarray:
+        """The label map of an image at its original size (read from the source, not kept)."""
+        return np.asarray(self._source(name).get_by_id(image_id)["label"])
+
+    @torch.no_grad()
+    def features(self, name: str, ids: Sequence[str]) -> torch.Tensor:
+        """`(n, D, h, w)` float32 features of `ids` (repeats allowed) on the model's device."""
+        ids = [str(i) for i in ids]
+        self.stats["requests"] += len(ids)
+        found: dict[str, torch.Tensor] = {}
+        missing = []
+        for image_id in ids:
+            cached = self._features.get((name, image_id))
+            if cached is not None:
+                found[image_id] = cached
+                self.stats["hits"] += 1
+            elif image_id not in missing:
+                missing.append(image_id)
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start : start + self.batch_size]
+            pixels = torch.cat([self._prepare(name, i, need_pixels=True) for i in chunk]).to(self.device)
+            computed = self.model.extract_features(pixels).to(self.dtype)
+            self.stats["computed"] += len(chunk)
+            for image_id, feats in zip(chunk, computed):
+                feats = feats.clone()
+                found[image_id] = feats
+                self._store(name, image_id, feats)
+        return torch.stack([found[i] for i in ids]).float()
+
+    def _store(self, name: str, image_id: str, feats: torch.Tensor) -> None:
+        if not self.enabled:
+            return
+        size = feats.numel() * feats.element_size()
+        if self.bytes + size > self.max_bytes:
+            if self.stats["full"] == 0:
+                logger.warning(
+                    f"feature cache full ({self.bytes / 2**20:.0f} MiB of {self.max_bytes / 2**20:.0f} MiB); further "
+                    "images are recomputed at each use. Raise the bound or use dtype='float16' to keep more."
+                )
+            self.stats["full"] += 1
+            return
+        self._features[(name, image_id)] = feats
+        self.bytes += size
+        self.stats["stored"] += 1
+
+
+def _default_cache_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(0.6 * free)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 8 * 2**30
+    return int(0.25 * total)
+
+
+# -- options and result ---------------------------------------------------------------------------------------------
+@dataclass
+class EvaluationOptions:
+    r"""
+    How an evaluation runs (the method's hyper-parameters live in `adaptation`).
+
+    Args:
+        adaptation ([`AdaptationConfig`], *optional*): fine-tuning hyper-parameters; `method` is ignored (the
+            `paper` protocol runs both heads, `diam` / `capl` the GFSS head).
+        episode_batch_size (`int`, *optional*): episodes adapted together (`paper`), or queries predicted together
+            (`diam`, `capl`). The batches are the same whatever the number of processes. Default: 8, except 1 on CPU
+            with the input-resolution loss, where a batch of 8 was measured 35% slower per episode than one at a
+            time (the upsampled logits of 8 episodes outgrow the CPU caches) and one at a time computes exactly what
+            the reference-style loop computes.
+        feature_batch_size (`int`, *optional*, defaults to 1): images per feature forward pass (see
+            [`FeatureCache`]).
+        cache_features (`bool`, *optional*, defaults to `True`): keep every image's features for the whole
+            evaluation.
+        feature_dtype (`str`, *optional*, defaults to `"float32"`): `"float32"`, `"float16"` or `"bfloat16"`.
+        cache_max_bytes (`int`, *optional*): memory bound of the cache (see [`FeatureCache`]).
+        progress (`bool`, *optional*, defaults to `True`): a tqdm bar on the main process (episodes/s, running
+            mIoU).
+    """
+
+    adaptation: AdaptationConfig = field(default_factory=AdaptationConfig)
+    episode_batch_size: int | None = None
+    feature_batch_size: int = 1
+    cache_features: bool = True
+    feature_dtype: str = "float32"
+    cache_max_bytes: int | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.episode_batch_size is not None and self.episode_batch_size < 1:
+            raise ValueError(f"episode_batch_size={self.episode_batch_size} must be >= 1 (or None for the default).")
+        if self.feature_dtype not in _FEATURE_DTYPES:
+            raise ValueError(f"feature_dtype={self.feature_dtype!r} is not supported; use {list(_FEATURE_DTYPES)}.")
+
+    def to_dict(self) -> dict:
+        out = {k: getattr(self, k) for k in ("episode_batch_size", "feature_batch_size", "cache_features",
+                                             "feature_dtype", "cache_max_bytes")}  # fmt: skip
+        out["adaptation"] = self.adaptation.to_dict()
+        return out
+
+
+@dataclass
+class EvaluationResult:
+    r"""
+    Outcome of [`evaluate_episodes`].
+
+    Args:
+        protocol (`str`): the protocol.
+        metrics (`dict[str, float]`): the numbers of [`metric_keys`] (fractions in [0, 1]).
+        per_class (`dict[str, dict[str, float]]`): pooled IoU per class name, per accumulator.
+        runs (`list[dict]`): `diam` / `capl`: the summary of each run.
+        accumulators (`dict[str, PooledIoU]`): the reduced sums (`paper`: `fss`, `gfss_novel`, `gfss_base`;
+            `diam` / `capl`: `run0`, `run1`, ...).
+        num_episodes (`int`): episodes evaluated (all processes).
+        episodes_hash (`str`): see [`episodes_hash`].
+        timing (`dict`): `episode_batch_size`, `seconds`, `episodes_per_second`, `num_processes`.
+        cache (`dict`): feature cache statistics of the main process.
+    """
+
+    protocol: str
+    metrics: dict[str, float]
+    per_class: dict[str, dict[str, float]]
+    runs: list[dict]
+    accumulators: dict[str, PooledIoU]
+    num_episodes: int
+    episodes_hash: str
+    timing: dict[str, float]
+    cache: dict[str, int]
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (accumulators as their integer sums)."""
+        return {
+            "protocol": self.protocol,
+            "metrics": self.metrics,
+            "per_class": self.per_class,
+            "runs": self.runs,
+            "num_episodes": self.num_episodes,
+            "episodes_hash": self.episodes_hash,
+            "timing": self.timing,
+            "cache": self.cache,
+            "accumulators": {k: v.state_dict() for k, v in self.accumulators.items()},
+        }
+
+
+# -- evaluation -----------------------------------------------------------------------------------------------------
+def _episode_seed(adaptation_seed: int, spec: EpisodeSpec, per_query: bool = True) -> int:
+    # Initialisation seed of an episode (or, with per_query=False, of a diam/capl run): a function of the episode
+    # alone, so that batching and the process count do not change it.
+    entropy = [int(adaptation_seed), spec.seed, spec.run] + ([spec.index] if per_query else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+class _Context:
+    """What every protocol needs: model rows, label maps, the cache and the split."""
+
+    def __init__(self, model, split: FoldSplit, cache: FeatureCache, options: EvaluationOptions):
+        self.model = model
+        self.split = split
+        self.cache = cache
+        self.options = options
+        self.size = (cache.processor.image_size, cache.processor.image_size)
+        self.align_corners = bool(model.config.logits_align_corners)
+        base = len(split.base_ids)
+        self.num_base_rows = base + 1
+        self.num_rows = base + 1 + len(split.novel_ids)
+        weight = model.classifier.weight.detach()
+        self.base_weight = weight[: base + 1].reshape(base + 1, -1).float()
+        bias = model.classifier.bias
+        self.base_bias = None if bias is None else bias.detach()[: base + 1].float()
+        self.row = {cid: r + 1 for r, cid in enumerate(split.base_ids)}
+        self.row.update({cid: base + 1 + r for r, cid in enumerate(split.novel_ids)})
+        self.novel_rank = {cid: r for r, cid in enumerate(split.novel_ids)}
+        adaptation = options.adaptation.replace(align_corners=self.align_corners)
+        self.fss_config = adaptation.replace(method="fss")
+        self.gfss_config = adaptation.replace(method="gfss")
+        self.device = cache.device
+
+    def binary(self, labels: np.ndarray, class_id: int, value: int = 1) -> torch.Tensor:
+        """Dataset-id labels -> `value` on `class_id`, 0 elsewhere, ignore kept."""
+        out = np.where(labels == class_id, value, 0)
+        out = np.where(labels == IGNORE_INDEX, IGNORE_INDEX, out)
+        return torch.from_numpy(out.astype(np.int64)).to(self.device)
+
+    def gfss_labels(self, labels: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self.split.to_gfss_labels(labels).astype(np.int64)).to(self.device)
+
+
+def _check_model(model, split: FoldSplit) -> None:
+    base_names = tuple(model.config.base_class_names)
+    if base_names != tuple(split.base_names):
+        raise ValueError(
+            f"the model's base classes {list(base_names)} are not the base classes of {split.dataset} fold "
+            f"{split.fold} ({list(split.base_names)}); evaluate a model pre-trained on that fold, or pass the "
+            "matching split."
+        )
+
+
+def _paper_unit(ctx: _Context, specs: list[EpisodeSpec], accs: dict[str, PooledIoU], carry) -> None:
+    cache, e = ctx.cache, len(specs)
+    shots = {len(s.support_ids[s.class_ids[0]]) for s in specs}
+    if len(shots) != 1:
+        raise ValueError(f"episodes of one batch have different shot counts {sorted(shots)}; use one K per run.")
+    k = shots.pop()
+    classes = [s.class_ids[0] for s in specs]
+    support_ids = [i for s, c in zip(specs, classes) for i in s.support_ids[c]]
+    sup_feat = cache.features("val", support_ids)
+    sup_feat = sup_feat.view(e, k, *sup_feat.shape[1:])
+    sup_labels = cache.labels("val", support_ids).reshape(e, k, *ctx.size)
+    sup_masks = torch.stack([ctx.binary(sup_labels[j], c) for j, c in enumerate(classes)])
+    query_ids = [s.query_id for s in specs]
+    q_feat = cache.features("val", query_ids)[:, None]  # (E, 1, D, h, w)
+    q_labels = cache.labels("val", query_ids)
+    q_rows = torch.stack([ctx.binary(q_labels[j], c, ctx.row[c]) for j, c in enumerate(classes)])
+    novel_rows = torch.tensor([ctx.row[c] for c in classes], device=ctx.device)[:, None, None]
+    seeds = [_episode_seed(ctx.options.adaptation.seed, s) for s in specs]
+
+    fss = adapt_fss(sup_feat, sup_masks, config=ctx.fss_config, seeds=seeds)
+    fss_pred = predict(q_feat, fss, size=ctx.size, align_corners=ctx.align_corners)[:, 0].argmax(1)
+    accs["fss"].update(torch.where(fss_pred == 1, novel_rows, 0), q_rows)
+
+    gfss = adapt_gfss(
+        sup_feat, sup_masks, ctx.base_weight, ctx.base_bias,
+        support_classes=torch.zeros(e, k, dtype=torch.long), num_novel_classes=1, config=ctx.gfss_config,
+        seeds=seeds, query_features=q_feat if ctx.gfss_config.transductive else None, state=carry,
+    )  # fmt: skip
+    g_pred = predict(q_feat, gfss, size=ctx.size, align_corners=ctx.align_corners)[:, 0].argmax(1)
+    accs["gfss_novel"].update(torch.where(g_pred == ctx.num_base_rows, novel_rows, g_pred), q_rows)
+
+    with_base = [j for j, s in enumerate(specs) if s.base_query_id is not None]
+    if with_base:
+        base_ids = [specs[j].base_query_id for j in with_base]
+        b_feat = cache.features("val", base_ids)[:, None]
+        b_labels = cache.labels("val", base_ids)
+        b_rows = torch.stack(
+            [ctx.binary(b_labels[n], specs[j].base_class_id, ctx.row[specs[j].base_class_id])
+             for n, j in enumerate(with_base)]
+        )  # fmt: skip
+        idx = torch.tensor(with_base, device=gfss.weight.device)
+        weight = gfss.weight.index_select(0, idx)
+        bias = None if gfss.bias is None else gfss.bias.index_select(0, idx)
+        b_pred = predict(b_feat, weight, bias, size=ctx.size, align_corners=ctx.align_corners)[:, 0].argmax(1)
+        sub_rows = novel_rows.index_select(0, idx)
+        accs["gfss_base"].update(torch.where(b_pred == ctx.num_base_rows, sub_rows, b_pred), b_rows)
+
+
+class _RunSupport:
+    """The support set of one `diam` / `capl` run: features, binary masks and novel class of each support."""
+
+    def __init__(self, ctx: _Context, spec: EpisodeSpec, source: str):
+        ids, classes = [], []
+        for c in sorted(spec.support_ids):
+            for image_id in spec.support_ids[c]:
+                ids.append(image_id)
+                classes.append(c)
+        self.features = ctx.cache.features(source, ids)  # (K * N, D, h, w)
+        labels = ctx.cache.labels(source, ids)
+        self.masks = torch.stack([ctx.binary(lab, c) for lab, c in zip(labels, classes)])
+        self.classes = torch.tensor([ctx.novel_rank[c] for c in classes], dtype=torch.long)
+        self.classifier = None
+
+
+def _run_unit(
+    ctx: _Context, specs: list[EpisodeSpec], support: _RunSupport, acc: PooledIoU, protocol: str, carry
+) -> None:
+    cache, config = ctx.cache, ctx.gfss_config
+    query_ids = [s.query_id for s in specs]
+    q_feat = cache.features("val", query_ids)
+    num_novel = len(ctx.split.novel_ids)
+    if config.transductive:
+        # DIaM-style transduction adapts on each query: one episode per query, the run's supports shared.
+        e = len(specs)
+        clf = adapt_gfss(
+            support.features.expand(e, *support.features.shape),
+            support.masks.expand(e, *support.masks.shape),
+            ctx.base_weight, ctx.base_bias, support_classes=support.classes.expand(e, -1),
+            num_novel_classes=num_novel, config=config, query_features=q_feat[:, None],
+            seeds=[_episode_seed(ctx.options.adaptation.seed, s) for s in specs],
+        )  # fmt: skip
+        logits = predict(q_feat[:, None], clf, size=ctx.size, align_corners=ctx.align_corners)[:, 0]
+    else:
+        if support.classifier is None:
+            support.classifier = adapt_gfss(
+                support.features, support.masks, ctx.base_weight, ctx.base_bias, support_classes=support.classes,
+                num_novel_classes=num_novel, config=config, state=carry,
+                seeds=_episode_seed(ctx.options.adaptation.seed, specs[0], per_query=False),
+            )  # fmt: skip
+        logits = predict(q_feat, support.classifier, size=ctx.size, align_corners=ctx.align_corners)
+    if protocol == "diam":
+        labels = cache.labels("val", query_ids)
+        acc.update(logits.argmax(1), torch.stack([ctx.gfss_labels(lab) for lab in labels]))
+        return
+    # capl: scored at each query's original resolution.
+    sizes = [cache.record("val", i).original_size for i in query_ids]
+    for image_id, upsampled in zip(query_ids, cache.processor.post_process_logits(logits, sizes)):
+        labels = ctx.gfss_labels(cache.original_label("val", image_id))
+        acc.update(upsampled.argmax(0).to(labels.device), labels)
+
+
+def _work_units(episodes: Sequence[EpisodeSpec], batch_size: int) -> list[list[int]]:
+    """Fixed batches of episode indices (never across runs), independent of the process count."""
+    units: list[list[int]] = []
+    current: list[int] = []
+    for i, spec in enumerate(episodes):
+        if current and (len(current) == batch_size or episodes[current[-1]].run != spec.run):
+            units.append(current)
+            current = []
+        current.append(i)
+    if current:
+        units.append(current)
+    return units
+
+
+def evaluate_episodes(
+    model,
+    episodes: Sequence[EpisodeSpec],
+    *,
+    split: FoldSplit,
+    val_source,
+    train_source=None,
+    processor=None,
+    options: EvaluationOptions | None = None,
+    accelerator=None,
+) -> EvaluationResult:
+    r"""
+    Evaluate a pre-trained model on episodes of one protocol.
+
+    Args:
+        model ([`GFSSModel`]): pre-trained on `split`'s base classes (its first `B + 1` classifier rows are
+            `[background, base...]` in `split.base_ids` order). Put in eval mode; moved to the accelerator's
+            device.
+        episodes (`Sequence[EpisodeSpec]`): from [`build_episodes`] or `gfss_hf.data.episodes.load_episodes`; one
+            protocol.
+        split ([`FoldSplit`]): the fold.
+        val_source: image source of the val list (queries; supports of `paper` and `diam`).
+        train_source (*optional*): image source of the train list (`capl` supports).
+        processor ([`GFSSImageProcessor`], *optional*): defaults to `GFSSImageProcessor.from_config(model.config)`.
+        options ([`EvaluationOptions`], *optional*): batching, cache and adaptation hyper-parameters.
+        accelerator (`accelerate.Accelerator`, *optional*): splits the batches of episodes round-robin over its
+            processes and sums the metric accumulators at the end; every process returns the same result.
+
+    Returns:
+        [`EvaluationResult`].
+
+    Protocols:
+
+    - `paper`: per episode the FSS 2-way classifier and the GFSS (B+2)-way classifier are adapted on the K
+      supports; both predict the query (IoU of the episode's novel class, binary ground truth), the GFSS classifier
+      also predicts the extra base image (IoU of its base class). Labels at the canvas resolution.
+    - `diam`: per run one GFSS (B+1+N)-way classifier from the run's supports (binary masks, one novel class per
+      support); every query predicted over all classes on the canvas; base mIoU without background.
+    - `capl`: as `diam` with supports from the train list and queries scored at their original resolution; base
+      mIoU with background, plus the total.
+
+    Example:
+
+    ```python
+    >>> split = get_split("synthetic", 0)  # doctest: +SKIP
+    >>> val = SyntheticSegmentation("val", num_images=50, image_size=96)  # doctest: +SKIP
+    >>> episodes = build_episodes("paper", split, val, shots=1, num_episodes=100, seed=42)  # doctest: +SKIP
+    >>> result = evaluate_episodes(model, episodes, split=split, val_source=val)  # doctest: +SKIP
+    >>> result.metrics["gfss_novel_miou"]  # doctest: +SKIP
+    ```
+    """
+    options = options if options is not None else EvaluationOptions()
+    episodes = list(episodes)
+    if not episodes:
+        raise ValueError("no episodes to evaluate; sample some with build_episodes.")
+    protocols = sorted({e.protocol for e in episodes})
+    if len(protocols) != 1:
+        raise ValueError(f"the episodes mix protocols {protocols}; evaluate one protocol at a time.")
+    protocol = protocols[0]
+    _check_model(model, split)
+    if protocol == "capl" and train_source is None:
+        raise ValueError("'capl' episodes take their supports from the train list: pass train_source.")
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    adaptation = options.adaptation
+    if adaptation.legacy_carry_over:
+        if world > 1:
+            raise ValueError(
+                "legacy_carry_over=True reproduces a drift that runs through all episodes in order; evaluate it in "
+                "one process (drop --multi_gpu / --num_processes)."
+            )
+        if adaptation.transductive and protocol != "paper":
+            raise ValueError("legacy_carry_over with transductive adaptation of diam/capl queries is not supported.")
+    if processor is None:
+        from .image_processing_gfss import GFSSImageProcessor
+
+        processor = GFSSImageProcessor.from_config(model.config)
+    if accelerator is not None:
+        model = model.to(accelerator.device)
+    model.eval()
+
+    sources = {"val": val_source}
+    if train_source is not None:
+        sources["train"] = train_source
+    cache = FeatureCache(
+        model, processor, sources, dtype=options.feature_dtype, enabled=options.cache_features,
+        max_bytes=options.cache_max_bytes, batch_size=options.feature_batch_size,
+    )  # fmt: skip
+    ctx = _Context(model, split, cache, options)
+    batch = options.episode_batch_size
+    if batch is None:
+        batch = 1 if cache.device.type == "cpu" and adaptation.loss_resolution == "input" else 8
+    if adaptation.legacy_carry_over and protocol == "paper":
+        batch = 1  # the drift runs through the episodes one after another
+    units = _work_units(episodes, batch)
+    mine = units[rank::world]
+    carry = CarryOverState() if adaptation.legacy_carry_over else None
+
+    accs: dict[str, PooledIoU] = {}
+    if protocol == "paper":
+        for name in ("fss", "gfss_novel", "gfss_base"):
+            accs[name] = PooledIoU(ctx.num_rows, device=ctx.device)
+    else:
+        for run in sorted({e.run for e in episodes}):
+            accs[f"run{run}"] = PooledIoU(ctx.num_rows, device=ctx.device)
+    novel_rows = list(range(ctx.num_base_rows, ctx.num_rows))
+    supports: dict[int, _RunSupport] = {}
+
+    bar = None
+    if options.progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(episodes), unit="episode", desc=f"{protocol} evaluation", dynamic_ncols=True)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for unit in mine:
+            specs = [episodes[i] for i in unit]
+            if protocol == "paper":
+                _paper_unit(ctx, specs, accs, carry)
+                running = accs["gfss_novel"]
+            else:
+                run = specs[0].run
+                if run not in supports:
+                    supports.clear()  # one run's support features at a time
+                    supports[run] = _RunSupport(ctx, specs[0], "val" if protocol == "diam" else "train")
+                _run_unit(ctx, specs, supports[run], accs[f"run{run}"], protocol, carry)
+                running = accs[f"run{run}"]
+            if bar is not None:
+                bar.update(min(len(unit) * world, bar.total - bar.n))
+                bar.set_postfix(novel_miou=f"{100 * running.mean_iou(novel_rows):.1f}", refresh=False)
+    for acc in accs.values():
+        acc.reduce(accelerator)
+    seconds = time.perf_counter() - start
+    if accelerator is not None and world > 1:
+        seconds = float(accelerator.reduce(torch.tensor([seconds], device=accelerator.device), "max").item())
+    if bar is not None:
+        bar.update(bar.total - bar.n)
+        bar.close()
+
+    id2label = {r: n for r, n in enumerate(["background", *split.base_names, *split.novel_names])}
+    metrics, runs = _summarise(protocol, accs, ctx)
+    return EvaluationResult(
+        protocol=protocol,
+        metrics=metrics,
+        per_class={name: acc.per_class(id2label) for name, acc in accs.items()},
+        runs=runs,
+        accumulators=accs,
+        num_episodes=len(episodes),
+        episodes_hash=episodes_hash(episodes),
+        timing={
+            "episode_batch_size": batch,
+            "seconds": seconds,
+            "episodes_per_second": len(episodes) / seconds if seconds > 0 else float("inf"),
+            "num_processes": world,
+        },
+        cache={**cache.stats, "bytes": cache.bytes},
+    )
+
+
+def _summarise(protocol: str, accs: dict[str, PooledIoU], ctx: _Context) -> tuple[dict[str, float], list[dict]]:
+    base_rows = list(range(1, ctx.num_base_rows))
+    novel_rows = list(range(ctx.num_base_rows, ctx.num_rows))
+    if protocol == "paper":
+        fss, novel, base = accs["fss"], accs["gfss_novel"], accs["gfss_base"]
+        # Base and novel scores come from different images (the extra base image, the query): two accumulators.
+        base_miou, novel_miou = base.mean_iou(base_rows), novel.mean_iou(novel_rows)
+        metrics = {
+            "fss_novel_miou": fss.mean_iou(novel_rows),
+            "fss_fb_iou": fss.fb_iou(),
+            "gfss_novel_miou": novel_miou,
+            "gfss_base_miou": base_miou,
+            "gfss_mean_miou": (base_miou + novel_miou) / 2,
+            "gfss_harmonic_miou": harmonic_mean(base_miou, novel_miou),
+            "gfss_fb_iou": novel.fb_iou(foreground_classes=novel_rows),
+            "fss_novel_episode_miou": fss.episode_mean_iou(novel_rows),
+            "gfss_novel_episode_miou": novel.episode_mean_iou(novel_rows),
+            "gfss_base_episode_miou": base.episode_mean_iou(base_rows),
+        }
+        return metrics, []
+    runs = []
+    for name in sorted(accs, key=lambda n: int(n[3:])):
+        acc = accs[name]
+        summary = acc.summary(base_rows, novel_rows, convention=protocol)
+        entry = {f"{k}_miou": v for k, v in summary.items()}
+        entry["novel_episode_miou"] = acc.episode_mean_iou(novel_rows)
+        entry["run"] = int(name[3:])
+        entry["num_queries"] = int(acc.num_updates)
+        runs.append(entry)
+    metrics = {}
+    for key in [k for k in runs[0] if k.endswith("miou")]:
+        values = [r[key] for r in runs]
+        metrics[key] = float(np.mean(values))
+        metrics[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    for key, value in metrics.items():
+        if isinstance(value, float) and math.isnan(value):
+            logger.warning(f"{key} is nan: no class of that group occurred in the evaluated episodes.")
+    return metrics, runs
+
+
+def load_image_source(
+    dataset: str,
+    split_name: str,
+    *,
+    fold: int = 0,
+    split_kind: str | None = None,
+    data_dir: str | None = None,
+    cache_dir: str | None = None,
+    num_images: int | None = None,
+    image_size: int | None = None,
+    seed: int = 0,
+):
+    """
+    The image source of one list of a dataset, for [`build_episodes`] and [`evaluate_episodes`].
+
+    Args:
+        dataset (`str`): `"synthetic"` (rendered in memory, no files), `"pascal5i"`, `"pascal10i"` or `"coco20i"`
+            (built with the `gfss_hf.data` builders from `data_dir`).
+        split_name (`str`): `"val"` or `"train"`.
+        fold (`int`, *optional*, defaults to 0): fold of the builder config.
+        split_kind (`str`, *optional*): COCO-20i fold table.
+        data_dir (`str`, *optional*): the dataset folder (PASCAL / COCO).
+        cache_dir (`str`, *optional*): `datasets` cache of the builders.
+        num_images (`int`, *optional*): synthetic: images of the list (200 val / 1000 train by default).
+        image_size (`int`, *optional*): synthetic: side of the rendered images (96 by default).
+        seed (`int`, *optional*, defaults to 0): synthetic: dataset seed.
+    """
+    if split_name not in ("val", "train"):
+        raise ValueError(f"split_name={split_name!r} is not a list; use 'val' or 'train'.")
+    if dataset == "synthetic":
+        from .data.synthetic import DEFAULT_IMAGE_SIZE, SyntheticSegmentation
+
+        count = num_images if num_images is not None else (200 if split_name == "val" else 1000)
+        return SyntheticSegmentation(split_name, count, image_size or DEFAULT_IMAGE_SIZE, seed)
+    if data_dir is None:
+        raise ValueError(f"dataset={dataset!r} is read from disk: pass data_dir (the dataset folder).")
+    import datasets
+
+    name = datasets.Split.VALIDATION if split_name == "val" else datasets.Split.TRAIN
+    if dataset in ("pascal5i", "pascal10i"):
+        from .data.pascal import Pascal5i, pascal_pixel_counts
+
+        builder = Pascal5i(cache_dir=cache_dir, data_dir=data_dir, dataset=dataset, fold=fold, view=split_name)
+        counts = pascal_pixel_counts(data_dir, split_name)
+    elif dataset == "coco20i":
+        from .data.coco import Coco20i, coco_pixel_counts
+
+        list_file = "standard" if split_name == "val" else None
+        kind = split_kind or "interleaved"
+        builder = Coco20i(
+            cache_dir=cache_dir, data_dir=data_dir, fold=fold, view=split_name, split_kind=kind,
+            **({"val_list": list_file} if split_name == "val" else {}),
+        )  # fmt: skip
+        counts = coco_pixel_counts(data_dir, split_name, list_file=list_file)
+    else:
+        raise ValueError(
+            f"dataset={dataset!r} has no image source here; use 'synthetic', 'pascal5i', 'pascal10i' or 'coco20i', "
+            "or wrap your own datasets.Dataset in DatasetImageSource."
+        )
+    builder.download_and_prepare()
+    return DatasetImageSource(builder.as_dataset(split=name), pixel_counts=counts)
+
+
+_TABLE_COLUMNS = {
+    "paper": [
+        ("2-way novel", "fss_novel_miou"),
+        ("(B+2)-way novel", "gfss_novel_miou"),
+        ("base", "gfss_base_miou"),
+        ("mean", "gfss_mean_miou"),
+        ("harmonic", "gfss_harmonic_miou"),
+        ("FB-IoU (2-way)", "fss_fb_iou"),
+    ],
+    "diam": [("base (no bg)", "base_miou"), ("novel", "novel_miou"), ("mean", "mean_miou"),
+             ("harmonic", "harmonic_miou")],  # fmt: skip
+    "capl": [("base (with bg)", "base_miou"), ("novel", "novel_miou"), ("mean", "mean_miou"),
+             ("harmonic", "harmonic_miou"), ("total", "total_miou")],  # fmt: skip
+}
+
+
+def results_markdown(result: EvaluationResult, title: str | None = None) -> str:
+    """A Markdown table of the headline numbers (mIoU in %, `mean ± std` over runs for `diam` / `capl`)."""
+    columns = _TABLE_COLUMNS[result.protocol]
+    cells = []
+    for _, key in columns:
+        value = 100 * result.metrics[key]
+        std = result.metrics.get(f"{key}_std")
+        cells.append(f"{value:.2f}" if std is None else f"{value:.2f} ± {100 * std:.2f}")
+    lines = [f"### {title}", ""] if title else []
+    lines += [
+        "| " + " | ".join(name for name, _ in columns) + " |",
+        "|" + "|".join("---:" for _ in columns) + "|",
+        "| " + " | ".join(cells) + " |",
+        "",
+        f"{result.num_episodes} episodes ({result.protocol} protocol), episode list sha256 "
+        f"`{result.episodes_hash[:16]}`, {result.timing['episodes_per_second']:.2f} episodes/s on "
+        f"{result.timing['num_processes']} process(es).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    import tempfile
+
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_results(output_dir: str | os.PathLike, result: EvaluationResult, config: Mapping[str, Any]) -> dict:
+    """
+    Write `results.json` (every number, the accumulators, `config`, the package version, the episode list hash) and
+    `results.md` (the table) into `output_dir`, each atomically (temporary file + `os.replace`).
+
+    Returns:
+        `dict`: the JSON payload.
+    """
+    from . import __version__
+
+    payload = {"gfss_hf_version": __version__, "config": dict(config), **result.to_dict()}
+
+    def clean(value):
+        # JSON has no NaN: a metric of a class group that never occurred is written as null.
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    payload = clean(payload)
+    _atomic_write_text(os.path.join(output_dir, "results.json"), json.dumps(payload, indent=2, sort_keys=False))
+    title = f"{config.get('dataset', '')} fold {config.get('fold', '')}, {config.get('shots', '')}-shot".strip()
+    _atomic_write_text(os.path.join(output_dir, "results.md"), results_markdown(result, title))
+    return payload

@@ -1,0 +1,177 @@
+"""Episodic evaluation of a pre-trained GFSS model under the `paper`, `diam` or `capl` protocol.
+
+Single process:
+
+    python scripts/evaluate.py MODEL_DIR --protocol paper --shots 1 --num_episodes 1000 --output_dir out/
+
+Several processes (on CPU as well: two real gloo processes):
+
+    accelerate launch --multi_gpu --num_processes 2 scripts/evaluate.py MODEL_DIR --protocol diam --runs 5
+
+Writes `results.json` (every number, the configuration, the package version, the episode list hash) and
+`results.md`. `--save_episodes FILE` stores the sampled episodes; `--episodes FILE` replays exactly those.
+Method hyper-parameters can also come from a YAML file (`--config`, keys = option names); flags override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import yaml
+from accelerate import Accelerator
+
+from gfss_hf import GFSSImageProcessor, GFSSModel
+from gfss_hf.adaptation import AdaptationConfig
+from gfss_hf.data.episodes import load_episodes, save_episodes
+from gfss_hf.data.splits import get_split
+from gfss_hf.evaluation import (
+    EVALUATION_PROTOCOLS,
+    EvaluationOptions,
+    build_episodes,
+    evaluate_episodes,
+    load_image_source,
+    results_markdown,
+    save_results,
+)
+
+METHOD_OPTIONS = ("steps", "lr", "gamma", "kd_scale", "kd_skip_novel", "kd_average_over_padding", "novel_init",
+                  "ce_weighting", "loss_resolution", "transductive", "legacy_carry_over")  # fmt: skip
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="a save_pretrained folder or a Hub id (model + image processor)")
+    parser.add_argument("--config", help="YAML file of option defaults (keys: the option names below)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default="synthetic", choices=["synthetic", "pascal5i", "pascal10i", "coco20i"])
+    data.add_argument("--data_dir", help="dataset folder (PASCAL / COCO)")
+    data.add_argument("--cache_dir", help="datasets cache of the builders")
+    data.add_argument("--fold", type=int, default=None, help="default: the model config's fold, else 0")
+    data.add_argument("--split_kind", default=None, help="COCO-20i fold table: interleaved or consecutive")
+    data.add_argument("--num_val_images", type=int, default=200, help="synthetic val list size")
+    data.add_argument("--num_train_images", type=int, default=1000, help="synthetic train list size (capl)")
+    data.add_argument("--synthetic_image_size", type=int, default=96)
+    data.add_argument("--synthetic_seed", type=int, default=0)
+    proto = parser.add_argument_group("protocol")
+    proto.add_argument("--protocol", default="paper", choices=list(EVALUATION_PROTOCOLS))
+    proto.add_argument("--shots", type=int, default=1)
+    proto.add_argument("--num_episodes", type=int, default=20000, help="paper protocol")
+    proto.add_argument("--runs", type=int, default=5, help="diam / capl: support sets")
+    proto.add_argument("--seed", type=int, default=42)
+    proto.add_argument("--min_pixels", type=int, default=None, help="area threshold (default per protocol)")
+    proto.add_argument("--episodes", help="replay the episodes of this file (from --save_episodes)")
+    proto.add_argument("--save_episodes", help="write the episodes to this file")
+    method = parser.add_argument_group("method (few-shot adaptation)")
+    method.add_argument("--steps", type=int, default=100)
+    method.add_argument("--lr", type=float, default=0.1)
+    method.add_argument("--gamma", type=float, default=10.0)
+    method.add_argument("--kd_scale", default="reference", choices=["reference", "paper"])
+    method.add_argument("--kd_skip_novel", action="store_true")
+    method.add_argument("--kd_average_over_padding", action="store_true")
+    method.add_argument("--novel_init", default="random", choices=["random", "prototype"])
+    method.add_argument("--ce_weighting", default="none", choices=["none", "reference"])
+    method.add_argument("--loss_resolution", default="input", choices=["input", "feature"])
+    method.add_argument("--transductive", action="store_true")
+    method.add_argument("--legacy_carry_over", action="store_true")
+    infra = parser.add_argument_group("infrastructure")
+    infra.add_argument("--output_dir", default="evaluation_results")
+    infra.add_argument("--episode_batch_size", type=int, default=None,
+                       help="default: 8, or 1 on CPU with --loss_resolution input (faster there)")
+    infra.add_argument("--feature_batch_size", type=int, default=1)
+    infra.add_argument("--no_cache", action="store_true", help="recompute features for every episode")
+    infra.add_argument("--feature_dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    infra.add_argument("--cache_max_gb", type=float, default=None)
+    infra.add_argument("--no_progress", action="store_true")
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    if args.config:
+        with open(args.config, encoding="utf-8") as handle:
+            defaults = yaml.safe_load(handle) or {}
+        unknown = sorted(set(defaults) - set(vars(args)))
+        if unknown:
+            parser.error(f"{args.config}: unknown option(s) {unknown}")
+        parser.set_defaults(**defaults)
+        args = parser.parse_args(argv)
+    return args
+
+
+def evaluation_function(args: argparse.Namespace, accelerator: Accelerator) -> dict:
+    model = GFSSModel.from_pretrained(args.model)
+    try:
+        processor = GFSSImageProcessor.from_pretrained(args.model)
+    except OSError:
+        processor = GFSSImageProcessor.from_config(model.config)
+    fold = args.fold if args.fold is not None else (model.config.fold or 0)
+    split = get_split(args.dataset, fold, args.split_kind)
+    common = dict(fold=fold, split_kind=args.split_kind, data_dir=args.data_dir, cache_dir=args.cache_dir,
+                  image_size=args.synthetic_image_size, seed=args.synthetic_seed)  # fmt: skip
+    val = load_image_source(args.dataset, "val", num_images=args.num_val_images, **common)
+    train = None
+    if args.protocol == "capl":
+        train = load_image_source(args.dataset, "train", num_images=args.num_train_images, **common)
+
+    if args.episodes:
+        episodes = load_episodes(args.episodes)
+        if {e.protocol for e in episodes} != {args.protocol}:
+            raise ValueError(f"{args.episodes} holds {sorted({e.protocol for e in episodes})} episodes, not "
+                             f"{args.protocol!r}; pass the matching --protocol.")  # fmt: skip
+    else:
+        episodes = build_episodes(
+            args.protocol, split, val, shots=args.shots, num_episodes=args.num_episodes, seed=args.seed,
+            runs=args.runs, train_source=train, min_pixels=args.min_pixels,
+        )  # fmt: skip
+    if args.save_episodes and accelerator.is_main_process:
+        save_episodes(args.save_episodes, episodes)
+
+    method = {name: getattr(args, name) for name in METHOD_OPTIONS}
+    method["ce_weighting"] = None if method["ce_weighting"] == "none" else method["ce_weighting"]
+    options = EvaluationOptions(
+        adaptation=AdaptationConfig(**method),
+        episode_batch_size=args.episode_batch_size,
+        feature_batch_size=args.feature_batch_size,
+        cache_features=not args.no_cache,
+        feature_dtype=args.feature_dtype,
+        cache_max_bytes=None if args.cache_max_gb is None else int(args.cache_max_gb * 2**30),
+        progress=not args.no_progress,
+    )
+    result = evaluate_episodes(
+        model, episodes, split=split, val_source=val, train_source=train, processor=processor, options=options,
+        accelerator=accelerator,
+    )  # fmt: skip
+    config = {
+        "model": args.model,
+        "dataset": args.dataset,
+        "fold": fold,
+        "split_kind": split.split_kind,
+        "protocol": args.protocol,
+        "shots": episodes[0].shots,
+        "seed": args.seed,
+        "episodes_file": args.episodes,
+        "options": options.to_dict(),
+        "model_config": {"backbone": model.config.backbone, "image_size": model.config.image_size},
+    }
+    if args.dataset == "synthetic":
+        config["synthetic"] = {"num_val_images": args.num_val_images, "num_train_images": args.num_train_images,
+                               "image_size": args.synthetic_image_size, "seed": args.synthetic_seed}  # fmt: skip
+    payload = {}
+    if accelerator.is_main_process:
+        payload = save_results(args.output_dir, result, config)
+        accelerator.print(results_markdown(result))
+    accelerator.wait_for_everyone()
+    return payload
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    # On CPU, `accelerate launch --multi_gpu` + cpu=True forms a real gloo group (plain --cpu runs one process).
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    try:
+        return evaluation_function(args, accelerator)
+    finally:
+        accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+import math
+
+import pytest
+import torch
+
+from gfss_hf import GFSSImageProcessor, GFSSModel
+from gfss_hf.adaptation import AdaptationConfig
+from gfss_hf.data.splits import get_split
+from gfss_hf.data.synthetic import SyntheticSegmentation
+from gfss_hf.evaluation import (
+    EvaluationOptions,
+    FeatureCache,
+    build_episodes,
+    episodes_hash,
+    evaluate_episodes,
+    metric_keys,
+)
+
+NUM_IMAGES = 60
+# diam / capl: a support needs a novel object of this area and no other novel class; 60 images hold enough at 100 px.
+RUN_MIN_PIXELS = 100
+
+
+@pytest.fixture(scope="module")
+def setup(pretrained_tiny_dir):
+    model = GFSSModel.from_pretrained(pretrained_tiny_dir).eval()
+    processor = GFSSImageProcessor.from_pretrained(pretrained_tiny_dir)
+    size = model.config.image_size
+    split = get_split("synthetic", 0)
+    val = SyntheticSegmentation("val", num_images=NUM_IMAGES, image_size=size)
+    train = SyntheticSegmentation("train", num_images=NUM_IMAGES, image_size=size)
+    return model, processor, split, val, train
+
+
+def episodes_for(protocol, split, val, train, seed=42):
+    min_pixels = None if protocol == "paper" else RUN_MIN_PIXELS
+    return build_episodes(
+        protocol, split, val, shots=1, num_episodes=10, seed=seed, runs=2, train_source=train, min_pixels=min_pixels
+    )
+
+
+def run(setup, episodes, **option_changes):
+    model, processor, split, val, train = setup
+    adaptation = option_changes.pop("adaptation", AdaptationConfig(steps=8))
+    option_changes.setdefault("episode_batch_size", 4)
+    options = EvaluationOptions(adaptation=adaptation, progress=False, **option_changes)
+    return evaluate_episodes(
+        model, episodes, split=split, val_source=val, train_source=train, processor=processor, options=options
+    )
+
+
+def states(result):
+    return {name: acc.state_dict() for name, acc in result.accumulators.items()}
+
+
+@pytest.mark.parametrize("protocol", ["paper", "diam", "capl"])
+def test_protocol_keys_determinism_and_cache(setup, protocol):
+    _, _, split, val, train = setup
+    episodes = episodes_for(protocol, split, val, train)
+    assert {e.protocol for e in episodes} == {protocol}
+    first = run(setup, episodes)
+    assert set(first.metrics) == set(metric_keys(protocol))
+    for key, value in first.metrics.items():
+        assert math.isnan(value) or 0.0 <= value <= 1.0, (key, value)
+    assert first.num_episodes == len(episodes)
+    assert first.episodes_hash == episodes_hash(episodes)
+
+    # Something was actually scored: every query pixel that is not ignored lands in a confusion matrix.
+    total_pixels = sum(int(acc.confusion.sum()) for acc in first.accumulators.values())
+    assert total_pixels > 0
+
+    # Same seed, same episodes -> bit-identical sums; without the cache -> identical too.
+    again = run(setup, episodes_for(protocol, split, val, train))
+    assert states(again) == states(first)
+    uncached = run(setup, episodes, cache_features=False)
+    assert states(uncached) == states(first)
+    assert uncached.cache["stored"] == 0
+    assert uncached.cache["hits"] == 0
+    distinct = {e.query_id for e in episodes}
+    assert first.cache["computed"] >= len(distinct)
+    assert first.cache["computed"] < uncached.cache["computed"]  # each image computed once
+
+    if protocol == "paper":
+        assert first.runs == []
+        assert set(first.accumulators) == {"fss", "gfss_novel", "gfss_base"}
+    else:
+        assert [r["run"] for r in first.runs] == [0, 1]
+        for key in ("base_miou", "novel_miou"):
+            values = [r[key] for r in first.runs]
+            assert first.metrics[key] == pytest.approx(sum(values) / 2)
+        # Runs draw different support sets.
+        supports = {e.run: tuple(e.all_support_ids()) for e in episodes}
+        assert supports[0] != supports[1]
+
+
+def test_capl_scores_original_resolution_and_conventions_differ(setup):
+    model, processor, split, _, train = setup
+    # Val images rendered larger than the model's canvas: capl scores them at their own (original) size.
+    original = model.config.image_size + 32
+    val = SyntheticSegmentation("val", num_images=NUM_IMAGES, image_size=original)
+    episodes = [e for e in episodes_for("capl", split, val, train) if e.run == 0]
+    options = EvaluationOptions(adaptation=AdaptationConfig(steps=4), progress=False)
+    capl = evaluate_episodes(
+        model, episodes, split=split, val_source=val, train_source=train, processor=processor, options=options
+    )
+    acc = capl.accumulators["run0"]
+    labelled = sum(int((val.get_by_id(e.query_id)["label"] != 255).sum()) for e in episodes)
+    assert labelled == len(episodes) * original**2  # the procedural labels have no ignore pixel
+    assert int(acc.confusion.sum()) == labelled
+    # capl counts background in base; diam does not: the same accumulator gives different base scores.
+    base_rows, novel_rows = list(range(1, 16)), list(range(16, 21))
+    diam_view = acc.summary(base_rows, novel_rows, convention="diam")
+    capl_view = acc.summary(base_rows, novel_rows, convention="capl")
+    assert capl_view["base"] != diam_view["base"]
+    assert capl.runs[0]["base_miou"] == pytest.approx(capl_view["base"])
+    assert capl.metrics["total_miou"] == pytest.approx(capl_view["total"])
+
+
+def test_memory_bound_and_half_precision_cache(setup):
+    _, _, split, val, train = setup
+    episodes = episodes_for("paper", split, val, train)
+    full = run(setup, episodes)
+    one_image = full.cache["bytes"] // full.cache["stored"]
+    bounded = run(setup, episodes, cache_max_bytes=3 * one_image)
+    assert bounded.cache["stored"] == 3 and bounded.cache["full"] > 0
+    assert states(bounded) == states(full)  # recomputation falls back to the same numbers
+
+    half = run(setup, episodes, feature_dtype="float16")
+    assert half.cache["bytes"] == full.cache["bytes"] // 2
+    assert states(run(setup, episodes, feature_dtype="float16", cache_features=False)) == states(half)
+
+
+def test_default_episode_batch_depends_on_loss_resolution(setup):
+    _, _, split, val, train = setup
+    episodes = episodes_for("paper", split, val, train)[:2]
+    for resolution, expected in (("input", 1), ("feature", 8)):
+        adaptation = AdaptationConfig(steps=2, loss_resolution=resolution)
+        result = run(setup, episodes, adaptation=adaptation, episode_batch_size=None)
+        assert result.timing["episode_batch_size"] == expected  # on CPU
+
+
+def test_feature_cache_computes_each_image_once(setup):
+    model, processor, _, val, _ = setup
+    cache = FeatureCache(model, processor, {"val": val})
+    ids = [val.ids[0], val.ids[1], val.ids[0]]
+    feats = cache.features("val", ids)
+    assert feats.shape[0] == 3 and feats.dtype == torch.float32
+    assert torch.equal(feats[0], feats[2])
+    assert cache.stats["computed"] == 2
+    again = cache.features("val", ids[:2])
+    assert torch.equal(again, feats[:2]) and cache.stats["computed"] == 2
+    with torch.no_grad():
+        pixels = processor(val.get_by_id(ids[1])["image"], return_tensors="pt")["pixel_values"]
+        direct = model.extract_features(pixels)[0]
+    assert torch.equal(direct, feats[1])
+    labels = cache.labels("val", ids[:1])
+    assert labels.shape == (1, model.config.image_size, model.config.image_size)
+    with pytest.raises(KeyError, match="no image source"):
+        cache.features("train", ids)
+
+
+def test_transductive_and_legacy_options_run(setup):
+    _, _, split, val, train = setup
+    episodes = episodes_for("paper", split, val, train)[:4]
+    base = run(setup, episodes)
+    legacy = run(setup, episodes, adaptation=AdaptationConfig(steps=8, legacy_carry_over=True))
+    # Carry-over only touches the GFSS head; the FSS head is the same.
+    assert legacy.accumulators["fss"].state_dict() == base.accumulators["fss"].state_dict()
+    assert set(legacy.metrics) == set(base.metrics)
+    diam = [e for e in episodes_for("diam", split, val, train) if e.run == 0][:6]
+    transductive = run(setup, diam, adaptation=AdaptationConfig(steps=4, transductive=True))
+    assert int(transductive.accumulators["run0"].num_updates) == len(diam)
+
+
+def test_errors(setup):
+    model, processor, split, val, train = setup
+    episodes = episodes_for("paper", split, val, train)
+
+    class TwoProcesses:
+        process_index, num_processes, device = 0, 2, torch.device("cpu")
+
+    with pytest.raises(ValueError, match="one process"):
+        evaluate_episodes(
+            model, episodes, split=split, val_source=val, accelerator=TwoProcesses(),
+            options=EvaluationOptions(adaptation=AdaptationConfig(legacy_carry_over=True), progress=False),
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="base classes"):
+        evaluate_episodes(model, episodes, split=get_split("synthetic", 1), val_source=val)
+    with pytest.raises(ValueError, match="mix protocols"):
+        evaluate_episodes(model, episodes + episodes_for("diam", split, val, train), split=split, val_source=val)
+    with pytest.raises(ValueError, match="train_source"):
+        build_episodes("capl", split, val, runs=1)
+    changed = [e for e in episodes]
+    changed[0] = type(changed[0]).from_dict({**changed[0].to_dict(), "query_id": val.ids[-1]})
+    assert episodes_hash(changed) != episodes_hash(episodes)
