@@ -133,6 +133,15 @@ def test_script_converts_a_diam_file_end_to_end(tmp_path):
     with torch.no_grad():
         assert model(x).logits.shape == (1, 62, 65, 65)
 
+    # The converted folder works in the few-shot pipeline (at the source's 417 canvas, GFSS over 61 + 1 classes).
+    from transformers import pipeline
+
+    pipe = pipeline("few-shot-segmentation", model=str(out), device="cpu")
+    result = pipe(image, support_images=[image], support_masks=[mask.numpy()], class_names=["my-object"], steps=5,
+                  return_label_map=True)  # fmt: skip
+    assert result["label_map"].shape == (65, 65) and result["id2label"][61] == "my-object"
+    assert pipe.model.config.num_labels == 61  # the pipeline does not change the loaded model
+
     card = ModelCard.load(out / "README.md")
     assert card.data.license == "mit"
     assert "sinahmr/DIaM" in card.text and "a61e1ed5" in card.text
