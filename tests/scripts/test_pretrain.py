@@ -122,9 +122,16 @@ def test_sigkill_then_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_p
     assert 2 <= stopped_at < 20
 
     script = load_script()
-    assert script.main(["--output_dir", str(killed), "--resume_from_checkpoint", "latest", *flags]) == 0
-    reference = tmp_path / "reference"
-    assert script.main(["--output_dir", str(reference), *flags]) == 0
+    # The killed run used the subprocess's thread count; float reductions depend on it, so the in-process runs use
+    # the same one (with OMP_NUM_THREADS unset, pytest would run them on every core).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(_env()["OMP_NUM_THREADS"]))
+    try:
+        assert script.main(["--output_dir", str(killed), "--resume_from_checkpoint", "latest", *flags]) == 0
+        reference = tmp_path / "reference"
+        assert script.main(["--output_dir", str(reference), *flags]) == 0
+    finally:
+        torch.set_num_threads(threads)
     a, b = load_file(killed / "model.safetensors"), load_file(reference / "model.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
