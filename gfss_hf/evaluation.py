@@ -33,6 +33,7 @@ import torch
 from transformers.utils import logging
 
 from .adaptation import AdaptationConfig, CarryOverState, adapt_fss, adapt_gfss, predict
+from .data._builder import atomic_write_text
 from .data.episodes import (
     EpisodeSpec,
     class_index_from_pixel_counts,
@@ -945,23 +946,6 @@ def results_markdown(result: EvaluationResult, title: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    import tempfile
-
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_results(output_dir: str | os.PathLike, result: EvaluationResult, config: Mapping[str, Any]) -> dict:
     """
     Write `results.json` (every number, the accumulators, `config`, the package version, the episode list hash) and
@@ -985,7 +969,7 @@ def save_results(output_dir: str | os.PathLike, result: EvaluationResult, config
         return value
 
     payload = clean(payload)
-    _atomic_write_text(os.path.join(output_dir, "results.json"), json.dumps(payload, indent=2, sort_keys=False))
+    atomic_write_text(os.path.join(output_dir, "results.json"), json.dumps(payload, indent=2, sort_keys=False))
     title = f"{config.get('dataset', '')} fold {config.get('fold', '')}, {config.get('shots', '')}-shot".strip()
-    _atomic_write_text(os.path.join(output_dir, "results.md"), results_markdown(result, title))
+    atomic_write_text(os.path.join(output_dir, "results.md"), results_markdown(result, title))
     return payload

@@ -25,6 +25,19 @@ __all__ = [
 ]
 
 
+def _check_logits_labels(logits: torch.Tensor, labels: torch.Tensor, fix: str) -> None:
+    """(B, C, H, W) logits against (B, H, W) labels of the same batch and size; `fix` says what to do otherwise."""
+    if logits.dim() != 4 or labels.dim() != 3 or logits.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"logits must be (B, C, H, W) and labels (B, H, W) with the same B; got {tuple(logits.shape)} and "
+            f"{tuple(labels.shape)}."
+        )
+    if logits.shape[-2:] != labels.shape[-2:]:
+        raise ValueError(
+            f"logits {tuple(logits.shape[-2:])} and labels {tuple(labels.shape[-2:])} differ in size; {fix}."
+        )
+
+
 def label_smoothed_cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, epsilon: float = 0.1, ignore_index: int = 255
 ) -> torch.Tensor:
@@ -56,16 +69,7 @@ def label_smoothed_cross_entropy(
     >>> loss = label_smoothed_cross_entropy(logits, labels, epsilon=0.1)
     ```
     """
-    if logits.dim() != 4 or labels.dim() != 3 or logits.shape[0] != labels.shape[0]:
-        raise ValueError(
-            f"logits must be (B, C, H, W) and labels (B, H, W) with the same B; got {tuple(logits.shape)} and "
-            f"{tuple(labels.shape)}."
-        )
-    if logits.shape[-2:] != labels.shape[-2:]:
-        raise ValueError(
-            f"logits {tuple(logits.shape[-2:])} and labels {tuple(labels.shape[-2:])} differ in size; upsample the "
-            "logits to the label size first."
-        )
+    _check_logits_labels(logits, labels, "upsample the logits to the label size first")
     if not 0.0 <= epsilon < 1.0:
         raise ValueError(f"epsilon={epsilon} must be in [0, 1).")
     num_classes = logits.shape[1]
@@ -533,16 +537,7 @@ def few_shot_cross_entropy(
     ```
     """
     _check_reduction(reduction)
-    if logits.dim() != 4 or labels.dim() != 3 or logits.shape[0] != labels.shape[0]:
-        raise ValueError(
-            f"logits must be (B, C, H, W) and labels (B, H, W) with the same B; got {tuple(logits.shape)} and "
-            f"{tuple(labels.shape)}."
-        )
-    if logits.shape[-2:] != labels.shape[-2:]:
-        raise ValueError(
-            f"logits {tuple(logits.shape[-2:])} and labels {tuple(labels.shape[-2:])} differ in size; upsample the "
-            "logits (or downsample the labels) first."
-        )
+    _check_logits_labels(logits, labels, "upsample the logits (or downsample the labels) first")
     batch, num_classes = logits.shape[:2]
     labels = labels.long()
     valid = labels != ignore_index

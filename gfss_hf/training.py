@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers.utils import logging
 
 from .configuration_gfss import GFSSConfig
+from .data._builder import atomic_write_text
 from .image_processing_gfss import GFSSImageProcessor
 from .losses import contrastive_loss_from_samples, count_contrastive_pairs, sample_contrastive_pixels
 from .modeling_gfss import GFSSModel
@@ -756,7 +757,7 @@ def pretrain(
     use_contrastive = config.contrastive_weight > 0
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(output_dir / "training_config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        atomic_write_text(output_dir / "training_config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     if tracker is not None:
         accelerator.init_trackers("gfss_pretrain", config={k: v for k, v in config.to_dict().items()
                                                            if isinstance(v, (int, float, str, bool))})
@@ -764,7 +765,7 @@ def pretrain(
     if checkpoint is not None and accelerator.is_main_process and log_path.is_file():
         # A killed run may have logged steps past its last checkpoint; the resumed run logs them again.
         kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= global_step]
-        _atomic_write_text(log_path, "".join(line + "\n" for line in kept))
+        atomic_write_text(log_path, "".join(line + "\n" for line in kept))
     progress = tqdm(total=total_steps, initial=global_step, disable=not accelerator.is_local_main_process,
                     desc="pre-training")
     device_type = accelerator.device.type
@@ -893,16 +894,10 @@ def _contrastive_term(model: GFSSModel, outputs, labels: torch.Tensor, config: T
     )
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _save_final(model: GFSSModel, output_dir: Path, summary: dict, config: TrainingConfig) -> None:
     model.save_pretrained(str(output_dir))
     GFSSImageProcessor.from_config(model.config).save_pretrained(str(output_dir))
     results = {"global_step": summary["global_step"], "final_eval": summary["final_eval"], "eval": summary["eval"],
                "dataset": config.dataset, "fold": config.fold, "world_size": summary["world_size"],
                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    _atomic_write_text(output_dir / "eval_results.json", json.dumps(results, indent=2))
+    atomic_write_text(output_dir / "eval_results.json", json.dumps(results, indent=2))

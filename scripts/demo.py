@@ -31,6 +31,7 @@ import gfss_hf
 from gfss_hf import GFSSImageProcessor, GFSSModel
 from gfss_hf.adaptation import AdaptationConfig, adapt_fss, adapt_gfss, predict
 from gfss_hf.cards import render_model_card, save_model_card
+from gfss_hf.data._builder import atomic_write_text
 from gfss_hf.data.splits import get_split
 from gfss_hf.data.synthetic import SyntheticSegmentation
 from gfss_hf.evaluation import EvaluationOptions, build_episodes, evaluate_episodes
@@ -206,12 +207,6 @@ def qualitative_figure(model_dir: Path, split, val, path: Path, seed: int, steps
     os.replace(tmp, path)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.quick:
@@ -244,11 +239,11 @@ def main(argv=None) -> int:
         "machine": machine,
         "results": results,
     }
-    _atomic_write(out / "results.json", json.dumps(payload, indent=2, default=float))
+    atomic_write_text(out / "results.json", json.dumps(payload, indent=2, default=float))
     header = (f"Procedural dataset, fold {args.fold}, `paper` protocol, {args.episodes} episodes per cell, "
               f"{args.adaptation_steps} fine-tuning steps ({args.loss_resolution}-resolution loss), mIoU in %; "
               f"{stamp}, {machine}; {time.time() - start:.0f} s.\n\n")
-    _atomic_write(out / "results.md", header + table + "\n")
+    atomic_write_text(out / "results.md", header + table + "\n")
     # Model cards: the main method (gamma = 10) of each model, 1-shot and 5-shot.
     for folder, _label, _ in MODELS:
         entries = []

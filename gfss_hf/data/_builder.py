@@ -128,6 +128,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 `text` to `path` atomically (temporary file + `os.replace`)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """`json.dump` to `path` atomically (temporary file + `os.replace`)."""
     atomic_write_bytes(path, json.dumps(obj, sort_keys=True).encode("utf-8"))
