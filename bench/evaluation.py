@@ -12,8 +12,10 @@ checks it and reports episodes/s.
     OMP_NUM_THREADS=1 python bench/evaluation.py --num_images 2 --num_episodes 28      # reduced (~14:1)
     OMP_NUM_THREADS=1 python bench/evaluation.py --num_images 10 --num_episodes 140    # the full ratio
 
-Defaults: ResNet-50 (deep stem, output stride 8) + PSP head at 473 px with random weights (timing only), 1-shot,
-100 steps, both loss resolutions. Writes a JSON report with `--output`.
+Defaults: ResNet-50 (deep stem, output stride 8) + PSP head at 473 px with random weights (timing only) and BatchNorm
+statistics measured on the pool's images (`bench/_calibration.py`; `--raw_batchnorm` keeps the default ones, whose
+saturated logits no trained model has), 1-shot, 100 steps, both loss resolutions. Writes a JSON report with
+`--output`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import platform
 import time
 
 import torch
+from _calibration import recalibrate_batchnorm  # bench/, on the path when run as a script
 
 from gfss_hf import GFSSConfig, GFSSImageProcessor, GFSSModel
 from gfss_hf.adaptation import AdaptationConfig, adapt_fss, adapt_gfss, predict
@@ -47,6 +50,7 @@ def parse_args():
     parser.add_argument("--episode_batch_size", type=int, default=None, help="default: the evaluation's default")
     parser.add_argument("--loss_resolutions", nargs="+", default=["feature", "input"], choices=["feature", "input"])
     parser.add_argument("--scan_images", type=int, default=120, help="val images scanned to pick the pool")
+    parser.add_argument("--raw_batchnorm", action="store_true", help="keep the default BatchNorm statistics")
     parser.add_argument("--output", help="JSON report path")
     return parser.parse_args()
 
@@ -147,6 +151,9 @@ def main():
                                      dataset="synthetic", fold=0)  # fmt: skip
     distinct = {i for e in episodes for i in [e.query_id, *e.all_support_ids(), e.base_query_id] if i}
     print(f"{len(episodes)} episodes over {len(distinct)} distinct images, torch threads {torch.get_num_threads()}")
+    if not args.raw_batchnorm:
+        calibration = [processor(source.get_by_id(i)["image"], return_tensors="pt")["pixel_values"] for i in ids[:2]]
+        recalibrate_batchnorm(model, torch.cat(calibration))
 
     with torch.no_grad():  # one forward pass, for the projection
         pixels = processor(source.get_by_id(ids[0])["image"], return_tensors="pt")["pixel_values"]

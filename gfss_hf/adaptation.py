@@ -329,10 +329,12 @@ class _Objective:
     bilinear upsampling), so a step costs one upsampling of the logits, one exp and one adjoint upsampling, and
     nothing that does not change across steps is recomputed.
 
-    Shapes (channels-last): `N = E * K` supports; `a, b, g` `(N, S, 1)` with `S` pixels at the loss resolution; `R`
-    `(N, P, C)` with `P` pixels at the feature resolution; M1 = rows not annotated in the support (`not_annotated`
-    `(N, num_novel)` marks the novel ones; base rows always are), M2 = row 0 + the novel rows (the teacher's
-    background folded back, Eq. 7).
+    Shapes (class-major): `N = E * K` supports; at the loss resolution, logits and gradients are `(1, N, C, S)`
+    and `a, b, g` and the class sums `(1, N, 1, S)`, `S` the pixels (in `bands` layout when upsampling, see
+    `_RowBands`); `R` `(N, C, P)` with `P` pixels at the feature resolution;
+    `shift_coef` `(N, 1, P)` = `U^T (a - b - g)` when `bands` is used; M1 = rows not annotated in the support
+    (`not_annotated` `(N, num_novel, 1)` marks the novel ones; base rows always are), M2 = row 0 + the novel rows
+    (the teacher's background folded back, Eq. 7).
     """
 
     a: torch.Tensor
@@ -344,6 +346,107 @@ class _Objective:
     size: tuple
     upsample: bool
     align_corners: bool
+    bands: _RowBands | None = None
+    shift_coef: torch.Tensor | None = None
+
+
+# exp() of anything below this is a float32 denormal: slow on x86 (tens of cycles each) and, at most 17 x 1.6e-38,
+# invisible in the class sums, which are >= 1 (the per-pixel maximum is subtracted) unless they underflow, a case
+# `_fit` detects (sums < 1e-30) and redoes with the exact per-pixel maximum.
+_EXP_FLOOR = -87.0
+
+
+class _RowBands:
+    """Bilinear upsampling along the rows, `h -> H`, in a band layout where it is one broadcast `lerp` and its
+    adjoint a sum and a matrix-vector product, instead of a gather and a scatter over the big tensor.
+
+    Output row `y` is `(1 - l_y) * row[k_y] + l_y * row[k_y + 1]`; band `k` holds the output rows with `k_y = k`
+    (`k <= h - 1`: the input rows are extended by a copy of the last one, where ATen puts the rows past the last
+    input row), and the `j`-th rows of all bands are stored together: a map in band layout is
+    `(..., rows_per_band, h, W)`, padded to the longest band. `gather` puts an `(N, H, W)` map into it with 0 at the
+    padding (the padding rows of `up` repeat a real row; every per-pixel weight of the loss is 0 there, so they
+    add nothing). Source coordinates follow ATen's `upsample_bilinear2d` (float32, either `align_corners`), so
+    `up(F.interpolate(z, (h, W)))` equals `F.interpolate(z, (H, W))` up to float rounding.
+
+    The adjoint uses that the source coordinate is affine in `y`: within band `k`, `l = c_k + j * s` (`s` the row
+    scale), so `sum_j l g_j = c_k sum_j g_j + s sum_j j g_j`, a sum and a weighted sum over `j` for all bands and
+    maps at once; the rows clamped to the first input row (`align_corners=False`) are corrected one by one.
+    """
+
+    def __init__(self, h: int, out_h: int, align_corners: bool, dtype, device):
+        y = torch.arange(out_h, dtype=torch.float32)
+        if align_corners:
+            scale = torch.tensor((h - 1) / (out_h - 1) if out_h > 1 else 0.0, dtype=torch.float32)
+            unclamped = y * scale
+        else:
+            scale = torch.tensor(h / out_h, dtype=torch.float32)
+            unclamped = scale * (y + 0.5) - 0.5
+        src = unclamped.clamp_min(0)
+        key = src.long().clamp(max=h - 1)
+        lam = src - key.to(torch.float32)  # in band h - 1 both ends are the last row: any weight gives ATen's value
+        counts = torch.bincount(key, minlength=h)
+        per_band = int(counts.max())
+        self.num_bands, self.rows_per_band = h, per_band
+        first = torch.cumsum(counts, 0) - counts  # first output row of each band (keys are non-decreasing in y)
+        j = torch.arange(out_h) - first[key]
+        slot = j * h + key
+        lam_grid = torch.zeros(per_band * h, dtype=torch.float64)
+        lam_grid[slot] = lam.double()
+        index = torch.zeros(per_band * h, dtype=torch.long)
+        index[slot] = torch.arange(out_h)
+        valid = torch.zeros(per_band * h, dtype=torch.bool)
+        valid[slot] = True
+        # Affine weights l = c_k + j * s (c_k from the band's first row; empty bands get 0), and the rows where
+        # ATen's clamping at the top departs from them.
+        offset = torch.zeros(h, dtype=torch.float64)
+        used = counts > 0
+        offset[used] = unclamped.double()[first[used]] - torch.arange(h, dtype=torch.float64)[used]
+        delta = lam.double() - (offset[key] + j.double() * float(scale))
+        exceptional = delta.abs() > 1e-6
+        self.lam = lam_grid.view(per_band, h, 1).to(device=device, dtype=dtype)
+        self.row_numbers = torch.arange(per_band, device=device, dtype=dtype)
+        self.offset, self.step = offset.to(device=device, dtype=dtype)[:, None], float(scale)
+        self.fix_rows, self.fix_bands = j[exceptional].to(device), key[exceptional].to(device)
+        self.fix_delta = delta[exceptional].to(device=device, dtype=dtype)[:, None]
+        self.geometric = not bool(exceptional.any()) and bool((offset >= 0).all())  # `exp_up` applies
+        self.index, self.valid = index.to(device), valid.to(device)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, H, W) -> (N, rows_per_band, h, W), 0 at the padding rows."""
+        out = x.index_select(1, self.index) * self.valid.view(1, -1, 1).to(x.dtype)
+        return out.view(x.shape[0], self.rows_per_band, self.num_bands, x.shape[2])
+
+    def up(self, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """(M, h + 1, W) (the last row a copy of row h - 1) -> `out` (M, rows_per_band, h, W)."""
+        return torch.lerp(rows[:, None, :-1], rows[:, None, 1:], self.lam, out=out)
+
+    def exp_up(self, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """`exp(up(rows))` without an exp per output value: within a band, `l = c_k + j * s`, so
+        `exp((1 - l) A + l B) = exp(A + c_k D) * exp(s D) ** j` with `D = B - A`: two exps per band and column, then
+        one product per row. Only when `geometric` (no clamped rows) and every value of `rows` is at least
+        `_EXP_FLOOR`: each partial product is then itself one of the exps, in [exp(_EXP_FLOOR), 1], so nothing
+        overflows or underflows (at the padding rows, where the loss weights are 0, the progression runs on)."""
+        a = rows[:, :-1]
+        diff = rows[:, 1:] - a
+        ratio = (diff * self.step).exp_()
+        out[:, 0] = torch.addcmul(a, diff, self.offset).exp_()
+        for j in range(1, self.rows_per_band):
+            torch.mul(out[:, j - 1], ratio, out=out[:, j])
+        return out
+
+    def adjoint(self, grad: torch.Tensor) -> torch.Tensor:
+        """(M, rows_per_band, h, W) -> (M, h, W), the transpose of `up` with the copied row folded back (`grad` must
+        be 0 at the padding)."""
+        m, width = grad.shape[0], grad.shape[-1]
+        total = grad.sum(dim=1)  # (M, h, W)
+        weighted = self.row_numbers @ grad.reshape(m, self.rows_per_band, -1)  # sum_j j g_j, (M, h * W)
+        upper = weighted.view(m, self.num_bands, width).mul_(self.step).addcmul_(total, self.offset)  # sum_j l g_j
+        if len(self.fix_rows):
+            upper.index_add_(1, self.fix_bands, grad[:, self.fix_rows, self.fix_bands] * self.fix_delta)
+        out = total.sub_(upper)  # sum_j (1 - l) g_j
+        out[:, 1:] += upper[:, :-1]
+        out[:, -1] += upper[:, -1]
+        return out
 
 
 def _build_objective(
@@ -371,43 +474,120 @@ def _build_objective(
         a = a + beta
         g = beta * teacher_probs[:, 0]
         r[:, 1:num_teacher] += beta[:, None] * teacher_probs[:, 1:]
-    not_annotated = (~annotated_rows[:, num_teacher:]).to(dtype)  # (N, num_novel)
+    not_annotated = (~annotated_rows[:, num_teacher:]).to(dtype)[:, :, None]  # (N, num_novel, 1)
     upsample = (height, width) != tuple(feature_size)
     if upsample:
-        big_r = torch.ops.aten.upsample_bilinear2d_backward(
-            r, [height, width], [n, num_classes, *feature_size], align_corners
-        )
+        r = torch.ops.aten.upsample_bilinear2d_backward(r, [height, width], [n, num_classes, *feature_size], align_corners)
+    bands = shift_coef = None
+    if upsample:
+        # The per-pixel shift of `_fit` is the upsampled feature-resolution maximum, so its term in the loss,
+        # sum_i (a - b - g)_i shift_i, is moved to the feature resolution once, like the linear part.
+        shift_coef = torch.ops.aten.upsample_bilinear2d_backward(
+            (a - b - g)[:, None], [height, width], [n, 1, *feature_size], align_corners
+        ).reshape(n, 1, -1)
+        bands = _RowBands(feature_size[0], height, align_corners, dtype, labels_rows.device)
+        flat = lambda x: bands.gather(x).reshape(1, n, 1, -1)  # noqa: E731
     else:
-        big_r = r
-    flat = lambda x: x.reshape(n, -1, 1)  # noqa: E731
-    big_r = big_r.permute(0, 2, 3, 1).reshape(n, -1, num_classes)
+        flat = lambda x: x.reshape(1, n, 1, -1)  # noqa: E731
     return _Objective(
-        flat(a), flat(b), flat(g), big_r, num_teacher, not_annotated, (height, width), upsample, align_corners
-    )
+        flat(a), flat(b), flat(g), r.reshape(n, num_classes, -1), num_teacher, not_annotated, (height, width),
+        upsample, align_corners, bands, shift_coef,
+    )  # fmt: skip
 
 
-def _upsample_last(x: torch.Tensor, n: int, h: int, w: int, objective) -> torch.Tensor:
-    """Bilinear upsampling of channels-last (N, h*w, C) to (N, H*W, C) (channels-last is ~3x faster on CPU)."""
-    channels = x.shape[-1]
-    up = F.interpolate(
-        x.view(n, h, w, channels).permute(0, 3, 1, 2),  # an NCHW view with channels-last strides
-        size=objective.size,
-        mode="bilinear",
-        align_corners=objective.align_corners,
-    )
-    return up.permute(0, 2, 3, 1).reshape(n, -1, channels)
+def _shifted_logits(z_low, low_max, h: int, w: int, objective: _Objective, out=None, exp: bool = False,
+                    clamp: bool = True):  # fmt: skip
+    """Logits (N, C, h*w) minus their per-pixel maximum `low_max` (N, 1, h*w), at the loss resolution, clamped
+    below at `_EXP_FLOOR` (unless `clamp=False`): (1, N, C, S); their exp with `exp=True`. Written into `out`
+    (reused across steps: a fresh tensor this size costs as much as the arithmetic, in page faults) when given."""
+    n, channels = z_low.shape[:2]
+    low = z_low - low_max
+    if not objective.upsample:
+        low = low[None].clamp_(min=_EXP_FLOOR) if clamp else low[None]
+        return low.exp_() if exp else low
+    low = low.view(n, channels, h, w)
+    bands, width = objective.bands, objective.size[1]
+    # Columns first, at (h, W): small; ATen's kernel is ~4x faster on channels-last memory.
+    low = low.contiguous(memory_format=torch.channels_last)
+    cols = F.interpolate(low, size=(h, width), mode="bilinear", align_corners=objective.align_corners)
+    rows = cols.new_empty(n * channels, h + 1, width)
+    rows.view(n, channels, h + 1, width)[:, :, :h] = cols
+    rows[:, h] = rows[:, h - 1]
+    if out is None:
+        out = rows.new_empty(1, n, channels, bands.rows_per_band * bands.num_bands * width)
+    banded = out.view(n * channels, bands.rows_per_band, h, width)
+    above_floor = float(rows.amin()) >= _EXP_FLOOR  # then so is every lerp of them: no clamping pass
+    if exp and above_floor and bands.geometric:
+        bands.exp_up(rows, banded)
+        return out
+    bands.up(rows, banded)
+    if clamp and not above_floor:
+        out.clamp_(min=_EXP_FLOOR)
+    return out.exp_() if exp else out
+
+
+def _adjoint(grad: torch.Tensor, h: int, w: int, objective: _Objective) -> torch.Tensor:
+    """The transpose of `_shifted_logits`' upsampling: (B, N, C, X) -> (N, C, h*w)."""
+    if not objective.upsample:
+        return grad[0]
+    n, channels = grad.shape[1:3]
+    bands, width = objective.bands, objective.size[1]
+    rows = bands.adjoint(grad.view(n * channels, bands.rows_per_band, bands.num_bands, width))
+    # The column adjoint reads channels-last memory, where ATen's kernel is ~4x faster.
+    rows = rows.view(n, channels, h, width).contiguous(memory_format=torch.channels_last)
+    low = torch.ops.aten.upsample_bilinear2d_backward(rows, [h, width], [n, channels, h, w], objective.align_corners)
+    return low.reshape(n, channels, h * w)
 
 
 def _class_sums(exp: torch.Tensor, num_teacher: int, not_annotated: torch.Tensor):
-    """Sums of `exp` (N, S, C) over all rows, over M1 (rows not annotated) and over M2 (row 0 + novel rows), plus the
-    row-0 and novel columns (copies, small). Rows below `num_teacher` are never annotated, so M1 = base rows + the
-    non-annotated novel rows: each sum is direct (no subtraction, no cancellation)."""
-    exp_bg = exp[..., :1].clone()
-    exp_novel = exp[..., num_teacher:].clone()
-    s_base = exp[..., :num_teacher].sum(dim=2, keepdim=True)
+    """Sums of `exp` (B, N, C, X) over all rows, over M1 (rows not annotated) and over M2 (row 0 + novel rows), each
+    (B, N, 1, X). Rows below `num_teacher` are never annotated, so M1 = base rows + the non-annotated novel rows:
+    each sum is direct (no subtraction, no cancellation)."""
+    exp_novel = exp[:, :, num_teacher:]
+    s_base = exp[:, :, :num_teacher].sum(dim=2, keepdim=True)
     s_novel = exp_novel.sum(dim=2, keepdim=True)
-    s_m1 = s_base + (exp_novel * not_annotated[:, None, :]).sum(dim=2, keepdim=True)
-    return s_base + s_novel, s_m1, exp_bg + s_novel, exp_bg, exp_novel
+    s_m1 = s_base + (exp_novel * not_annotated).sum(dim=2, keepdim=True)
+    return s_base + s_novel, s_m1, exp[:, :, :1] + s_novel
+
+
+def _vecdot(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Per-support sums of weights * values, both (1, N, 1, S) -> (N,)."""
+    n = weights.shape[1]
+    return torch.linalg.vecdot(weights.view(n, -1), values.view(n, -1))
+
+
+def _underflowing_pixels(objective: _Objective, s_all, s_m1, s_m2, has_kd: bool) -> torch.Tensor | None:
+    """(pixel indices, support indices) where a class sum with a non-zero weight fell below 1e-30 (where the exp
+    floor starts to matter), or None."""
+    if float(s_m1.amin()) >= 1e-30 and (not has_kd or float(s_m2.amin()) >= 1e-30):
+        return None  # s_all >= s_m1: every sum is fine (the common case: two reductions)
+    bad = ((s_all < 1e-30) & (objective.a > 0)) | ((s_m1 < 1e-30) & (objective.b > 0))
+    if has_kd:
+        bad |= (s_m2 < 1e-30) & (objective.g > 0)
+    support, pixel = bad.view(bad.shape[1], -1).nonzero(as_tuple=True)
+    return (pixel, support) if len(pixel) else None
+
+
+def _exact_pixels(z: torch.Tensor, pixel, support, objective: _Objective, has_kd: bool):
+    """Exact log-sum-exp terms (K,) and d loss / d z (K, C) at K pixels of the logits `z` (1, N, C, S) (unclamped),
+    each log-sum-exp over its class set with its own maximum."""
+    num_teacher = objective.num_teacher
+    logits = z[0, support, :, pixel]  # (K, C)
+    weight_at = lambda x: x[0, support, 0, pixel][:, None]  # noqa: E731
+    in_m1 = torch.ones_like(logits, dtype=torch.bool)
+    in_m1[:, num_teacher:] = objective.not_annotated[support, :, 0].bool()
+    in_m2 = torch.zeros_like(in_m1)
+    in_m2[:, 0] = True
+    in_m2[:, num_teacher:] = True
+    sets = [(None, objective.a, 1.0), (in_m1, objective.b, -1.0)] + ([(in_m2, objective.g, -1.0)] if has_kd else [])
+    terms, grad = 0.0, torch.zeros_like(logits)
+    for in_set, weight, sign in sets:
+        masked = logits if in_set is None else logits.masked_fill(~in_set, float("-inf"))
+        lse = torch.logsumexp(masked, dim=1, keepdim=True)
+        terms = terms + sign * weight_at(weight) * lse
+        probs = (masked - lse).clamp_(min=_EXP_FLOOR).exp_()  # no denormals; below the floor is below rounding
+        grad += (sign * weight_at(weight)) * (probs if in_set is None else probs * in_set)
+    return terms[:, 0], grad
 
 
 def _fit(features, weight, bias, objective: _Objective, steps: int, lr: float, extra=None):
@@ -415,69 +595,78 @@ def _fit(features, weight, bias, objective: _Objective, steps: int, lr: float, e
     optional additional per-episode loss differentiated by autograd. Returns detached parameters and the (E, steps)
     loss history (the loss before each step).
 
-    Logits are kept channels-last (pixels, classes): bilinear upsampling and its adjoint are ~3x faster on CPU in
-    that layout, and the per-pixel reductions over classes read contiguous memory."""
+    At the loss resolution, logits are `(B, N, C, X)`: the per-class slices of the sums and of the gradient are
+    contiguous runs of `X` values, the row upsampling is a broadcast `lerp` into a buffer reused across steps and
+    its adjoint one matrix product per band (see `_RowBands`)."""
     num_episodes, num_shots, dim = features.shape[:3]
     h, w = features.shape[-2:]
     n = num_episodes * num_shots
-    pixels_last = features.reshape(num_episodes, num_shots, dim, h * w).transpose(2, 3).contiguous()  # (E, K, P, D)
+    flat_features = features.reshape(num_episodes, num_shots, dim, h * w)  # (E, K, D, P)
     weight = weight.detach().clone()
     bias = bias.detach().clone() if bias is not None else None
-    num_classes = weight.shape[1]
-    height, width = objective.size
+    num_classes, num_teacher = weight.shape[1], objective.num_teacher
+    # (E, K*P, D), contiguous: the gradient of the weights is then one plain matrix product per episode.
+    pixels_last = flat_features.transpose(2, 3).reshape(num_episodes, num_shots * h * w, dim).contiguous()
+    shift_weight = None if objective.upsample else objective.a - objective.b - objective.g
+    has_kd = bool(objective.g.any())
+    buffer = None
     history = []
     for _ in range(steps):
-        z_low = torch.einsum("ekpd,ecd->ekpc", pixels_last, weight)
+        z_low = torch.matmul(weight[:, None], flat_features)  # (E, K, C, P)
         if bias is not None:
-            z_low = z_low + bias[:, None, None, :]
-        z_low = z_low.reshape(n, h * w, num_classes)
+            z_low = z_low + bias[:, None, :, None]
+        z_low = z_low.reshape(n, num_classes, h * w)
+        # Stable exp without a pass over the big tensor: subtract the per-pixel maximum over classes at the feature
+        # resolution BEFORE upsampling. Upsampling is linear and the same for every class, so the result is the
+        # upsampled logits minus the upsampled maximum, a per-pixel shift that bounds every upsampled logit from
+        # above (non-negative weights); the exact maximum is used if a sum underflows.
+        low_max = z_low.amax(dim=1, keepdim=True)
         if objective.upsample:
-            # Stable exp without a pass over the big tensor: subtract the per-pixel maximum over classes at the
-            # feature resolution BEFORE upsampling. Upsampling is linear and the same for every class, so the result
-            # is the upsampled logits minus the upsampled maximum, a per-pixel shift that bounds every upsampled logit
-            # from above (non-negative weights); the exact maximum is used if a sum underflows.
-            low_max = z_low.amax(dim=2, keepdim=True)
-            z = _upsample_last(z_low - low_max, n, h, w, objective)
-            shift = _upsample_last(low_max, n, h, w, objective)
+            shift_sum = (objective.shift_coef * low_max).sum(dim=(1, 2))
         else:
-            shift = z_low.amax(dim=2, keepdim=True)
-            z = z_low - shift
-        exp = torch.exp(z)
-        sums = _class_sums(exp, objective.num_teacher, objective.not_annotated)
-        if bool((sums[1] < 1e-30).any()):
-            extra_shift = z.amax(dim=2, keepdim=True)
-            shift = shift + extra_shift
-            exp = (z - extra_shift).exp_()
-            sums = _class_sums(exp, objective.num_teacher, objective.not_annotated)
-        del z
-        s_all, s_m1, s_m2, exp_bg, exp_novel = sums
-        log_terms = (
-            objective.a * s_all.log()
-            - objective.b * s_m1.clamp_min(1e-30).log()
-            - objective.g * s_m2.clamp_min(1e-30).log()
-            + (objective.a - objective.b - objective.g) * shift
-        )
-        linear = (objective.R * z_low).sum(dim=(1, 2))
-        loss = (log_terms.sum(dim=(1, 2)) - linear).view(num_episodes, num_shots).sum(1)
+            shift_sum = (shift_weight * low_max[None]).sum(dim=(0, 2, 3))
+        exp = _shifted_logits(z_low, low_max, h, w, objective, buffer, exp=True)
+        buffer = exp if objective.upsample else None
+        s_all, s_m1, s_m2 = _class_sums(exp, num_teacher, objective.not_annotated)
+        underflowing = _underflowing_pixels(objective, s_all, s_m1, s_m2, has_kd)
+        s_m1, s_m2 = s_m1.clamp_min_(1e-30), s_m2.clamp_min_(1e-30)
+        # d loss / d z = a softmax - b softmax over M1 - g softmax over M2, written into `exp` in place, one
+        # contiguous class slice at a time: row 0 is in M1 and M2, base rows in M1, novel rows in M2 and in M1
+        # unless annotated.
         u = objective.a / s_all
-        v = objective.b / s_m1.clamp_min(1e-30)
-        wg = objective.g / s_m2.clamp_min(1e-30)
-        # d loss / d z = a softmax - b softmax over M1 - g softmax over M2, written into `exp` in place: base rows
-        # are all in M1, row 0 is also in M2, novel rows are in M2 and in M1 unless annotated.
-        grad = exp.mul_(u - v)
-        grad[..., :1] -= wg * exp_bg
-        grad[..., objective.num_teacher :] = exp_novel * (u - v * objective.not_annotated[:, None, :] - wg)
-        if objective.upsample:
-            grad = torch.ops.aten.upsample_bilinear2d_backward(
-                grad.view(n, height, width, num_classes).permute(0, 3, 1, 2),
-                [height, width],
-                [n, num_classes, h, w],
-                objective.align_corners,
-            )
-            grad = grad.permute(0, 2, 3, 1).reshape(n, h * w, num_classes)
-        grad = (grad - objective.R).view(num_episodes, num_shots, h * w, num_classes)
-        grad_weight = torch.einsum("ekpc,ekpd->ecd", grad, pixels_last)
-        grad_bias = grad.sum(dim=(1, 2)) if bias is not None else None
+        v = objective.b / s_m1
+        u_v = u - v
+        if has_kd:
+            wg = objective.g / s_m2
+            exp[:, :, :1].mul_(u_v - wg)
+            exp[:, :, num_teacher:].mul_(u.sub_(wg) - v * objective.not_annotated)
+        else:
+            exp[:, :, :1].mul_(u_v)
+            exp[:, :, num_teacher:].mul_(u - v * objective.not_annotated)
+        exp[:, :, 1:num_teacher].mul_(u_v)
+        grad = exp
+        # The loss (its history is returned): per-pixel log-sum-exps as dot products with their weights.
+        log_s = [s_all.log_(), s_m1.log_()] + ([s_m2.log_()] if has_kd else [])
+        log_terms = _vecdot(objective.a, log_s[0]) - _vecdot(objective.b, log_s[1])
+        if has_kd:
+            log_terms -= _vecdot(objective.g, log_s[2])
+        if underflowing is not None:
+            # At a few pixels every class of a log-sum-exp that counts is far below the shared shift (logits that
+            # cross between feature pixels, or a class set far below the maximum): redo those pixels exactly, each
+            # class set with its own maximum.
+            pixel, support = underflowing
+            z = _shifted_logits(z_low, low_max, h, w, objective, clamp=False)
+            exact, exact_grad = _exact_pixels(z, pixel, support, objective, has_kd)
+            weights = (objective.a, -objective.b, -objective.g)
+            shared = sum(wt[0, support, 0, pixel] * log[0, support, 0, pixel] for wt, log in zip(weights, log_s))
+            log_terms = log_terms.index_add(0, support, exact - shared)
+            grad[0, support, :, pixel] = exact_grad
+        linear = (objective.R * z_low).sum(dim=(1, 2))
+        loss = (log_terms + shift_sum - linear).view(num_episodes, num_shots).sum(1)
+        grad = _adjoint(grad, h, w, objective)
+        grad = (grad - objective.R).view(num_episodes, num_shots, num_classes, h * w)
+        grad_weight = torch.bmm(grad.transpose(1, 2).reshape(num_episodes, num_classes, -1), pixels_last)
+        grad_bias = grad.sum(dim=(1, 3)) if bias is not None else None
         if extra is not None:
             with torch.enable_grad():
                 params = [weight.clone().requires_grad_(True)]
@@ -497,7 +686,6 @@ def _fit(features, weight, bias, objective: _Objective, steps: int, lr: float, e
     return weight, bias, hist
 
 
-# -- GFSS ---------------------------------------------------------------------------------------------------------
 def _check_features_labels(features: torch.Tensor, labels: torch.Tensor, name: str = "support_labels") -> None:
     if labels.shape[:2] != features.shape[:2]:
         raise ValueError(

@@ -11,6 +11,9 @@ import torch.nn.functional as F
 from gfss_hf.adaptation import (
     AdaptationConfig,
     CarryOverState,
+    _adjoint,
+    _build_objective,
+    _shifted_logits,
     adapt,
     adapt_fss,
     adapt_gfss,
@@ -243,6 +246,97 @@ def test_reference_weighting_survives_an_empty_foreground():
     clf = adapt_gfss(features, labels, base_weight, num_novel_classes=1,
                      config=AdaptationConfig(ce_weighting="reference", steps=3))  # fmt: skip
     assert torch.isfinite(clf.weight).all() and torch.isfinite(clf.loss_history).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The band layout of the input-resolution loss (`_RowBands`): upsampling, exp, adjoint
+# ---------------------------------------------------------------------------------------------------------------------
+def _objective_for(h, w, height, width, align_corners, classes=3):
+    labels = torch.zeros(1, height, width, dtype=torch.long)
+    valid = torch.ones_like(labels, dtype=torch.bool)
+    annotated = torch.zeros(1, classes, dtype=torch.bool)
+    return _build_objective(labels, valid, annotated, None, torch.ones(1), None, None, 0.0, None, classes, classes,
+                            (h, w), align_corners)  # fmt: skip
+
+
+def _unband(banded, bands, n, c, height, width):
+    """(1, N, C, S) in band layout -> (N, C, H, W), the padding dropped."""
+    flat = banded.view(n, c, bands.rows_per_band * bands.num_bands, width)
+    rows = flat[:, :, bands.valid]
+    return rows[:, :, torch.argsort(bands.index[bands.valid])].view(n, c, height, width)
+
+
+# (h, w) -> (H, W): uniform bands (473 = 8 * 59 + 1), uneven bands, a single feature row, downsampling-free edges.
+SIZES = [((60, 60), (473, 473)), ((7, 5), (50, 23)), ((1, 4), (9, 13)), ((12, 9), (96, 70)), ((5, 5), (17, 17))]
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+@pytest.mark.parametrize("sizes", SIZES, ids=lambda s: f"{s[0]}->{s[1]}")
+def test_band_upsampling_equals_bilinear_interpolation_and_its_adjoint(sizes, align_corners):
+    (h, w), (height, width) = sizes
+    n, c = 2, 3
+    objective = _objective_for(h, w, height, width, align_corners, classes=c)
+    bands = objective.bands
+    g = torch.Generator().manual_seed(h * 100 + height)
+    z_low = torch.randn(n, c, h * w, generator=g) * 4
+    low_max = z_low.amax(dim=1, keepdim=True)
+    expected = F.interpolate((z_low - low_max).view(n, c, h, w), size=(height, width), mode="bilinear",
+                             align_corners=align_corners)  # fmt: skip
+    logits = _shifted_logits(z_low, low_max, h, w, objective)
+    torch.testing.assert_close(_unband(logits, bands, n, c, height, width), expected, rtol=1e-5, atol=1e-4)
+    exp = _shifted_logits(z_low, low_max, h, w, objective, exp=True)
+    torch.testing.assert_close(_unband(exp, bands, n, c, height, width), expected.exp(), rtol=1e-4, atol=1e-6)
+    # The adjoint: <U x, y> = <x, U^T y> for y zero at the padding, and equal to ATen's backward.
+    y = torch.randn(n, c, height, width, generator=g)
+    y_banded = torch.stack([bands.gather(y[:, k]) for k in range(c)], dim=1).reshape(1, n, c, -1)
+    adjoint = _adjoint(y_banded, h, w, objective)
+    expected_adjoint = torch.ops.aten.upsample_bilinear2d_backward(y, [height, width], [n, c, h, w], align_corners)
+    torch.testing.assert_close(adjoint, expected_adjoint.reshape(n, c, h * w), rtol=1e-5, atol=1e-4)
+
+
+def test_band_exp_without_the_progression_when_logits_are_extreme():
+    """Logit gaps beyond the exp floor take the clamped path (no denormals, no 0 * inf); a step still equals autograd
+    on the same loss with exact per-pixel maxima, even where every class is far below the interpolated maximum."""
+    (h, w), (height, width) = (7, 5), (50, 23)
+    objective = _objective_for(h, w, height, width, True)
+    z_low = torch.zeros(1, 3, h * w)
+    z_low[0, 0, ::2] = 400.0  # class 0 dominates every other pixel, class 1 the others: crossings in between
+    z_low[0, 1, 1::2] = 400.0
+    low_max = z_low.amax(dim=1, keepdim=True)
+    exp = _shifted_logits(z_low, low_max, h, w, objective, exp=True)
+    assert torch.isfinite(exp).all() and float(exp[exp > 0].min()) >= math.exp(-87.0) * 0.999
+    features, labels, classes, base_weight, _ = _toy_episode(seed=4, feat=5, size=17)
+    config = AdaptationConfig(lr=0.5)
+    big = base_weight * 300.0
+    init = adapt_gfss(features, labels, big, support_classes=classes, config=config.replace(steps=0))
+    one = adapt_gfss(features, labels, big, support_classes=classes, config=config.replace(steps=1))
+    w_ref = init.weight.clone().requires_grad_(True)
+    novel_labels = torch.where(labels == 1, classes[:, None, None] + 1, labels)
+    ref = _reference_loss(w_ref, None, features, novel_labels, F.one_hot(classes, 1).bool(), big, None, config)
+    torch.testing.assert_close(one.loss_history[0], ref.detach(), rtol=1e-5, atol=1e-4)
+    (grad,) = torch.autograd.grad(ref, [w_ref])
+    torch.testing.assert_close(one.weight, init.weight - config.lr * grad, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_many_steps_equal_plain_autograd_sgd(align_corners):
+    """100 steps of the engine (bands, progression, folded constants) against plain autograd SGD on losses.py."""
+    features, labels, classes, base_weight, _ = _toy_episode(seed=5, feat=7, size=50)
+    config = AdaptationConfig(steps=100, align_corners=align_corners)
+    init = adapt_gfss(features, labels, base_weight, support_classes=classes, config=config.replace(steps=0))
+    engine = adapt_gfss(features, labels, base_weight, support_classes=classes, config=config)
+    weight = init.weight.clone()
+    novel_labels = torch.where(labels == 1, classes[:, None, None] + 1, labels)
+    losses = []
+    for _ in range(config.steps):
+        weight.requires_grad_(True)
+        loss = _reference_loss(weight, None, features, novel_labels, F.one_hot(classes, 1).bool(), base_weight, None,
+                               config)  # fmt: skip
+        (grad,) = torch.autograd.grad(loss, [weight])
+        losses.append(loss.detach())
+        weight = (weight - config.lr * grad).detach()
+    torch.testing.assert_close(engine.loss_history, torch.stack(losses), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(engine.weight, weight, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
