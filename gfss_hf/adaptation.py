@@ -356,6 +356,37 @@ class _Objective:
 _EXP_FLOOR = -87.0
 
 
+def _source_coordinates(out_size: int, in_size: int, align_corners: bool):
+    """ATen's `upsample_bilinear2d` source coordinates (float32) of the `out_size` outputs, unclamped and clamped,
+    and the scale between consecutive outputs."""
+    y = torch.arange(out_size, dtype=torch.float32)
+    if align_corners:
+        scale = torch.tensor((in_size - 1) / (out_size - 1) if out_size > 1 else 0.0, dtype=torch.float32)
+        unclamped = y * scale
+    else:
+        scale = torch.tensor(in_size / out_size, dtype=torch.float32)
+        unclamped = scale * (y + 0.5) - 0.5
+    return unclamped, unclamped.clamp_min(0), float(scale)
+
+
+# Up to this many feature columns, the column interpolation is a dense matrix product (it reads and writes the
+# class-major layout directly); beyond, its cost grows with the width and ATen's kernel is used.
+_DENSE_COLUMNS = 96
+
+
+def _column_matrix(in_w: int, out_w: int, align_corners: bool, dtype, device) -> torch.Tensor:
+    """(out_w, in_w) matrix of ATen's bilinear interpolation along one axis."""
+    _, src, _ = _source_coordinates(out_w, in_w, align_corners)
+    left = src.long().clamp(max=in_w - 1)
+    right = (left + 1).clamp(max=in_w - 1)
+    lam = (src - left.to(torch.float32)).double()
+    matrix = torch.zeros(out_w, in_w, dtype=torch.float64)
+    rows = torch.arange(out_w)
+    matrix.index_put_((rows, left), 1 - lam, accumulate=True)
+    matrix.index_put_((rows, right), lam, accumulate=True)
+    return matrix.to(device=device, dtype=dtype)
+
+
 class _RowBands:
     """Bilinear upsampling along the rows, `h -> H`, in a band layout where it is one broadcast `lerp` and its
     adjoint a sum and a matrix-vector product, instead of a gather and a scatter over the big tensor.
@@ -373,15 +404,8 @@ class _RowBands:
     maps at once; the rows clamped to the first input row (`align_corners=False`) are corrected one by one.
     """
 
-    def __init__(self, h: int, out_h: int, align_corners: bool, dtype, device):
-        y = torch.arange(out_h, dtype=torch.float32)
-        if align_corners:
-            scale = torch.tensor((h - 1) / (out_h - 1) if out_h > 1 else 0.0, dtype=torch.float32)
-            unclamped = y * scale
-        else:
-            scale = torch.tensor(h / out_h, dtype=torch.float32)
-            unclamped = scale * (y + 0.5) - 0.5
-        src = unclamped.clamp_min(0)
+    def __init__(self, h: int, out_h: int, align_corners: bool, dtype, device, w: int = 0, out_w: int = 0):
+        unclamped, src, scale = _source_coordinates(out_h, h, align_corners)
         key = src.long().clamp(max=h - 1)
         lam = src - key.to(torch.float32)  # in band h - 1 both ends are the last row: any weight gives ATen's value
         counts = torch.bincount(key, minlength=h)
@@ -401,11 +425,15 @@ class _RowBands:
         offset = torch.zeros(h, dtype=torch.float64)
         used = counts > 0
         offset[used] = unclamped.double()[first[used]] - torch.arange(h, dtype=torch.float64)[used]
-        delta = lam.double() - (offset[key] + j.double() * float(scale))
+        delta = lam.double() - (offset[key] + j.double() * scale)
         exceptional = delta.abs() > 1e-6
         self.lam = lam_grid.view(per_band, h, 1).to(device=device, dtype=dtype)
         self.row_numbers = torch.arange(per_band, device=device, dtype=dtype)
-        self.offset, self.step = offset.to(device=device, dtype=dtype)[:, None], float(scale)
+        self.offset, self.step = offset.to(device=device, dtype=dtype)[:, None], scale
+        # Columns (w -> out_w): a dense (w, out_w) interpolation matrix when narrow enough, else None (ATen).
+        self.columns_t = None
+        if 0 < w <= _DENSE_COLUMNS:
+            self.columns_t = _column_matrix(w, out_w, align_corners, dtype, device).t().contiguous()
         self.fix_rows, self.fix_bands = j[exceptional].to(device), key[exceptional].to(device)
         self.fix_delta = delta[exceptional].to(device=device, dtype=dtype)[:, None]
         self.geometric = not bool(exceptional.any()) and bool((offset >= 0).all())  # `exp_up` applies
@@ -485,7 +513,7 @@ def _build_objective(
         shift_coef = torch.ops.aten.upsample_bilinear2d_backward(
             (a - b - g)[:, None], [height, width], [n, 1, *feature_size], align_corners
         ).reshape(n, 1, -1)
-        bands = _RowBands(feature_size[0], height, align_corners, dtype, labels_rows.device)
+        bands = _RowBands(feature_size[0], height, align_corners, dtype, labels_rows.device, feature_size[1], width)
         flat = lambda x: bands.gather(x).reshape(1, n, 1, -1)  # noqa: E731
     else:
         flat = lambda x: x.reshape(1, n, 1, -1)  # noqa: E731
@@ -505,14 +533,18 @@ def _shifted_logits(z_low, low_max, h: int, w: int, objective: _Objective, out=N
     if not objective.upsample:
         low = low[None].clamp_(min=_EXP_FLOOR) if clamp else low[None]
         return low.exp_() if exp else low
-    low = low.view(n, channels, h, w)
     bands, width = objective.bands, objective.size[1]
-    # Columns first, at (h, W): small; ATen's kernel is ~4x faster on channels-last memory.
-    low = low.contiguous(memory_format=torch.channels_last)
-    cols = F.interpolate(low, size=(h, width), mode="bilinear", align_corners=objective.align_corners)
-    rows = cols.new_empty(n * channels, h + 1, width)
-    rows.view(n, channels, h + 1, width)[:, :, :h] = cols
-    rows[:, h] = rows[:, h - 1]
+    # Columns first, at (h, W): small. The row interpolation reads h + 1 rows, the last a copy of row h - 1.
+    if bands.columns_t is not None:
+        low = low.view(n * channels, h, w)
+        low = torch.cat([low, low[:, -1:]], dim=1)
+        rows = torch.matmul(low, bands.columns_t)  # (N*C, h + 1, W)
+    else:  # ATen's kernel is ~4x faster on channels-last memory
+        low = low.view(n, channels, h, w).contiguous(memory_format=torch.channels_last)
+        cols = F.interpolate(low, size=(h, width), mode="bilinear", align_corners=objective.align_corners)
+        rows = cols.new_empty(n * channels, h + 1, width)
+        rows.view(n, channels, h + 1, width)[:, :, :h] = cols
+        rows[:, h] = rows[:, h - 1]
     if out is None:
         out = rows.new_empty(1, n, channels, bands.rows_per_band * bands.num_bands * width)
     banded = out.view(n * channels, bands.rows_per_band, h, width)
@@ -533,6 +565,8 @@ def _adjoint(grad: torch.Tensor, h: int, w: int, objective: _Objective) -> torch
     n, channels = grad.shape[1:3]
     bands, width = objective.bands, objective.size[1]
     rows = bands.adjoint(grad.view(n * channels, bands.rows_per_band, bands.num_bands, width))
+    if bands.columns_t is not None:
+        return torch.matmul(rows, bands.columns_t.t()).view(n, channels, h * w)
     # The column adjoint reads channels-last memory, where ATen's kernel is ~4x faster.
     rows = rows.view(n, channels, h, width).contiguous(memory_format=torch.channels_last)
     low = torch.ops.aten.upsample_bilinear2d_backward(rows, [h, width], [n, channels, h, w], objective.align_corners)

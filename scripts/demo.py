@@ -8,8 +8,11 @@
    `model_contrastive/` (loadable with `AutoModel.from_pretrained`, each with its model card `README.md`),
    `results.json`, `results.md` and `qualitative.png`.
 
-    python scripts/demo.py --output_dir demo_output            # ~10 minutes on 2 CPU cores
+    python scripts/demo.py --output_dir demo_output            # the two models in parallel, one per core
     python scripts/demo.py --output_dir /tmp/d --quick         # the reduced budget the tests run
+
+The two models are independent: with `--jobs 2` (the default on a machine with 2 or more cores) each is
+pre-trained and evaluated in its own process (this script with `--model`), on half the cores.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -61,12 +66,19 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=42, help="episode seed")
     parser.add_argument("--quick", action="store_true", help="tiny budget (tests): few steps, episodes, images")
     parser.add_argument("--overwrite", action="store_true", help="retrain models that already exist")
-    return parser.parse_args(argv)
+    parser.add_argument("--jobs", type=int, default=min(len(MODELS), os.cpu_count() or 1),
+                        help="models pre-trained and evaluated in parallel processes (default: one per core, max 2)")
+    parser.add_argument("--model", choices=[m[0] for m in MODELS],
+                        help="(internal) only this model: pre-train, evaluate, write <output_dir>/<model>/demo.json")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    return args
 
 
-def train_models(args, out: Path) -> dict[str, Path]:
+def train_models(args, out: Path, models=MODELS) -> dict[str, Path]:
     paths = {}
-    for folder, label, weight in MODELS:
+    for folder, label, weight in models:
         target = out / folder
         paths[folder] = target
         if (target / "model.safetensors").is_file() and not args.overwrite:
@@ -87,9 +99,9 @@ def train_models(args, out: Path) -> dict[str, Path]:
     return paths
 
 
-def evaluate_models(args, paths, split, val) -> dict:
+def evaluate_models(args, paths, split, val, models=MODELS) -> dict:
     results = {}
-    for folder, label, _ in MODELS:
+    for folder, label, _ in models:
         model = GFSSModel.from_pretrained(paths[folder]).eval()
         processor = GFSSImageProcessor.from_pretrained(paths[folder])
         results[folder] = {}
@@ -207,6 +219,46 @@ def qualitative_figure(model_dir: Path, split, val, path: Path, seed: int, steps
     os.replace(tmp, path)
 
 
+def _val_split(args):
+    """Episodes come from a val split the pre-training never saw (its own seed offset in the renderer)."""
+    training = TrainingConfig.from_yaml(CONFIG)
+    return SyntheticSegmentation(split="val", num_images=args.val_images, image_size=training.image_size,
+                                 seed=training.dataset_seed)  # fmt: skip
+
+
+def _relay(stream, label: str) -> None:
+    for line in iter(stream.readline, ""):
+        print(f"[{label}] {line}", end="", flush=True)
+
+
+def run_parallel(args, argv, out: Path) -> tuple[dict[str, Path], dict]:
+    """Each model in its own process (`--model`), on `cpu_count // jobs` threads; their printed lines are relayed
+    here with a prefix (progress bars go to stderr as they are)."""
+    argv = list(argv if argv is not None else sys.argv[1:])
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    pending = list(MODELS)
+    paths, results = {}, {}
+    while pending:
+        batch, pending = pending[: args.jobs], pending[args.jobs :]
+        procs = []
+        for folder, label, _ in batch:
+            cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--model", folder]
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, bufsize=1)
+            relay = threading.Thread(target=_relay, args=(proc.stdout, label), daemon=True)
+            relay.start()
+            procs.append((folder, label, proc, relay))
+        for folder, label, proc, relay in procs:
+            code = proc.wait()
+            relay.join()
+            if code != 0:
+                raise SystemExit(f"[demo] the {label} job failed (exit {code}); its output is above. Re-run it "
+                                 f"alone with: python scripts/demo.py {' '.join(argv)} --model {folder}")
+            paths[folder] = out / folder
+            results[folder] = json.loads((out / folder / "demo.json").read_text(encoding="utf-8"))
+    return paths, results
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.quick:
@@ -217,15 +269,21 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     start = time.time()
-    paths = train_models(args, out)
     split = get_split("synthetic", args.fold)
-    training = TrainingConfig.from_yaml(CONFIG)
-    # Episodes come from a val split the pre-training never saw (its own seed offset in the renderer).
-    val = SyntheticSegmentation(split="val", num_images=args.val_images, image_size=training.image_size,
-                                seed=training.dataset_seed)
-    results = evaluate_models(args, paths, split, val)
+    if args.model is not None:  # one job of a parallel run
+        models = [m for m in MODELS if m[0] == args.model]
+        paths = train_models(args, out, models)
+        results = evaluate_models(args, paths, split, _val_split(args), models)
+        atomic_write_text(out / args.model / "demo.json", json.dumps(results[args.model], default=float))
+        return 0
+    if args.jobs > 1:
+        paths, results = run_parallel(args, argv, out)
+    else:
+        paths = train_models(args, out)
+        results = evaluate_models(args, paths, split, _val_split(args))
+    val = _val_split(args)
     table = results_table(results)
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {args.jobs} job(s)"
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     payload = {
         "gfss_hf_version": gfss_hf.__version__,

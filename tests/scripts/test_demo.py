@@ -44,3 +44,20 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     # A second run reuses the trained models instead of training again.
     assert demo.main(["--output_dir", str(tmp_path), "--quick"]) == 0
     assert "reusing" in capsys.readouterr().out
+    # One process instead of one per model (the default with 2+ cores): same models, same episodes, same numbers up
+    # to the float rounding of a different thread count.
+    assert demo.main(["--output_dir", str(tmp_path), "--quick", "--jobs", "1"]) == 0
+    assert "reusing" in capsys.readouterr().out
+    again = json.loads((tmp_path / "results.json").read_text())["results"]
+    for folder, cells in results["results"].items():
+        for name, cell in cells.items():
+            assert again[folder][name]["episodes_hash"] == cell["episodes_hash"]
+            for key, value in cell["metrics"].items():
+                if isinstance(value, float) and value == value:
+                    assert again[folder][name]["metrics"][key] == pytest.approx(value, abs=0.02), (folder, name, key)
+
+
+def test_demo_rejects_a_bad_job_count():
+    demo = _load_demo()
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--jobs", "0"])
