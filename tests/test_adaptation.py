@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from gfss_hf.adaptation import (
+    _DENSE_COLUMNS,
     AdaptationConfig,
     CarryOverState,
     _adjoint,
@@ -266,8 +267,10 @@ def _unband(banded, bands, n, c, height, width):
     return rows[:, :, torch.argsort(bands.index[bands.valid])].view(n, c, height, width)
 
 
-# (h, w) -> (H, W): uniform bands (473 = 8 * 59 + 1), uneven bands, a single feature row, downsampling-free edges.
-SIZES = [((60, 60), (473, 473)), ((7, 5), (50, 23)), ((1, 4), (9, 13)), ((12, 9), (96, 70)), ((5, 5), (17, 17))]
+# (h, w) -> (H, W): uniform bands (473 = 8 * 59 + 1), uneven bands, a single feature row, small maps, and more
+# feature columns than `_DENSE_COLUMNS` (the columns through ATen instead of a dense matrix).
+SIZES = [((60, 60), (473, 473)), ((7, 5), (50, 23)), ((1, 4), (9, 13)), ((12, 9), (96, 70)), ((5, 5), (17, 17)),
+         ((3, _DENSE_COLUMNS + 4), (19, 8 * _DENSE_COLUMNS + 5))]  # fmt: skip
 
 
 @pytest.mark.parametrize("align_corners", [True, False])
