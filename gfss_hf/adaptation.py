@@ -354,6 +354,8 @@ class _Objective:
 # invisible in the class sums, which are >= 1 (the per-pixel maximum is subtracted) unless they underflow, a case
 # `_fit` detects (sums < 1e-30) and redoes with the exact per-pixel maximum.
 _EXP_FLOOR = -87.0
+# The exact path runs over the whole map when more than 1 / this of the pixels need it, else pixel by pixel.
+_DENSE_EXACT_FACTOR = 8
 
 
 def _source_coordinates(out_size: int, in_size: int, align_corners: bool):
@@ -624,6 +626,29 @@ def _exact_pixels(z: torch.Tensor, pixel, support, objective: _Objective, has_kd
     return terms[:, 0], grad
 
 
+def _exact_map(z: torch.Tensor, objective: _Objective, has_kd: bool):
+    """`_exact_pixels` for every pixel of the logits `z` (1, N, C, S): the per-support log-sum-exp terms (N,) and
+    d loss / d z (1, N, C, S), each class set's log-sum-exp with its own maximum."""
+    num_teacher = objective.num_teacher
+    n, num_classes = z.shape[1:3]
+    in_m1 = torch.ones(n, num_classes, 1, dtype=torch.bool, device=z.device)
+    in_m1[:, num_teacher:] = objective.not_annotated.bool()
+    in_m2 = torch.zeros(num_classes, 1, dtype=torch.bool, device=z.device)
+    in_m2[0] = True
+    in_m2[num_teacher:] = True
+    sets = [(None, objective.a, 1.0), (in_m1, objective.b, -1.0)] + ([(in_m2, objective.g, -1.0)] if has_kd else [])
+    terms, grad = 0.0, torch.zeros_like(z)
+    for in_set, weight, sign in sets:
+        masked = z if in_set is None else z.masked_fill(~in_set, float("-inf"))
+        lse = torch.logsumexp(masked, dim=2, keepdim=True)
+        terms = terms + sign * _vecdot(weight, lse)
+        probs = (masked - lse).clamp_(min=_EXP_FLOOR).exp_()  # no denormals; below the floor is below rounding
+        if in_set is not None:
+            probs *= in_set
+        grad.addcmul_(probs, weight, value=sign)
+    return terms, grad
+
+
 def _fit(features, weight, bias, objective: _Objective, steps: int, lr: float, extra=None):
     """Plain SGD on (weight, bias) for `objective` with analytic gradients (see `_Objective`); `extra(w, b)` is an
     optional additional per-episode loss differentiated by autograd. Returns detached parameters and the (E, steps)
@@ -689,11 +714,15 @@ def _fit(features, weight, bias, objective: _Objective, steps: int, lr: float, e
             # class set with its own maximum.
             pixel, support = underflowing
             z = _shifted_logits(z_low, low_max, h, w, objective, clamp=False)
-            exact, exact_grad = _exact_pixels(z, pixel, support, objective, has_kd)
-            weights = (objective.a, -objective.b, -objective.g)
-            shared = sum(wt[0, support, 0, pixel] * log[0, support, 0, pixel] for wt, log in zip(weights, log_s))
-            log_terms = log_terms.index_add(0, support, exact - shared)
-            grad[0, support, :, pixel] = exact_grad
+            if _DENSE_EXACT_FACTOR * len(pixel) > z.shape[1] * z.shape[3]:
+                # Many pixels (saturated logits): vectorised over the whole map, not gathered pixel by pixel.
+                log_terms, grad = _exact_map(z, objective, has_kd)
+            else:
+                exact, exact_grad = _exact_pixels(z, pixel, support, objective, has_kd)
+                weights = (objective.a, -objective.b, -objective.g)
+                shared = sum(wt[0, support, 0, pixel] * log[0, support, 0, pixel] for wt, log in zip(weights, log_s))
+                log_terms = log_terms.index_add(0, support, exact - shared)
+                grad[0, support, :, pixel] = exact_grad
         linear = (objective.R * z_low).sum(dim=(1, 2))
         loss = (log_terms + shift_sum - linear).view(num_episodes, num_shots).sum(1)
         grad = _adjoint(grad, h, w, objective)

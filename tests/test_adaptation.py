@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gfss_hf import adaptation
 from gfss_hf.adaptation import (
     _DENSE_COLUMNS,
     AdaptationConfig,
@@ -297,7 +298,8 @@ def test_band_upsampling_equals_bilinear_interpolation_and_its_adjoint(sizes, al
     torch.testing.assert_close(adjoint, expected_adjoint.reshape(n, c, h * w), rtol=1e-5, atol=1e-4)
 
 
-def test_band_exp_without_the_progression_when_logits_are_extreme():
+@pytest.mark.parametrize("exact_path", ["whole map", "pixel by pixel"])
+def test_band_exp_without_the_progression_when_logits_are_extreme(exact_path, monkeypatch):
     """Logit gaps beyond the exp floor take the clamped path (no denormals, no 0 * inf); a step still equals autograd
     on the same loss with exact per-pixel maxima, even where every class is far below the interpolated maximum."""
     (h, w), (height, width) = (7, 5), (50, 23)
@@ -308,6 +310,7 @@ def test_band_exp_without_the_progression_when_logits_are_extreme():
     low_max = z_low.amax(dim=1, keepdim=True)
     exp = _shifted_logits(z_low, low_max, h, w, objective, exp=True)
     assert torch.isfinite(exp).all() and float(exp[exp > 0].min()) >= math.exp(-87.0) * 0.999
+    monkeypatch.setattr(adaptation, "_DENSE_EXACT_FACTOR", 10**9 if exact_path == "whole map" else 0)
     features, labels, classes, base_weight, _ = _toy_episode(seed=4, feat=5, size=17)
     config = AdaptationConfig(lr=0.5)
     big = base_weight * 300.0
