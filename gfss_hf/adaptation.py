@@ -604,49 +604,43 @@ def _underflowing_pixels(objective: _Objective, s_all, s_m1, s_m2, has_kd: bool)
     return (pixel, support) if len(pixel) else None
 
 
-def _exact_pixels(z: torch.Tensor, pixel, support, objective: _Objective, has_kd: bool):
-    """Exact log-sum-exp terms (K,) and d loss / d z (K, C) at K pixels of the logits `z` (1, N, C, S) (unclamped),
-    each log-sum-exp over its class set with its own maximum."""
-    num_teacher = objective.num_teacher
-    logits = z[0, support, :, pixel]  # (K, C)
-    weight_at = lambda x: x[0, support, 0, pixel][:, None]  # noqa: E731
-    in_m1 = torch.ones_like(logits, dtype=torch.bool)
-    in_m1[:, num_teacher:] = objective.not_annotated[support, :, 0].bool()
-    in_m2 = torch.zeros_like(in_m1)
-    in_m2[:, 0] = True
-    in_m2[:, num_teacher:] = True
-    sets = [(None, objective.a, 1.0), (in_m1, objective.b, -1.0)] + ([(in_m2, objective.g, -1.0)] if has_kd else [])
-    terms, grad = 0.0, torch.zeros_like(logits)
-    for in_set, weight, sign in sets:
-        masked = logits if in_set is None else logits.masked_fill(~in_set, float("-inf"))
-        lse = torch.logsumexp(masked, dim=1, keepdim=True)
-        terms = terms + sign * weight_at(weight) * lse
-        probs = (masked - lse).clamp_(min=_EXP_FLOOR).exp_()  # no denormals; below the floor is below rounding
-        grad += (sign * weight_at(weight)) * (probs if in_set is None else probs * in_set)
-    return terms[:, 0], grad
-
-
-def _exact_map(z: torch.Tensor, objective: _Objective, has_kd: bool):
-    """`_exact_pixels` for every pixel of the logits `z` (1, N, C, S): the per-support log-sum-exp terms (N,) and
-    d loss / d z (1, N, C, S), each class set's log-sum-exp with its own maximum."""
-    num_teacher = objective.num_teacher
-    n, num_classes = z.shape[1:3]
-    in_m1 = torch.ones(n, num_classes, 1, dtype=torch.bool, device=z.device)
-    in_m1[:, num_teacher:] = objective.not_annotated.bool()
+def _exact_terms(z: torch.Tensor, objective: _Objective, has_kd: bool, a, b, g, not_annotated):
+    """Per-pixel log-sum-exp terms `a*lse(z) - b*lse(z over M1) - g*lse(z over M2)` (..., 1, X) and their gradient
+    (..., C, X) for logits `z` (..., N, C, X) (unclamped), each log-sum-exp with its own maximum: exact where the
+    shared shift of `_fit` underflows. `a, b, g` broadcast against (..., N, 1, X), `not_annotated` is (N, num_novel,
+    1)."""
+    num_teacher, num_classes = objective.num_teacher, z.shape[-2]
+    in_m1 = torch.ones(*not_annotated.shape[:-2], num_classes, 1, dtype=torch.bool, device=z.device)
+    in_m1[..., num_teacher:, :] = not_annotated.bool()
     in_m2 = torch.zeros(num_classes, 1, dtype=torch.bool, device=z.device)
     in_m2[0] = True
     in_m2[num_teacher:] = True
-    sets = [(None, objective.a, 1.0), (in_m1, objective.b, -1.0)] + ([(in_m2, objective.g, -1.0)] if has_kd else [])
+    sets = [(None, a, 1.0), (in_m1, b, -1.0)] + ([(in_m2, g, -1.0)] if has_kd else [])
     terms, grad = 0.0, torch.zeros_like(z)
     for in_set, weight, sign in sets:
         masked = z if in_set is None else z.masked_fill(~in_set, float("-inf"))
-        lse = torch.logsumexp(masked, dim=2, keepdim=True)
-        terms = terms + sign * _vecdot(weight, lse)
+        lse = torch.logsumexp(masked, dim=-2, keepdim=True)
+        terms = terms + sign * weight * lse
         probs = (masked - lse).clamp_(min=_EXP_FLOOR).exp_()  # no denormals; below the floor is below rounding
         if in_set is not None:
             probs *= in_set
         grad.addcmul_(probs, weight, value=sign)
     return terms, grad
+
+
+def _exact_pixels(z: torch.Tensor, pixel, support, objective: _Objective, has_kd: bool):
+    """`_exact_terms` at K pixels of `z` (1, N, C, S): terms (K,) and gradient (K, C)."""
+    at = lambda x: x[0, support, 0, pixel][:, None, None]  # noqa: E731  (K, 1, 1)
+    logits = z[0, support, :, pixel][:, :, None]  # (K, C, 1)
+    terms, grad = _exact_terms(logits, objective, has_kd, at(objective.a), at(objective.b), at(objective.g),
+                               objective.not_annotated[support])  # fmt: skip
+    return terms[:, 0, 0], grad[:, :, 0]
+
+
+def _exact_map(z: torch.Tensor, objective: _Objective, has_kd: bool):
+    """`_exact_terms` at every pixel of `z` (1, N, C, S): per-support sums of the terms (N,) and the gradient."""
+    terms, grad = _exact_terms(z, objective, has_kd, objective.a, objective.b, objective.g, objective.not_annotated)
+    return terms.sum(dim=(0, 2, 3)), grad
 
 
 def _fit(features, weight, bias, objective: _Objective, steps: int, lr: float, extra=None):
