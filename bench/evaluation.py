@@ -158,7 +158,7 @@ def main():
     distinct = {i for e in episodes for i in [e.query_id, *e.all_support_ids(), e.base_query_id] if i}
     print(f"{len(episodes)} episodes over {len(distinct)} distinct images, torch threads {torch.get_num_threads()}")
     if not args.raw_batchnorm:
-        calibration = [processor(source.get_by_id(i)["image"], return_tensors="pt")["pixel_values"] for i in ids[:2]]
+        calibration = [processor(source.get_by_id(i)["image"], return_tensors="pt")["pixel_values"] for i in ids]
         recalibrate_batchnorm(model, torch.cat(calibration))
 
     with torch.no_grad():  # one forward pass, for the projection
@@ -170,8 +170,8 @@ def main():
 
     report = {
         "command": "python bench/evaluation.py " + " ".join(
-            f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()
-            if v is not None
+            f"--{k}" if v is True else f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in vars(args).items() if v is not None and v is not False
         ),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "torch": torch.__version__, "torch_threads": torch.get_num_threads()},  # fmt: skip
