@@ -231,19 +231,31 @@ def _relay(stream, label: str) -> None:
         print(f"[{label}] {line}", end="", flush=True)
 
 
+def job_env(slot: int, threads: int, terminal: bool) -> dict[str, str]:
+    """The environment of the job in `slot`: its thread budget and, on a terminal, its own line for progress bars
+    (tqdm reads `TQDM_POSITION`; without it the jobs' bars overwrite each other on one line). Not in a log file,
+    where positioned bars write cursor movements."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env.pop("TQDM_POSITION", None)
+    if terminal:
+        env["TQDM_POSITION"] = str(slot)
+    return env
+
+
 def run_parallel(args, argv, out: Path) -> tuple[dict[str, Path], dict]:
     """Each model in its own process (`--model`), on `cpu_count // jobs` threads; their printed lines are relayed
-    here with a prefix (progress bars go to stderr as they are)."""
+    here with a prefix (progress bars go to stderr as they are, one line per job on a terminal)."""
     argv = list(argv if argv is not None else sys.argv[1:])
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    terminal = args.jobs > 1 and sys.stderr.isatty()
     pending = list(MODELS)
     paths, results = {}, {}
     while pending:
         batch, pending = pending[: args.jobs], pending[args.jobs :]
         procs = []
-        for folder, label, _ in batch:
+        for slot, (folder, label, _) in enumerate(batch):
             cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--model", folder]
+            env = job_env(slot, threads, terminal)
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, bufsize=1)
             relay = threading.Thread(target=_relay, args=(proc.stdout, label), daemon=True)
             relay.start()
