@@ -44,6 +44,9 @@ from gfss_hf.training import TrainingConfig, pretrain
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "synthetic.yaml"
 MODELS = (("model_ce", "CE", 0.0), ("model_contrastive", "CE + contrastive", 0.1))
+# The model of the figure, of `model_card.md` and of the Space's default: the better of the two in the measured
+# demo (validation base mIoU 20.9 % against 6.8 %, and every episodic number; see the README).
+SHOWCASE = "model_ce"
 # (key, row label, AdaptationConfig overrides). FSS numbers come with every `paper` evaluation.
 VARIANTS = (
     ("gamma0", "GFSS (B+2)-way, gamma = 0", {"gamma": 0.0}),
@@ -328,9 +331,8 @@ def main(argv=None) -> int:
         card = render_model_card(paths[folder], {"results": entries}, repo_id=f"gfss-hf/gfss-synthetic-{folder}",
                                  model_name=f"gfss-synthetic-{folder}")
         save_model_card(card, paths[folder] / "README.md")
-    shutil.copyfile(paths["model_contrastive"] / "README.md", out / "model_card.md")
-    qualitative_figure(paths["model_contrastive"], split, val, out / "qualitative.png", args.seed,
-                       args.adaptation_steps)
+    shutil.copyfile(paths[SHOWCASE] / "README.md", out / "model_card.md")
+    qualitative_figure(paths[SHOWCASE], split, val, out / "qualitative.png", args.seed, args.adaptation_steps)
     print()
     print(header + table)
     print(f"\n[demo] done in {time.time() - start:.0f} s; wrote {out}/: model_ce/, model_contrastive/, results.json, "

@@ -5,7 +5,7 @@ classifier is fine-tuned on the painted pixels); the query is then segmented int
 new class (GFSS), or into the new class versus background (FSS).
 
 The model comes from `GFSS_MODEL` (a local `save_pretrained` folder or a Hub id); without it, the folder written by
-`make demo` (`demo_output/model_contrastive`) is used. With the `gfss_hf` package installed the model loads
+`make demo` (`demo_output/model_ce`) is used. With the `gfss_hf` package installed the model loads
 through it; without (a Hub Space), through the repository's own code (`trust_remote_code=True`).
 
 Run locally: `python spaces/app.py`. Import without launching: `from app import build_app` (or the module-level
@@ -39,7 +39,7 @@ __all__ = [
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
-DEFAULT_MODEL_DIR = REPO_ROOT / "demo_output" / "model_contrastive"
+DEFAULT_MODEL_DIR = REPO_ROOT / "demo_output" / "model_ce"
 EXAMPLES_DIR = HERE / "examples"
 TITLE = "GFSS: generalized few-shot segmentation"
 MAX_SUPPORTS = 3
@@ -467,7 +467,7 @@ def build_app(model: str | os.PathLike | None = None, examples_dir: str | os.Pat
     Example:
 
     ```python
-    >>> demo = build_app("demo_output/model_contrastive")  # doctest: +SKIP
+    >>> demo = build_app("demo_output/model_ce")  # doctest: +SKIP
     >>> demo.launch()  # doctest: +SKIP
     ```
     """

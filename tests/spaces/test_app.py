@@ -129,7 +129,7 @@ def test_inputs_are_validated_with_friendly_errors(app, segmenter, example):
 
 def test_missing_model_gives_a_clear_message(app, example, tmp_path, monkeypatch):
     monkeypatch.delenv("GFSS_MODEL", raising=False)
-    monkeypatch.setattr(app, "DEFAULT_MODEL_DIR", tmp_path / "demo_output" / "model_contrastive")
+    monkeypatch.setattr(app, "DEFAULT_MODEL_DIR", tmp_path / "demo_output" / "model_ce")
     assert app.default_model_source() is None
     monkeypatch.setenv("GFSS_MODEL", str(tmp_path / "nowhere"))
     assert app.default_model_source() == str(tmp_path / "nowhere")
