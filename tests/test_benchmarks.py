@@ -6,6 +6,7 @@ and the reference-style loop (features recomputed per episode, one episode at a 
 """
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +39,20 @@ def test_evaluation_benchmark_matches_the_reference_style_loop(tmp_path):
         assert {"fss_novel_miou", "gfss_novel_miou", "gfss_base_miou"} <= set(metrics)
         assert 0.0 < metrics["fss_fb_iou"] <= 1.0  # pixels were scored: the identity is not between empty sums
     assert not list(tmp_path.glob("*.tmp"))  # written to a temporary file and renamed
+
+
+@pytest.mark.slow
+def test_episode_benchmark_runs_and_reports_both_loss_resolutions():
+    cmd = [sys.executable, str(ROOT / "bench" / "episode.py"), "--image-size", "65", "--base-classes", "3",
+           "--steps", "4", "--naive"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    for resolution in ("input", "feature"):
+        (line,) = [x for x in lines if x.startswith(f"{resolution}-resolution loss:")]
+        before, last = (float(w.rstrip(",")) for w in line.split() if w[0].isdigit())
+        # Finite; not necessarily lower: on 9x9 random-weight features of norm ~30, lr 0.1 can overshoot.
+        assert math.isfinite(before) and math.isfinite(last) and before > 0, line
+    timed = [x for x in lines if x.startswith("adaptation (")]
+    assert len(timed) == 3 and any("naive autograd" in x for x in timed), done.stdout
+    assert "BatchNorm statistics measured" in done.stdout
