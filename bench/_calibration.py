@@ -15,7 +15,7 @@ def recalibrate_batchnorm(model: torch.nn.Module, pixel_values: torch.Tensor, ch
     normalised, as in a trained network, and the timings are those of the regime the benchmarks are about.
 
     Calibrate on EVERY image the benchmark uses: a random network generalises its statistics poorly. Calibrated on 2
-    of 10 procedural images, the other 8 got feature norms of 40-560 (12-27 once all 10 are used), and fine-tuning
+    of 10 procedural images, the other 8 got feature norms of 40-560 (11-32 once all 10 are used), and fine-tuning
     on them at lr 0.1 saturated the logits, a regime that made an evaluation benchmark time something else.
     """
     for module in model.modules():
