@@ -280,11 +280,14 @@ def _classifier_logits(weight: torch.Tensor, bias: torch.Tensor | None, features
 
 
 def _upsample(logits: torch.Tensor, size, align_corners: bool) -> torch.Tensor:
-    """(E, K, C, h, w) -> (E, K, C, H, W) bilinear."""
+    """(E, K, C, h, w) -> (E, K, C, H, W) bilinear, in channels-last memory: ATen's upsampling is ~2.5x faster there,
+    and so is what follows over the class dimension (`argmax(dim=class)` after `predict`: 8x, 92 -> 11 ms on a
+    473 x 473 x 17 map; the teacher's softmax)."""
     e, k = logits.shape[:2]
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
-    up = F.interpolate(logits.flatten(0, 1), size=tuple(size), mode="bilinear", align_corners=align_corners)
+    low = logits.flatten(0, 1).contiguous(memory_format=torch.channels_last)
+    up = F.interpolate(low, size=tuple(size), mode="bilinear", align_corners=align_corners)
     return up.view(e, k, *up.shape[1:])
 
 
@@ -1116,13 +1119,8 @@ def predict(
     if bias is not None:
         bias = bias.to(features) if batched else bias.to(features)[None]
     logits = _classifier_logits(weight, bias, features)
-    if size is not None and tuple(logits.shape[-2:]) != tuple(size):
-        # Channels-last memory: ATen's upsampling is ~2.5x faster there, and so is the usual `argmax(dim=class)`
-        # that follows (8x: over a strided class dimension it is the slowest reduction of an evaluation).
-        e, k = logits.shape[:2]
-        low = logits.flatten(0, 1).contiguous(memory_format=torch.channels_last)
-        up = F.interpolate(low, size=tuple(size), mode="bilinear", align_corners=align_corners)
-        logits = up.view(e, k, *up.shape[1:])
+    if size is not None:
+        logits = _upsample(logits, size, align_corners)
     return logits if batched else logits[0]
 
 

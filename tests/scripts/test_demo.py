@@ -2,6 +2,8 @@
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,9 +68,6 @@ def test_demo_rejects_a_bad_job_count():
 @pytest.mark.parametrize("terminal", [True, False])
 def test_parallel_jobs_get_their_own_progress_line_on_a_terminal(terminal, monkeypatch):
     """Two jobs' bars on one terminal line overwrite each other; tqdm in the job's process reads TQDM_POSITION."""
-    import subprocess
-    import sys
-
     demo = _load_demo()
     monkeypatch.setenv("TQDM_POSITION", "7")  # inherited from the user's shell: never passed on as is
     env = demo.job_env(1, threads=3, terminal=terminal)
