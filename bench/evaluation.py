@@ -38,7 +38,7 @@ from gfss_hf.adaptation import AdaptationConfig, adapt_fss, adapt_gfss, predict
 from gfss_hf.data.episodes import class_index_from_pixel_counts, sample_paper_episodes, scaled_pixel_threshold
 from gfss_hf.data.splits import IGNORE_INDEX, get_split
 from gfss_hf.data.synthetic import SyntheticSegmentation
-from gfss_hf.evaluation import EvaluationOptions, _episode_seed, evaluate_episodes
+from gfss_hf.evaluation import EvaluationOptions, episode_seed, evaluate_episodes
 from gfss_hf.metrics import PooledIoU
 
 
@@ -121,7 +121,7 @@ def reference_loop(model, processor, split, source, episodes, adaptation):
             s_feat = torch.stack([f for f, _ in support])
             s_mask = torch.stack([binary(lab, c) for _, lab in support])
             q_feat, q_label = encode(spec.query_id)
-            seed = _episode_seed(adaptation.seed, spec)
+            seed = episode_seed(adaptation.seed, spec)
             target = binary(q_label, c, rows[c])[None]
 
             fss = adapt_fss(s_feat, s_mask, config=fss_cfg, seeds=seed)
@@ -131,12 +131,13 @@ def reference_loop(model, processor, split, source, episodes, adaptation):
             gfss = adapt_gfss(s_feat, s_mask, weight, support_classes=torch.zeros(len(support), dtype=torch.long),
                               num_novel_classes=1, config=gfss_cfg, seeds=seed)  # fmt: skip
             pred = predict(q_feat[None], gfss, size=size, align_corners=align).argmax(1)
-            accs["gfss_novel"].update(torch.where(pred == base + 1, rows[c], pred), target)
+            accs["gfss_novel"].update(torch.where(pred == base + 1, rows[c], 0), target)
             if spec.base_query_id is not None:
                 b_feat, b_label = encode(spec.base_query_id)
                 b = spec.base_class_id
                 pred = predict(b_feat[None], gfss, size=size, align_corners=align).argmax(1)
-                accs["gfss_base"].update(torch.where(pred == base + 1, rows[c], pred), binary(b_label, b, rows[b])[None])
+                # Binary IoU of b on its image: other base classes predicted there are "not b".
+                accs["gfss_base"].update(torch.where(pred == rows[b], rows[b], 0), binary(b_label, b, rows[b])[None])
     return accs
 
 

@@ -53,12 +53,15 @@ __all__ = [
     "FeatureCache",
     "build_episodes",
     "default_min_pixels",
+    "episode_seed",
     "episodes_hash",
     "evaluate_episodes",
     "load_image_source",
     "metric_keys",
     "results_markdown",
     "save_results",
+    "score_binary_episodes",
+    "summarise_accumulators",
 ]
 
 logger = logging.get_logger(__name__)
@@ -480,9 +483,17 @@ class EvaluationResult:
 
 
 # -- evaluation -----------------------------------------------------------------------------------------------------
-def _episode_seed(adaptation_seed: int, spec: EpisodeSpec, per_query: bool = True) -> int:
-    # Initialisation seed of an episode (or, with per_query=False, of a diam/capl run): a function of the episode
-    # alone, so that batching and the process count do not change it.
+def episode_seed(adaptation_seed: int, spec: EpisodeSpec, per_query: bool = True) -> int:
+    """
+    The initialisation seed of an episode's fine-tuning (or, with `per_query=False`, of a `diam` / `capl` run's
+    shared classifier): a function of the episode alone, so that batching and the process count do not change it.
+    Pass it as `seed=` to the pipeline to replay an evaluated episode exactly.
+
+    Args:
+        adaptation_seed (`int`): `AdaptationConfig.seed`.
+        spec ([`EpisodeSpec`]): the episode.
+        per_query (`bool`, *optional*, defaults to `True`): include the episode index.
+    """
     entropy = [int(adaptation_seed), spec.seed, spec.run] + ([spec.index] if per_query else [])
     return int(np.random.SeedSequence(entropy).generate_state(1)[0] & 0x7FFFFFFF)
 
@@ -532,6 +543,30 @@ def _check_model(model, split: FoldSplit) -> None:
         )
 
 
+def score_binary_episodes(
+    acc: PooledIoU, foreground: torch.Tensor, target: torch.Tensor, classes: torch.Tensor | Sequence[int]
+) -> None:
+    r"""
+    Add episodes to `acc` as the `paper` protocol scores them: per episode, the BINARY IoU of that episode's class.
+
+    Episode `e` contributes to class `classes[e]` alone: its predicted foreground counts as that class, everything
+    else as background (row 0). Summed over episodes, the intersection and union of class `c` come from the
+    episodes of class `c` only, so predictions of other classes on an episode's image are never counted as false
+    positives of those classes (which a multi-class confusion matrix of the same maps would do).
+
+    Args:
+        acc ([`PooledIoU`]): the accumulator (rows: background 0, then the split's classes).
+        foreground (`torch.Tensor` of shape `(E, H, W)`, bool): pixels predicted as the episode's class.
+        target (`torch.Tensor` of shape `(E, H, W)`, integer): ground truth, `classes[e]` on the class,
+            0 elsewhere, `acc.ignore_index` ignored.
+        classes (`torch.Tensor` broadcastable to `(E, 1, 1)`, or a sequence of `E` ints): each episode's row.
+    """
+    if foreground.dtype != torch.bool:
+        raise TypeError(f"foreground must be a bool mask, got {foreground.dtype}; compare the argmax to a row first.")
+    rows = torch.as_tensor(classes, device=foreground.device).reshape(-1, 1, 1)
+    acc.update(torch.where(foreground, rows, torch.zeros_like(rows)), target)
+
+
 def _paper_unit(ctx: _Context, specs: list[EpisodeSpec], accs: dict[str, PooledIoU], carry) -> None:
     cache, e = ctx.cache, len(specs)
     shots = {len(s.support_ids[s.class_ids[0]]) for s in specs}
@@ -549,11 +584,11 @@ def _paper_unit(ctx: _Context, specs: list[EpisodeSpec], accs: dict[str, PooledI
     q_labels = cache.labels("val", query_ids)
     q_rows = torch.stack([ctx.binary(q_labels[j], c, ctx.row[c]) for j, c in enumerate(classes)])
     novel_rows = torch.tensor([ctx.row[c] for c in classes], device=ctx.device)[:, None, None]
-    seeds = [_episode_seed(ctx.options.adaptation.seed, s) for s in specs]
+    seeds = [episode_seed(ctx.options.adaptation.seed, s) for s in specs]
 
     fss = adapt_fss(sup_feat, sup_masks, config=ctx.fss_config, seeds=seeds)
     fss_pred = predict(q_feat, fss, size=ctx.size, align_corners=ctx.align_corners)[:, 0].argmax(1)
-    accs["fss"].update(torch.where(fss_pred == 1, novel_rows, 0), q_rows)
+    score_binary_episodes(accs["fss"], fss_pred == 1, q_rows, novel_rows)
 
     gfss = adapt_gfss(
         sup_feat, sup_masks, ctx.base_weight, ctx.base_bias,
@@ -561,7 +596,8 @@ def _paper_unit(ctx: _Context, specs: list[EpisodeSpec], accs: dict[str, PooledI
         seeds=seeds, query_features=q_feat if ctx.gfss_config.transductive else None, state=carry,
     )  # fmt: skip
     g_pred = predict(q_feat, gfss, size=ctx.size, align_corners=ctx.align_corners)[:, 0].argmax(1)
-    accs["gfss_novel"].update(torch.where(g_pred == ctx.num_base_rows, novel_rows, g_pred), q_rows)
+    # The novel class is the one row appended after the B + 1 pre-trained rows.
+    score_binary_episodes(accs["gfss_novel"], g_pred == ctx.num_base_rows, q_rows, novel_rows)
 
     with_base = [j for j, s in enumerate(specs) if s.base_query_id is not None]
     if with_base:
@@ -576,8 +612,10 @@ def _paper_unit(ctx: _Context, specs: list[EpisodeSpec], accs: dict[str, PooledI
         weight = gfss.weight.index_select(0, idx)
         bias = None if gfss.bias is None else gfss.bias.index_select(0, idx)
         b_pred = predict(b_feat, weight, bias, size=ctx.size, align_corners=ctx.align_corners)[:, 0].argmax(1)
-        sub_rows = novel_rows.index_select(0, idx)
-        accs["gfss_base"].update(torch.where(b_pred == ctx.num_base_rows, sub_rows, b_pred), b_rows)
+        base_rows = torch.tensor([ctx.row[specs[j].base_class_id] for j in with_base], device=ctx.device)
+        # Foreground iff the episode's base class wins over all B + 2 rows; other base classes predicted on that
+        # image are "not b", never false positives of their own class (METHOD.md section 5).
+        score_binary_episodes(accs["gfss_base"], b_pred == base_rows[:, None, None], b_rows, base_rows[:, None, None])
 
 
 class _RunSupport:
@@ -611,7 +649,7 @@ def _run_unit(
             support.masks.expand(e, *support.masks.shape),
             ctx.base_weight, ctx.base_bias, support_classes=support.classes.expand(e, -1),
             num_novel_classes=num_novel, config=config, query_features=q_feat[:, None],
-            seeds=[_episode_seed(ctx.options.adaptation.seed, s) for s in specs],
+            seeds=[episode_seed(ctx.options.adaptation.seed, s) for s in specs],
         )  # fmt: skip
         logits = predict(q_feat[:, None], clf, size=ctx.size, align_corners=ctx.align_corners)[:, 0]
     else:
@@ -619,7 +657,7 @@ def _run_unit(
             support.classifier = adapt_gfss(
                 support.features, support.masks, ctx.base_weight, ctx.base_bias, support_classes=support.classes,
                 num_novel_classes=num_novel, config=config, state=carry,
-                seeds=_episode_seed(ctx.options.adaptation.seed, specs[0], per_query=False),
+                seeds=episode_seed(ctx.options.adaptation.seed, specs[0], per_query=False),
             )  # fmt: skip
         logits = predict(q_feat, support.classifier, size=ctx.size, align_corners=ctx.align_corners)
     if protocol == "diam":
@@ -786,7 +824,7 @@ def evaluate_episodes(
         bar.close()
 
     id2label = {r: n for r, n in enumerate(["background", *split.base_names, *split.novel_names])}
-    metrics, runs = _summarise(protocol, accs, ctx)
+    metrics, runs = summarise_accumulators(protocol, accs, ctx.num_base_rows)
     return EvaluationResult(
         protocol=protocol,
         metrics=metrics,
@@ -805,9 +843,20 @@ def evaluate_episodes(
     )
 
 
-def _summarise(protocol: str, accs: dict[str, PooledIoU], ctx: _Context) -> tuple[dict[str, float], list[dict]]:
-    base_rows = list(range(1, ctx.num_base_rows))
-    novel_rows = list(range(ctx.num_base_rows, ctx.num_rows))
+def summarise_accumulators(
+    protocol: str, accs: Mapping[str, PooledIoU], num_base_rows: int
+) -> tuple[dict[str, float], list[dict]]:
+    """
+    The metrics of [`metric_keys`] (and, for `diam` / `capl`, the per-run summaries) from reduced accumulators.
+
+    Args:
+        protocol (`str`): `"paper"`, `"diam"` or `"capl"`.
+        accs (`Mapping[str, PooledIoU]`): `paper`: `fss`, `gfss_novel`, `gfss_base`; `diam` / `capl`: `run0`, ...
+        num_base_rows (`int`): `B + 1` (background and base rows come first; novel rows follow up to the end).
+    """
+    num_rows = next(iter(accs.values())).num_classes
+    base_rows = list(range(1, num_base_rows))
+    novel_rows = list(range(num_base_rows, num_rows))
     if protocol == "paper":
         fss, novel, base = accs["fss"], accs["gfss_novel"], accs["gfss_base"]
         # Base and novel scores come from different images (the extra base image, the query): two accumulators.

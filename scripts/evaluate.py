@@ -143,6 +143,8 @@ def evaluation_function(args: argparse.Namespace, accelerator: Accelerator) -> d
     config = {
         "model": args.model,
         "dataset": args.dataset,
+        "data_dir": args.data_dir,
+        "cache_dir": args.cache_dir,
         "fold": fold,
         "split_kind": split.split_kind,
         "protocol": args.protocol,

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -193,3 +194,116 @@ def test_errors(setup):
     changed = [e for e in episodes]
     changed[0] = type(changed[0]).from_dict({**changed[0].to_dict(), "query_id": val.ids[-1]})
     assert episodes_hash(changed) != episodes_hash(episodes)
+
+
+# -- the protocols' pooling, checked against brute-force recomputations written from METHOD.md section 5 -----------
+B, N = 3, 2  # rows: background 0, base 1..3, novel 4..5
+NUM_BASE_ROWS, NUM_ROWS = B + 1, B + 1 + N
+
+
+def brute_iou(pairs):
+    """pairs: (predicted foreground, ground-truth foreground, valid) boolean maps of one class -> pooled IoU."""
+    inter = sum(int((p & g & v).sum()) for p, g, v in pairs)
+    union = sum(int(((p | g) & v).sum()) for p, g, v in pairs)
+    return inter / union if union else float("nan")
+
+
+def brute_mean(values):
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept)
+
+
+def hand_built_paper_episodes(rng, count=12, size=16):
+    """Episodes whose base images hold several base classes, predicted mostly right: the case where pooling the
+    multi-class prediction into one confusion matrix (the old bug) counts other base classes as false positives."""
+    episodes = []
+    for e in range(count):
+        novel_row = NUM_BASE_ROWS + e % N
+        valid = rng.random((size, size)) > 0.1  # some ignored pixels
+        q_gt = rng.random((size, size)) < 0.3
+        fss_fg = np.where(rng.random((size, size)) < 0.8, q_gt, ~q_gt)
+        gfss_map = rng.integers(0, NUM_BASE_ROWS, (size, size))  # base predictions on the query
+        gfss_map[np.where(rng.random((size, size)) < 0.75, q_gt, ~q_gt)] = NUM_BASE_ROWS  # the novel row
+        base_row = 1 + e % B
+        b_gt = rng.integers(0, NUM_BASE_ROWS, (size, size))  # every base class present on the base image
+        b_map = np.where(rng.random((size, size)) < 0.85, b_gt, rng.integers(0, NUM_BASE_ROWS + 1, (size, size)))
+        b_valid = rng.random((size, size)) > 0.1
+        episodes.append(dict(novel_row=novel_row, valid=valid, q_gt=q_gt, fss_fg=fss_fg, gfss_map=gfss_map,
+                             base_row=base_row, b_gt=b_gt, b_map=b_map, b_valid=b_valid))  # fmt: skip
+    return episodes
+
+
+def test_paper_protocol_pooling_matches_its_definition():
+    from gfss_hf.evaluation import score_binary_episodes, summarise_accumulators
+    from gfss_hf.metrics import PooledIoU
+
+    episodes = hand_built_paper_episodes(np.random.default_rng(0))
+    # Brute force, from the protocol's text: binary IoU of the episode's class, pooled over that class's episodes.
+    fss = {c: brute_iou([(e["fss_fg"], e["q_gt"], e["valid"]) for e in episodes if e["novel_row"] == c])
+           for c in range(NUM_BASE_ROWS, NUM_ROWS)}  # fmt: skip
+    novel = {c: brute_iou([(e["gfss_map"] == NUM_BASE_ROWS, e["q_gt"], e["valid"]) for e in episodes
+                           if e["novel_row"] == c]) for c in range(NUM_BASE_ROWS, NUM_ROWS)}  # fmt: skip
+    base = {b: brute_iou([(e["b_map"] == b, e["b_gt"] == b, e["b_valid"]) for e in episodes if e["base_row"] == b])
+            for b in range(1, NUM_BASE_ROWS)}  # fmt: skip
+    fb = [brute_iou([(~e["fss_fg"], ~e["q_gt"], e["valid"]) for e in episodes]),
+          brute_iou([(e["fss_fg"], e["q_gt"], e["valid"]) for e in episodes])]  # fmt: skip
+    expected = {
+        "fss_novel_miou": brute_mean(fss.values()),
+        "gfss_novel_miou": brute_mean(novel.values()),
+        "gfss_base_miou": brute_mean(base.values()),
+        "fss_fb_iou": brute_mean(fb),
+    }
+    expected["gfss_mean_miou"] = (expected["gfss_base_miou"] + expected["gfss_novel_miou"]) / 2
+
+    # The package, fed the same maps the way `_paper_unit` feeds it (targets: row on the class, 0 elsewhere, 255).
+    accs = {name: PooledIoU(NUM_ROWS) for name in ("fss", "gfss_novel", "gfss_base")}
+    t = torch.as_tensor
+    q_target = t(np.stack([np.where(e["valid"], e["q_gt"] * e["novel_row"], 255) for e in episodes]))
+    novel_rows = t([e["novel_row"] for e in episodes])[:, None, None]
+    score_binary_episodes(accs["fss"], t(np.stack([e["fss_fg"] for e in episodes])), q_target, novel_rows)
+    g_pred = t(np.stack([e["gfss_map"] for e in episodes]))
+    score_binary_episodes(accs["gfss_novel"], g_pred == NUM_BASE_ROWS, q_target, novel_rows)
+    base_rows = t([e["base_row"] for e in episodes])[:, None, None]
+    b_target = t(np.stack([np.where(e["b_valid"], (e["b_gt"] == e["base_row"]) * e["base_row"], 255)
+                           for e in episodes]))  # fmt: skip
+    b_pred = t(np.stack([e["b_map"] for e in episodes]))
+    score_binary_episodes(accs["gfss_base"], b_pred == base_rows, b_target, base_rows)
+    metrics, runs = summarise_accumulators("paper", accs, NUM_BASE_ROWS)
+    assert runs == []
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value, abs=1e-12), key
+
+    # The old wiring (the multi-class base prediction pooled into one confusion matrix) gives a different, lower
+    # number on these maps: the test can tell the two apart.
+    wrong = PooledIoU(NUM_ROWS)
+    wrong.update(torch.where(b_pred == NUM_BASE_ROWS, novel_rows, b_pred), b_target)
+    assert wrong.mean_iou(range(1, NUM_BASE_ROWS)) < expected["gfss_base_miou"] - 0.2
+
+
+@pytest.mark.parametrize("protocol", ["diam", "capl"])
+def test_run_protocols_pooling_matches_their_definition(protocol):
+    from gfss_hf.evaluation import summarise_accumulators
+    from gfss_hf.metrics import PooledIoU
+
+    rng = np.random.default_rng(1)
+    runs, accs = [], {}
+    for run in range(3):
+        gt = rng.integers(0, NUM_ROWS, (5, 12, 12))
+        gt[rng.random(gt.shape) < 0.1] = 255
+        pred = np.where(rng.random(gt.shape) < 0.7, gt, rng.integers(0, NUM_ROWS, gt.shape))
+        pred[pred == 255] = 0
+        valid = gt != 255
+        iou = [brute_iou([(pred == c, gt == c, valid)]) for c in range(NUM_ROWS)]
+        base = brute_mean(iou[0 if protocol == "capl" else 1 : NUM_BASE_ROWS])  # capl counts background in base
+        novel = brute_mean(iou[NUM_BASE_ROWS:])
+        runs.append({"base_miou": base, "novel_miou": novel, "mean_miou": (base + novel) / 2,
+                     "total_miou": brute_mean(iou)})  # fmt: skip
+        accs[f"run{run}"] = PooledIoU(NUM_ROWS)
+        for q in range(len(gt)):  # one query at a time, as the protocol predicts them
+            accs[f"run{run}"].update(torch.as_tensor(pred[q]), torch.as_tensor(gt[q]))
+    metrics, summaries = summarise_accumulators(protocol, accs, NUM_BASE_ROWS)
+    keys = ["base_miou", "novel_miou", "mean_miou"] + (["total_miou"] if protocol == "capl" else [])
+    for key in keys:
+        assert metrics[key] == pytest.approx(np.mean([r[key] for r in runs]), abs=1e-12), key
+        assert metrics[f"{key}_std"] == pytest.approx(np.std([r[key] for r in runs], ddof=1), abs=1e-12), key
+        assert [s[key] for s in summaries] == pytest.approx([r[key] for r in runs], abs=1e-12)
