@@ -99,10 +99,10 @@ def replay(model: str, episodes_file: str, results_file: str, limit: int | None 
                       return_label_map=True, **adaptation)  # fmt: skip
         gfss = pipe(images, mode="gfss", **common)
         fss = pipe([query["image"]], mode="fss", **common)
-        for key, out, image_index, class_id, label in (
-            ("fss_novel_miou", fss[0], 0, c, query["label"]),
-            ("gfss_novel_miou", gfss[0], 0, c, query["label"]),
-            *([("gfss_base_miou", gfss[1], 1, spec.base_class_id, base["label"])] if len(images) > 1 else []),
+        for key, out, class_id, label in (
+            ("fss_novel_miou", fss[0], c, query["label"]),
+            ("gfss_novel_miou", gfss[0], c, query["label"]),
+            *([("gfss_base_miou", gfss[1], spec.base_class_id, base["label"])] if len(images) > 1 else []),
         ):
             index = {name: k for k, name in out["id2label"].items()}[names[class_id]]
             inter, union = _binary_counts(out["label_map"] == index, np.asarray(label), class_id)
