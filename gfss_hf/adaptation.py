@@ -37,6 +37,7 @@ that it travels with a Hub export of the pipeline.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
@@ -59,7 +60,7 @@ __all__ = [
 
 _METHODS = ("fss", "gfss")
 _KD_SCALES = ("reference", "paper")
-_NOVEL_INITS = ("random", "prototype")
+_NOVEL_INITS = ("random", "prototype", "kaiming_uniform")
 _CE_WEIGHTINGS = (None, "reference")
 _RESOLUTIONS = ("input", "feature")
 
@@ -83,13 +84,19 @@ class AdaptationConfig:
             novel class (the teacher is wrong there by construction).
         kd_average_over_padding (`bool`, *optional*, defaults to `False`): average KD over every canvas pixel,
             padding and ignored pixels included, as the reference does.
-        novel_init (`str`, *optional*, defaults to `"random"`): `"random"` (normal, std `init_std`, the reference)
-            or `"prototype"` (masked average of the support features of the class, scaled to the mean norm of the
-            pre-trained rows).
+        novel_init (`str`, *optional*, defaults to `"random"`): `"random"` (normal, std `init_std`, as the paper
+            describes), `"kaiming_uniform"` (what the reference code actually does: `nn.Conv2d`'s default, uniform in
+            `[-1/sqrt(D), 1/sqrt(D)]`, i.e. Kaiming uniform with `a = sqrt(5)`; `init_std` unused), or
+            `"prototype"` (masked average of the support features of the class, scaled to the mean norm of the
+            pre-trained rows). GFSS novel rows only; the FSS 2-way classifier always starts from `init_std`.
         init_std (`float`, *optional*, defaults to 0.01): std of the random initialisation.
         ce_weighting (`str`, *optional*): `None` (plain mean) or `"reference"`: foreground pixels weighted
             `n_bg / n_fg` (pooled over the episode's supports), background 1; when either count is 0 both weights
             are 1 (the reference divides by zero there).
+        normalize_features (`bool`, *optional*, defaults to `False`): L2-normalise every feature vector (support,
+            query, and the teacher's input) over channels before the classifier, in fine-tuning and prediction, as
+            the reference code does. The pre-trained rows were trained on unnormalised features, so their logits
+            shrink by the feature norm.
         loss_resolution (`str`, *optional*, defaults to `"input"`): `"input"` computes the loss on logits upsampled
             to the label size (exact); `"feature"` downsamples the labels (nearest) to the feature size (faster).
         align_corners (`bool`, *optional*, defaults to `True`): of the bilinear logit upsampling; use the model's
@@ -123,6 +130,7 @@ class AdaptationConfig:
     novel_init: str = "random"
     init_std: float = 0.01
     ce_weighting: str | None = None
+    normalize_features: bool = False
     loss_resolution: str = "input"
     align_corners: bool = True
     transductive: bool = False
@@ -179,6 +187,8 @@ class AdaptedClassifier:
         num_base_rows (`int`): `T`, rows that come from the pre-trained classifier (background included); 1 for FSS.
         num_novel_classes (`int`): `N`, rows appended after them (1 for FSS).
         loss_history (`torch.Tensor` of shape `(steps,)` or `(E, steps)`): the fine-tuning loss before each step.
+        normalize_features (`bool`, *optional*, defaults to `False`): the rows were fitted on L2-normalised features;
+            [`predict`] normalises query features the same way.
     """
 
     weight: torch.Tensor
@@ -186,6 +196,7 @@ class AdaptedClassifier:
     num_base_rows: int
     num_novel_classes: int
     loss_history: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    normalize_features: bool = False
 
     @property
     def batched(self) -> bool:
@@ -210,6 +221,22 @@ class AdaptedClassifier:
             self.num_base_rows,
             self.num_novel_classes,
             self.loss_history[index] if self.loss_history.dim() == 2 else self.loss_history,
+            self.normalize_features,
+        )
+
+    def select(self, indices: Sequence[int]) -> AdaptedClassifier:
+        """The episodes `indices` of a batched result, still batched."""
+        if not self.batched:
+            raise ValueError("this classifier is not batched; select episodes of a batched result.")
+        idx = torch.as_tensor(list(indices), device=self.weight.device, dtype=torch.long)
+        history = self.loss_history.index_select(0, idx.to(self.loss_history.device))
+        return AdaptedClassifier(
+            self.weight.index_select(0, idx),
+            None if self.bias is None else self.bias.index_select(0, idx),
+            self.num_base_rows,
+            self.num_novel_classes,
+            history if self.loss_history.dim() == 2 else self.loss_history,
+            self.normalize_features,
         )
 
 
@@ -255,13 +282,26 @@ def _seeds(seeds, default: int, num: int) -> list[int]:
     return seeds
 
 
-def _random_rows(seeds: list[int], rows: int, dim: int, std: float, like: torch.Tensor) -> torch.Tensor:
-    """(E, rows, dim) normal rows, episode e from its own CPU generator seeded `seeds[e]` (device-independent)."""
+def _random_rows(
+    seeds: list[int], rows: int, dim: int, std: float, like: torch.Tensor, kind: str = "normal"
+) -> torch.Tensor:
+    """(E, rows, dim) random rows, episode e from its own CPU generator seeded `seeds[e]` (device-independent):
+    `kind="normal"` with std `std`, or `"kaiming_uniform"`: `nn.Conv2d`'s default for a 1x1 conv of `dim` inputs
+    (Kaiming uniform with a = sqrt(5), i.e. U(-1/sqrt(dim), 1/sqrt(dim)))."""
     out = []
     for seed in seeds:
         generator = torch.Generator().manual_seed(seed)
-        out.append(torch.randn(rows, dim, generator=generator) * std)
+        if kind == "kaiming_uniform":
+            bound = 1.0 / math.sqrt(dim)
+            out.append(torch.rand(rows, dim, generator=generator) * (2 * bound) - bound)
+        else:
+            out.append(torch.randn(rows, dim, generator=generator) * std)
     return torch.stack(out).to(device=like.device, dtype=like.dtype)
+
+
+def _normalized(features: torch.Tensor | None, enabled: bool) -> torch.Tensor | None:
+    """L2 normalisation over the channel axis (-3) of `(..., D, h, w)` features when `enabled`."""
+    return F.normalize(features, dim=-3) if enabled and features is not None else features
 
 
 def _downsample_labels(labels: torch.Tensor, size) -> torch.Tensor:
@@ -837,6 +877,7 @@ def adapt_gfss(
     config = config if config is not None else AdaptationConfig()
     annotated_classes = annotated
     features, batched = _batch(support_features, 4, "support_features", "(K, D, h, w)")
+    features = _normalized(features, config.normalize_features)
     labels, labels_batched = _batch(support_labels, 3, "support_labels", "(K, H, W)")
     if labels_batched != batched:
         raise ValueError(
@@ -919,8 +960,9 @@ def adapt_gfss(
 
     # Initial rows: fresh copy of the pre-trained rows + novel rows.
     seed_list = _seeds(seeds, config.seed, num_episodes)
-    if config.novel_init == "random":
-        novel_w = _random_rows(seed_list, num_novel, dim, config.init_std, features)
+    if config.novel_init in ("random", "kaiming_uniform"):
+        kind = "normal" if config.novel_init == "random" else "kaiming_uniform"
+        novel_w = _random_rows(seed_list, num_novel, dim, config.init_std, features, kind)
     else:
         novel_w = _prototype_rows(features, labels, num_novel, base_w, config.loss_resolution == "feature")
     weight = torch.cat([base_w, novel_w], dim=1)
@@ -948,6 +990,7 @@ def adapt_gfss(
         raise ValueError("state is only used with AdaptationConfig(legacy_carry_over=True); drop it or set the flag.")
 
     query, _ = _batch(query_features, 4, "query_features", "(Q, D, h, w)")
+    query = _normalized(query, config.normalize_features)
     if config.transductive and query is None:
         raise ValueError("transductive=True needs query_features (the frozen features of the query images).")
     if not config.transductive and query is not None:
@@ -988,7 +1031,7 @@ def adapt_gfss(
     if config.legacy_carry_over:
         state.weight, state.bias = weight[0].clone(), None if bias is None else bias[0].clone()
         state.episodes += 1
-    result = AdaptedClassifier(weight, bias, num_teacher, num_novel, history)
+    result = AdaptedClassifier(weight, bias, num_teacher, num_novel, history, config.normalize_features)
     return result if batched else result.episode(0)
 
 
@@ -1029,6 +1072,7 @@ def adapt_fss(
     """
     config = config if config is not None else AdaptationConfig(method="fss")
     features, batched = _batch(support_features, 4, "support_features", "(K, D, h, w)")
+    features = _normalized(features, config.normalize_features)
     masks, masks_batched = _batch(support_masks, 3, "support_masks", "(K, H, W)")
     if masks_batched != batched:
         raise ValueError("support_features and support_masks disagree about the episode axis.")
@@ -1054,7 +1098,7 @@ def adapt_fss(
         None, None, 0.0, None, 1, 2, features.shape[-2:], config.align_corners,
     )  # fmt: skip
     weight, bias_t, history = _fit(features, weight, bias_t, objective, config.steps, config.lr)
-    result = AdaptedClassifier(weight, bias_t, 1, 1, history)
+    result = AdaptedClassifier(weight, bias_t, 1, 1, history, config.normalize_features)
     return result if batched else result.episode(0)
 
 
@@ -1106,6 +1150,7 @@ def predict(
         if bias is not None:
             raise ValueError("bias is taken from the AdaptedClassifier; do not pass it separately.")
         weight, bias = classifier.weight, classifier.bias
+        query_features = _normalized(query_features, classifier.normalize_features)
     else:
         weight = classifier.reshape(*classifier.shape[:-2], -1) if classifier.dim() in (4, 5) else classifier
     batched = weight.dim() == 3
@@ -1334,6 +1379,7 @@ def adapt_encoded(model, encoded: EncodedSupports, config: AdaptationConfig, see
         1,
         1,
         torch.stack([r.loss_history for r in results]),
+        config.normalize_features,
     )
 
 
@@ -1381,6 +1427,11 @@ def learn_classes(
     config = (config if config is not None else AdaptationConfig()).replace(**config_overrides)
     if config.method != "gfss":
         raise ValueError(f"learn_classes keeps classes in the expanded classifier; got method={config.method!r}, use 'gfss'.")
+    if config.normalize_features:
+        raise ValueError(
+            "normalize_features=True fits rows to L2-normalised features, but the model's classifier reads raw "
+            "features: the learned rows cannot be kept in it. Learn them with normalize_features=False."
+        )
     was_training = model.training
     model.eval()
     try:

@@ -608,10 +608,8 @@ def _paper_unit(ctx: _Context, specs: list[EpisodeSpec], accs: dict[str, PooledI
             [ctx.binary(b_labels[n], specs[j].base_class_id, ctx.row[specs[j].base_class_id])
              for n, j in enumerate(with_base)]
         )  # fmt: skip
-        idx = torch.tensor(with_base, device=gfss.weight.device)
-        weight = gfss.weight.index_select(0, idx)
-        bias = None if gfss.bias is None else gfss.bias.index_select(0, idx)
-        b_pred = predict(b_feat, weight, bias, size=ctx.size, align_corners=ctx.align_corners)[:, 0].argmax(1)
+        b_pred = predict(b_feat, gfss.select(with_base), size=ctx.size, align_corners=ctx.align_corners)
+        b_pred = b_pred[:, 0].argmax(1)
         base_rows = torch.tensor([ctx.row[specs[j].base_class_id] for j in with_base], device=ctx.device)
         # Foreground iff the episode's base class wins over all B + 2 rows; other base classes predicted on that
         # image are "not b", never false positives of their own class (METHOD.md section 5).

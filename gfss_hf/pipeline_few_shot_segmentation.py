@@ -135,6 +135,11 @@ class FewShotSegmentationPipeline(Pipeline):
                 "own classes."
             )
         config = AdaptationConfig(method=mode, **adaptation_kwargs)
+        if persist and config.normalize_features:
+            raise ValueError(
+                "persist=True keeps the learned rows in the model, whose classifier reads raw features; they were "
+                "fitted to L2-normalised ones (normalize_features=True). Drop one of the two."
+            )
         model = self.model
         model.eval()
         encoded = encode_supports(

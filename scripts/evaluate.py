@@ -37,7 +37,7 @@ from gfss_hf.evaluation import (
 )
 
 METHOD_OPTIONS = ("steps", "lr", "gamma", "kd_scale", "kd_skip_novel", "kd_average_over_padding", "novel_init",
-                  "ce_weighting", "loss_resolution", "transductive", "legacy_carry_over")  # fmt: skip
+                  "ce_weighting", "normalize_features", "loss_resolution", "transductive", "legacy_carry_over")  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -70,7 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     method.add_argument("--kd_scale", default="reference", choices=["reference", "paper"])
     method.add_argument("--kd_skip_novel", action="store_true")
     method.add_argument("--kd_average_over_padding", action="store_true")
-    method.add_argument("--novel_init", default="random", choices=["random", "prototype"])
+    method.add_argument("--novel_init", default="random", choices=["random", "prototype", "kaiming_uniform"],
+                        help="kaiming_uniform: nn.Conv2d's default, what the reference code does")
+    method.add_argument("--normalize_features", action="store_true",
+                        help="L2-normalise support and query features before the classifier (reference code)")
     method.add_argument("--ce_weighting", default="none", choices=["none", "reference"])
     method.add_argument("--loss_resolution", default="input", choices=["input", "feature"])
     method.add_argument("--transductive", action="store_true")

@@ -558,3 +558,50 @@ MARGIN_FSS = 0.1
 MARGIN_GFSS = 0.1
 MARGIN_BASE = 0.0
 NOVEL_FLOOR = 0.15
+
+
+# -- the reference's options: each changes what it says and nothing else ------------------------------------------
+def _toy_episode(seed=0, dim=8):
+    gen = torch.Generator().manual_seed(seed)
+    feats = torch.randn(2, dim, 4, 4, generator=gen) * 5
+    labels = torch.zeros(2, 16, 16, dtype=torch.long)
+    labels[:, 4:10, 4:10] = 1
+    base = torch.randn(3, dim, generator=gen) * 0.1
+    return feats, labels, base
+
+
+def test_kaiming_uniform_init_is_conv2d_default_for_the_novel_rows_only():
+    feats, labels, base = _toy_episode()
+    dim = feats.shape[1]
+    clf = adapt_gfss(feats, labels, base, config=AdaptationConfig(steps=0, novel_init="kaiming_uniform"), seeds=3)
+    normal = adapt_gfss(feats, labels, base, config=AdaptationConfig(steps=0), seeds=3)
+    torch.testing.assert_close(clf.weight[:3], base)  # base rows untouched
+    torch.testing.assert_close(normal.weight[:3], base)
+    novel = clf.novel_weight
+    bound = 1 / math.sqrt(dim)
+    assert float(novel.abs().max()) <= bound and float(novel.abs().max()) > 0.5 * bound
+    # nn.Conv2d(dim, 1, 1)'s default initialisation draws from the same interval.
+    conv = torch.nn.Conv2d(dim, 1, 1, bias=False)
+    assert float(conv.weight.detach().abs().max()) <= bound
+    assert not torch.allclose(novel, normal.novel_weight)  # the option changes the novel row
+    again = adapt_gfss(feats, labels, base, config=AdaptationConfig(steps=0, novel_init="kaiming_uniform"), seeds=3)
+    torch.testing.assert_close(again.weight, clf.weight)  # seeded
+
+
+def test_normalize_features_fits_and_predicts_on_unit_feature_vectors():
+    feats, labels, base = _toy_episode()
+    config = AdaptationConfig(steps=5, normalize_features=True)
+    clf = adapt_gfss(feats, labels, base, config=config, seeds=1)
+    unit = torch.nn.functional.normalize(feats, dim=1)
+    # Same as adapting on features normalised by hand, with the flag off.
+    by_hand = adapt_gfss(unit, labels, base, config=config.replace(normalize_features=False), seeds=1)
+    torch.testing.assert_close(clf.weight, by_hand.weight)
+    assert clf.normalize_features and not by_hand.normalize_features
+    query = torch.randn(1, feats.shape[1], 4, 4) * 7
+    torch.testing.assert_close(predict(query, clf), predict(torch.nn.functional.normalize(query, dim=1), by_hand))
+    # And it does change the result (the features are far from unit norm).
+    plain = adapt_gfss(feats, labels, base, config=config.replace(normalize_features=False), seeds=1)
+    assert not torch.allclose(plain.weight, clf.weight)
+    fss = adapt_fss(feats, labels, config=AdaptationConfig(method="fss", steps=5, normalize_features=True), seeds=1)
+    fss_hand = adapt_fss(unit, labels, config=AdaptationConfig(method="fss", steps=5), seeds=1)
+    torch.testing.assert_close(fss.weight, fss_hand.weight)
