@@ -42,20 +42,26 @@ from .data.episodes import (
     sample_paper_episodes,
     scaled_pixel_threshold,
 )
-from .data.splits import IGNORE_INDEX, FoldSplit
+from .data.splits import IGNORE_INDEX, FoldSplit, get_split
 from .metrics import PooledIoU, harmonic_mean
 
 __all__ = [
+    "AREA_SHARES",
+    "EVALUATION_DATASETS",
     "EVALUATION_PROTOCOLS",
     "DatasetImageSource",
     "EvaluationOptions",
     "EvaluationResult",
     "FeatureCache",
     "build_episodes",
+    "check_episodes",
+    "check_model_matches_split",
     "default_min_pixels",
     "episode_seed",
     "episodes_hash",
+    "estimate_evaluation_seconds",
     "evaluate_episodes",
+    "load_fold_split",
     "load_image_source",
     "metric_keys",
     "results_markdown",
@@ -67,6 +73,7 @@ __all__ = [
 logger = logging.get_logger(__name__)
 
 EVALUATION_PROTOCOLS = ("paper", "diam", "capl")
+EVALUATION_DATASETS = ("synthetic", "pascal5i", "pascal10i", "coco20i", "folder")
 _FEATURE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _PAPER_KEYS = (
     "fss_novel_miou",
@@ -117,6 +124,9 @@ class DatasetImageSource:
         pixel_counts (`dict[str, dict[int, int]]`, *optional*): per image id, the pixel count of each class (e.g.
             `gfss_hf.data.pascal.pascal_pixel_counts`, computed from the masks without decoding images); computed
             from the `label` column when not given.
+        image_areas (`dict[str, int]`, *optional*): per image id, `height * width` (for [`default_min_pixels`] on
+            datasets without a published threshold); read from the `label` column when needed and not given.
+        description (`str`, *optional*): which images these are (printed by `scripts/evaluate.py`).
 
     Example:
 
@@ -126,7 +136,13 @@ class DatasetImageSource:
     ```
     """
 
-    def __init__(self, dataset, pixel_counts: Mapping[str, Mapping[int, int]] | None = None):
+    def __init__(
+        self,
+        dataset,
+        pixel_counts: Mapping[str, Mapping[int, int]] | None = None,
+        image_areas: Mapping[str, int] | None = None,
+        description: str = "",
+    ):
         missing = {"id", "image", "label"} - set(dataset.column_names)
         if missing:
             raise ValueError(
@@ -139,6 +155,8 @@ class DatasetImageSource:
         if len(self._row) != len(self.ids):
             raise ValueError("the dataset repeats image ids; every row needs a unique 'id'.")
         self._pixel_counts = None if pixel_counts is None else {str(k): dict(v) for k, v in pixel_counts.items()}
+        self._image_areas = None if image_areas is None else {str(k): int(v) for k, v in image_areas.items()}
+        self.description = description
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -148,6 +166,13 @@ class DatasetImageSource:
             raise KeyError(f"image id {image_id!r} is not in this dataset ({len(self.ids)} images).")
         row = self.dataset[self._row[image_id]]
         return {"id": image_id, "image": row["image"], "label": np.asarray(row["label"])}
+
+    def median_image_area(self) -> float:
+        """Median of the images' pixel areas (`height * width`), for area thresholds relative to the image size."""
+        if self._image_areas is None:
+            self._image_areas = {str(r["id"]): int(np.asarray(r["label"]).size)
+                                 for r in self.dataset.select_columns(["id", "label"])}  # fmt: skip
+        return float(np.median([self._image_areas[i] for i in self.ids]))
 
     def pixel_counts(self) -> dict[str, dict[int, int]]:
         if self._pixel_counts is None:
@@ -159,17 +184,35 @@ class DatasetImageSource:
 
 
 # -- episodes -------------------------------------------------------------------------------------------------------
-def default_min_pixels(protocol: str, dataset: str, image_size: int | None = None) -> int:
+# The literature's thresholds as a share of the canvas they were set for: 2,048 px of a 473 x 473 canvas (`paper`,
+# `capl`) and 16,384 px of a 417 x 417 one (`diam`). Datasets of other image sizes use the same share of their own
+# (median) image area, so that a class counts as "present" for the same reason.
+AREA_SHARES = {"paper": 2048 / 473**2, "capl": 2048 / 473**2, "diam": 16384 / 417**2}
+_STANDARD_THRESHOLD_DATASETS = ("pascal5i", "pascal10i", "coco20i")
+
+
+def default_min_pixels(
+    protocol: str, dataset: str, image_size: int | None = None, image_area: float | None = None
+) -> int:
     """
     Area threshold of a protocol's class index (`paper`: query/support/base images; `diam`, `capl`: supports).
 
-    PASCAL / COCO: 2,048 px (`paper`, `capl`), 16,384 px (`diam`, at 417 px). The procedural dataset (96 px by
-    default, thresholds scaled to `image_size`): `paper` / `capl` use its 64 px base-training threshold; `diam` uses
-    300 px, because its objects cover 2-10 % of an image and DIaM's 9.4 % (16,384 / 417^2) would leave one or two
-    support candidates for some novel classes.
+    PASCAL / COCO: 2,048 px (`paper`, `capl`), 16,384 px (`diam`, at 417 px), as published. The procedural dataset
+    (96 px by default, thresholds scaled to `image_size`): `paper` / `capl` use its 64 px base-training threshold;
+    `diam` uses 300 px, because its objects cover 2-10 % of an image and DIaM's 9.4 % (16,384 / 417^2) would leave
+    one or two support candidates for some novel classes. Any other dataset (a folder dataset, CamVid, ...): the
+    published thresholds' share of the canvas ([`AREA_SHARES`]: 0.92 % for `paper` / `capl`, 9.4 % for `diam`) of
+    `image_area`, the median image area of the list (e.g. 1,581 px for 480 x 360 street scenes, `paper`).
     """
     if protocol not in EVALUATION_PROTOCOLS:
         raise ValueError(f"protocol={protocol!r} is not known; use one of {list(EVALUATION_PROTOCOLS)}.")
+    if dataset not in (*_STANDARD_THRESHOLD_DATASETS, "synthetic"):
+        if image_area is None or not image_area > 0:
+            raise ValueError(
+                f"dataset={dataset!r} has no published area threshold: pass image_area (the median image area of the "
+                "list, in pixels) to scale the protocol's share of the image, or give min_pixels."
+            )
+        return max(1, round(AREA_SHARES[protocol] * float(image_area)))
     if dataset == "synthetic":
         from .data.synthetic import DEFAULT_IMAGE_SIZE, DEFAULT_MIN_PIXELS
 
@@ -214,8 +257,24 @@ def build_episodes(
     if protocol not in EVALUATION_PROTOCOLS:
         raise ValueError(f"protocol={protocol!r} is not known; use one of {list(EVALUATION_PROTOCOLS)}.")
     if min_pixels is None:
-        min_pixels = default_min_pixels(protocol, split.dataset, getattr(val_source, "image_size", None))
-    common = {"dataset": split.dataset, "fold": split.fold}
+        source = train_source if protocol == "capl" and train_source is not None else val_source
+        area = None
+        if split.dataset not in (*_STANDARD_THRESHOLD_DATASETS, "synthetic"):
+            if not hasattr(source, "median_image_area"):
+                raise ValueError(
+                    f"dataset {split.dataset!r} needs min_pixels, or an image source with median_image_area() to "
+                    "scale the protocol's area threshold to its images."
+                )
+            area = source.median_image_area()
+        min_pixels = default_min_pixels(protocol, split.dataset, getattr(val_source, "image_size", None), area)
+        if area is not None:
+            logger.warning(
+                f"{protocol} protocol on {split.dataset!r}: area threshold {min_pixels} px = "
+                f"{100 * AREA_SHARES[protocol]:.2f} % of the median image area ({area:.0f} px); set min_pixels to "
+                "override."
+            )
+    names = {**dict(zip(split.base_ids, split.base_names)), **dict(zip(split.novel_ids, split.novel_names))}
+    common = {"dataset": split.dataset, "fold": split.fold, "class_names": names}
     if protocol == "paper":
         index = class_index_from_pixel_counts(val_source.pixel_counts(), min_pixels)
         return sample_paper_episodes(
@@ -533,14 +592,76 @@ class _Context:
         return torch.from_numpy(self.split.to_gfss_labels(labels).astype(np.int64)).to(self.device)
 
 
-def _check_model(model, split: FoldSplit) -> None:
+def check_model_matches_split(model, split: FoldSplit) -> None:
+    """
+    Refuse a model whose base classes (or recorded dataset / fold) are not those of `split`, spelling out the
+    difference: its pre-trained rows would be scored against the wrong classes.
+    """
     base_names = tuple(model.config.base_class_names)
+    where = f"{split.dataset} fold {split.fold}"
     if base_names != tuple(split.base_names):
+        extra = [n for n in base_names if n not in split.base_names]
+        missing = [n for n in split.base_names if n not in base_names]
+        detail = []
+        if extra:
+            detail.append(f"the model has base classes {extra} that {where} does not (novel there, or unknown)")
+        if missing:
+            detail.append(f"{where} has base classes {missing} that the model lacks")
+        if not extra and not missing:
+            detail.append("the same names in another order (classifier rows would be misread)")
         raise ValueError(
-            f"the model's base classes {list(base_names)} are not the base classes of {split.dataset} fold "
-            f"{split.fold} ({list(split.base_names)}); evaluate a model pre-trained on that fold, or pass the "
-            "matching split."
+            f"the model's base classes do not match {where}: {'; '.join(detail)}. Model: {list(base_names)}; "
+            f"split: {list(split.base_names)}. Evaluate a model pre-trained on that fold, or pass the matching "
+            "--fold / --dataset."
         )
+    model_dataset, model_fold = getattr(model.config, "dataset", None), getattr(model.config, "fold", None)
+    if model_dataset not in (None, "", split.dataset) or model_fold not in (None, split.fold):
+        logger.warning(
+            f"the model was pre-trained on {model_dataset} fold {model_fold} and is evaluated on {where}; its base "
+            "classes are the same, so the numbers are valid, but say so when you report them."
+        )
+
+
+def check_episodes(episodes: Sequence[EpisodeSpec], split: FoldSplit, sources: Mapping[str, Any]) -> None:
+    """
+    Refuse episodes that do not belong to this evaluation, naming the episode and the rule it breaks: another
+    dataset, fold or protocol mix; a "novel" class that is not a novel class of the split (e.g. a base class of the
+    model); a base image of a class that is not a base class; a query among its own supports; image ids that are
+    not in the image source (`sources["val"]`, and `sources["train"]` for `capl` supports).
+    """
+    novel, base = set(split.novel_ids), set(split.base_ids)
+    names = {**dict(zip(split.base_ids, split.base_names)), **dict(zip(split.novel_ids, split.novel_names))}
+    known = {name: set(getattr(source, "ids", ())) for name, source in sources.items()}
+    fix = "Sample the episodes for this run (drop --episodes) or pass the run settings the file was made with."
+    for k, spec in enumerate(episodes):
+        where = f"episode {k} (index {spec.index}, run {spec.run})"
+        if (spec.dataset, spec.fold) != (split.dataset, split.fold):
+            raise ValueError(
+                f"{where} is from {spec.dataset!r} fold {spec.fold}, this evaluation is {split.dataset!r} fold "
+                f"{split.fold}. {fix}"
+            )
+        bad = [c for c in spec.class_ids if c not in novel]
+        if bad:
+            what = [f"{c} ({names[c]}, a base class of the model)" if c in base else str(c) for c in bad]
+            raise ValueError(f"{where} treats {what} as novel; the novel classes of this fold are {sorted(novel)}. {fix}")
+        if spec.base_class_id is not None and spec.base_class_id not in base:
+            raise ValueError(
+                f"{where} scores base class {spec.base_class_id}, which is not a base class of this fold. {fix}"
+            )
+        support_source = "train" if spec.protocol == "capl" else "val"
+        supports = spec.all_support_ids()
+        if support_source == "val" and spec.query_id in supports:
+            raise ValueError(f"{where} has its query {spec.query_id!r} among its supports; a query is never a support.")
+        for source, ids in (("val", [spec.query_id] + ([spec.base_query_id] if spec.base_query_id else [])),
+                            (support_source, supports)):  # fmt: skip
+            if source not in known:
+                continue
+            missing = [i for i in ids if i not in known[source]]
+            if missing:
+                raise ValueError(
+                    f"{where} names image(s) {missing[:3]} that are not in the {source} list of this dataset "
+                    f"({len(known[source])} images). {fix}"
+                )
 
 
 def score_binary_episodes(
@@ -742,7 +863,7 @@ def evaluate_episodes(
     if len(protocols) != 1:
         raise ValueError(f"the episodes mix protocols {protocols}; evaluate one protocol at a time.")
     protocol = protocols[0]
-    _check_model(model, split)
+    check_model_matches_split(model, split)
     if protocol == "capl" and train_source is None:
         raise ValueError("'capl' episodes take their supports from the train list: pass train_source.")
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
@@ -766,6 +887,7 @@ def evaluate_episodes(
     sources = {"val": val_source}
     if train_source is not None:
         sources["train"] = train_source
+    check_episodes(episodes, split, sources)
     cache = FeatureCache(
         model, processor, sources, dtype=options.feature_dtype, enabled=options.cache_features,
         max_bytes=options.cache_max_bytes, batch_size=options.feature_batch_size,
@@ -841,6 +963,55 @@ def evaluate_episodes(
     )
 
 
+def estimate_evaluation_seconds(
+    model, processor, episodes: Sequence[EpisodeSpec], options: EvaluationOptions | None = None, repeats: int = 1
+) -> float:
+    """
+    Projected wall time of [`evaluate_episodes`] on this machine, from one timed feature forward pass and one timed
+    adaptation (FSS + GFSS for `paper`) on random features of the real shapes. Conservative: it ignores episode
+    batching, which is faster per episode on a GPU and with `loss_resolution="feature"`.
+
+    Returns:
+        `float`: seconds (features of every distinct image once + every adaptation).
+    """
+    options = options if options is not None else EvaluationOptions()
+    episodes = list(episodes)
+    if not episodes:
+        return 0.0
+    param = next(model.parameters())
+    size = processor.image_size
+    pixels = torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype)
+    protocol = episodes[0].protocol
+    images = {(("train" if protocol == "capl" else "val"), i) for e in episodes for i in e.all_support_ids()}
+    images |= {("val", e.query_id) for e in episodes} | {("val", e.base_query_id) for e in episodes if e.base_query_id}
+    config = options.adaptation.replace(align_corners=bool(model.config.logits_align_corners))
+    shots = len(episodes[0].support_ids[episodes[0].class_ids[0]])
+    num_classes = len(episodes[0].class_ids)
+    with torch.no_grad():
+        model.extract_features(pixels)  # warm-up
+        start = time.perf_counter()
+        for _ in range(repeats):
+            feats = model.extract_features(pixels)
+        t_feature = (time.perf_counter() - start) / repeats
+    sup = feats.expand(shots * num_classes, *feats.shape[1:]).contiguous()
+    masks = torch.zeros(shots * num_classes, size, size, dtype=torch.long, device=param.device)
+    masks[:, : size // 2, : size // 2] = 1
+    base = model.classifier.weight.detach().flatten(1)[: len(model.config.base_class_names) + 1]
+    classes = torch.arange(num_classes).repeat_interleave(shots)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        adapt_gfss(sup, masks, base, support_classes=classes, num_novel_classes=num_classes,
+                   config=config.replace(method="gfss", transductive=False), seeds=0)  # fmt: skip
+        if protocol == "paper":
+            adapt_fss(sup[:shots], masks[:shots], config=config.replace(method="fss"), seeds=0)
+    t_adapt = (time.perf_counter() - start) / repeats
+    if protocol == "paper" or config.transductive:
+        adaptations = len(episodes)
+    else:
+        adaptations = len({e.run for e in episodes})
+    return len(images) * t_feature + adaptations * t_adapt
+
+
 def summarise_accumulators(
     protocol: str, accs: Mapping[str, PooledIoU], num_base_rows: int
 ) -> tuple[dict[str, float], list[dict]]:
@@ -908,12 +1079,14 @@ def load_image_source(
     The image source of one list of a dataset, for [`build_episodes`] and [`evaluate_episodes`].
 
     Args:
-        dataset (`str`): `"synthetic"` (rendered in memory, no files), `"pascal5i"`, `"pascal10i"` or `"coco20i"`
-            (built with the `gfss_hf.data` builders from `data_dir`).
+        dataset (`str`): `"synthetic"` (rendered in memory, no files), `"pascal5i"`, `"pascal10i"`, `"coco20i"`
+            (2014 or 2017: the standard val list when the annotation file holds it, else every image of the file) or
+            `"folder"` (your own images + masks + classes.json), built with the `gfss_hf.data` builders from
+            `data_dir`.
         split_name (`str`): `"val"` or `"train"`.
         fold (`int`, *optional*, defaults to 0): fold of the builder config.
         split_kind (`str`, *optional*): COCO-20i fold table.
-        data_dir (`str`, *optional*): the dataset folder (PASCAL / COCO).
+        data_dir (`str`, *optional*): the dataset folder (PASCAL / COCO / folder).
         cache_dir (`str`, *optional*): `datasets` cache of the builders.
         num_images (`int`, *optional*): synthetic: images of the list (200 val / 1000 train by default).
         image_size (`int`, *optional*): synthetic: side of the rendered images (96 by default).
@@ -931,28 +1104,63 @@ def load_image_source(
     import datasets
 
     name = datasets.Split.VALIDATION if split_name == "val" else datasets.Split.TRAIN
+    areas, description = None, ""
     if dataset in ("pascal5i", "pascal10i"):
         from .data.pascal import Pascal5i, pascal_pixel_counts
 
         builder = Pascal5i(cache_dir=cache_dir, data_dir=data_dir, dataset=dataset, fold=fold, view=split_name)
         counts = pascal_pixel_counts(data_dir, split_name)
+        description = f"PASCAL {split_name} list (standard)"
     elif dataset == "coco20i":
-        from .data.coco import Coco20i, coco_pixel_counts
+        from .data.coco import Coco20i, CocoSemanticMasks, coco_pixel_counts, standard_list_matches
 
-        list_file = "standard" if split_name == "val" else None
-        kind = split_kind or "interleaved"
+        masks = CocoSemanticMasks(data_dir, split_name)
+        list_file = None
+        description = f"all {len(masks.image_ids())} images of {masks.ann_file.name}"
+        if split_name == "val":
+            if standard_list_matches(masks):
+                list_file = "standard"
+                description = f"the standard COCO-20i val list ({masks.ann_file.name})"
+            else:
+                logger.warning(
+                    f"{masks.ann_file.name} does not hold every image of the standard COCO-20i val list (40,137 COCO "
+                    f"2014 val images); evaluating on {description} instead. Numbers are not comparable to "
+                    "published COCO-20i results."
+                )
         builder = Coco20i(
-            cache_dir=cache_dir, data_dir=data_dir, fold=fold, view=split_name, split_kind=kind,
-            **({"val_list": list_file} if split_name == "val" else {}),
+            cache_dir=cache_dir, data_dir=data_dir, fold=fold, view=split_name, split_kind=split_kind or "interleaved",
+            year=masks.year, **({"val_list": list_file} if split_name == "val" else {}),
         )  # fmt: skip
-        counts = coco_pixel_counts(data_dir, split_name, list_file=list_file)
+        counts = coco_pixel_counts(data_dir, split_name, year=masks.year, list_file=list_file)
+    elif dataset == "folder":
+        from .data.folder import FolderSegmentation, folder_entries, folder_image_areas, folder_pixel_counts
+
+        builder = FolderSegmentation(cache_dir=cache_dir, data_dir=data_dir, fold=fold, view=split_name)
+        counts = folder_pixel_counts(data_dir, split_name)
+        areas = folder_image_areas(data_dir, split_name)
+        description = f"{len(folder_entries(data_dir, split_name))} images of the {split_name} list of {data_dir}"
     else:
         raise ValueError(
-            f"dataset={dataset!r} has no image source here; use 'synthetic', 'pascal5i', 'pascal10i' or 'coco20i', "
-            "or wrap your own datasets.Dataset in DatasetImageSource."
+            f"dataset={dataset!r} has no image source here; use one of {list(EVALUATION_DATASETS)}, or wrap your own "
+            "datasets.Dataset in DatasetImageSource."
         )
     builder.download_and_prepare()
-    return DatasetImageSource(builder.as_dataset(split=name), pixel_counts=counts)
+    return DatasetImageSource(
+        builder.as_dataset(split=name), pixel_counts=counts, image_areas=areas, description=description
+    )
+
+
+def load_fold_split(dataset: str, fold: int, split_kind: str | None = None, data_dir: str | None = None) -> FoldSplit:
+    """The fold table of `dataset` (a folder dataset reads it from its class file in `data_dir`)."""
+    if dataset == "folder":
+        from .data.folder import folder_split
+
+        if data_dir is None:
+            raise ValueError("dataset='folder' reads its classes from data_dir: pass the dataset folder.")
+        return folder_split(data_dir, fold)
+    if dataset not in EVALUATION_DATASETS:
+        raise ValueError(f"dataset={dataset!r} is not known; use one of {list(EVALUATION_DATASETS)}.")
+    return get_split(dataset, fold, split_kind)
 
 
 _TABLE_COLUMNS = {

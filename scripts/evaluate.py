@@ -16,7 +16,9 @@ Method hyper-parameters can also come from a YAML file (`--config`, keys = optio
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 
 import torch
 import yaml
@@ -25,16 +27,23 @@ from accelerate import Accelerator
 from gfss_hf import GFSSImageProcessor, GFSSModel
 from gfss_hf.adaptation import AdaptationConfig
 from gfss_hf.data.episodes import load_episodes, save_episodes
-from gfss_hf.data.splits import get_split
 from gfss_hf.evaluation import (
+    EVALUATION_DATASETS,
     EVALUATION_PROTOCOLS,
     EvaluationOptions,
     build_episodes,
+    check_episodes,
+    check_model_matches_split,
+    estimate_evaluation_seconds,
     evaluate_episodes,
+    load_fold_split,
     load_image_source,
     results_markdown,
     save_results,
 )
+
+# A projected run longer than this gets advice on how to shorten it.
+_LONG_RUN_SECONDS = 600
 
 METHOD_OPTIONS = ("steps", "lr", "gamma", "kd_scale", "kd_skip_novel", "kd_average_over_padding", "novel_init",
                   "ce_weighting", "normalize_features", "loss_resolution", "transductive", "legacy_carry_over")  # fmt: skip
@@ -45,8 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("model", help="a save_pretrained folder or a Hub id (model + image processor)")
     parser.add_argument("--config", help="YAML file of option defaults (keys: the option names below)")
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="synthetic", choices=["synthetic", "pascal5i", "pascal10i", "coco20i"])
-    data.add_argument("--data_dir", help="dataset folder (PASCAL / COCO)")
+    data.add_argument("--dataset", default="synthetic", choices=list(EVALUATION_DATASETS),
+                      help="folder: your own images/ + masks/ + classes.json (as scripts/pretrain.py trains on)")
+    data.add_argument("--data_dir", help="dataset folder (PASCAL / COCO 2014 or 2017 / folder)")
     data.add_argument("--cache_dir", help="datasets cache of the builders")
     data.add_argument("--fold", type=int, default=None, help="default: the model config's fold, else 0")
     data.add_argument("--split_kind", default=None, help="COCO-20i fold table: interleaved or consecutive")
@@ -60,7 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     proto.add_argument("--num_episodes", type=int, default=20000, help="paper protocol")
     proto.add_argument("--runs", type=int, default=5, help="diam / capl: support sets")
     proto.add_argument("--seed", type=int, default=42)
-    proto.add_argument("--min_pixels", type=int, default=None, help="area threshold (default per protocol)")
+    proto.add_argument("--min_pixels", type=int, default=None,
+                       help="area threshold in pixels (default: the published one for PASCAL / COCO, else the same "
+                            "share of the median image area: 0.92 %% paper/capl, 9.4 %% diam)")
     proto.add_argument("--episodes", help="replay the episodes of this file (from --save_episodes)")
     proto.add_argument("--save_episodes", help="write the episodes to this file")
     method = parser.add_argument_group("method (few-shot adaptation)")
@@ -100,14 +112,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def check_output_dir(path: str) -> None:
+    """Refuse, before any work, an output folder the results could not be written to."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SystemExit(f"--output_dir {path!r} is an existing file, not a folder; give a folder path.")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise SystemExit(f"--output_dir {path!r} is not writable ({err.strerror}); give a folder you can write to.") from err
+
+
 def evaluation_function(args: argparse.Namespace, accelerator: Accelerator) -> dict:
+    if accelerator.is_main_process:
+        check_output_dir(args.output_dir)
+    if args.dataset != "synthetic" and not args.data_dir:
+        raise SystemExit(f"--dataset {args.dataset} is read from disk: pass --data_dir (the dataset folder).")
     model = GFSSModel.from_pretrained(args.model)
     try:
         processor = GFSSImageProcessor.from_pretrained(args.model)
     except OSError:
         processor = GFSSImageProcessor.from_config(model.config)
     fold = args.fold if args.fold is not None else (model.config.fold or 0)
-    split = get_split(args.dataset, fold, args.split_kind)
+    split = load_fold_split(args.dataset, fold, args.split_kind, args.data_dir)
+    check_model_matches_split(model, split)
     common = dict(fold=fold, split_kind=args.split_kind, data_dir=args.data_dir, cache_dir=args.cache_dir,
                   image_size=args.synthetic_image_size, seed=args.synthetic_seed)  # fmt: skip
     val = load_image_source(args.dataset, "val", num_images=args.num_val_images, **common)
@@ -115,11 +144,15 @@ def evaluation_function(args: argparse.Namespace, accelerator: Accelerator) -> d
     if args.protocol == "capl":
         train = load_image_source(args.dataset, "train", num_images=args.num_train_images, **common)
 
+    description = getattr(val, "description", "")
+    if description:
+        accelerator.print(f"val images: {description}")
     if args.episodes:
         episodes = load_episodes(args.episodes)
         if {e.protocol for e in episodes} != {args.protocol}:
             raise ValueError(f"{args.episodes} holds {sorted({e.protocol for e in episodes})} episodes, not "
                              f"{args.protocol!r}; pass the matching --protocol.")  # fmt: skip
+        check_episodes(episodes, split, {"val": val, **({"train": train} if train is not None else {})})
     else:
         episodes = build_episodes(
             args.protocol, split, val, shots=args.shots, num_episodes=args.num_episodes, seed=args.seed,
@@ -139,6 +172,17 @@ def evaluation_function(args: argparse.Namespace, accelerator: Accelerator) -> d
         cache_max_bytes=None if args.cache_max_gb is None else int(args.cache_max_gb * 2**30),
         progress=not args.no_progress,
     )
+    if accelerator.is_main_process:
+        seconds = estimate_evaluation_seconds(model, processor, episodes, options) / accelerator.num_processes
+        accelerator.print(f"{len(episodes)} episodes; projected time on this machine: {_duration(seconds)}")
+        if seconds > _LONG_RUN_SECONDS:
+            advice = []
+            if options.adaptation.loss_resolution == "input":
+                advice.append("--loss_resolution feature (loss at feature resolution, several times faster)")
+            if args.protocol == "paper" and not args.episodes:
+                advice.append(f"fewer episodes (--num_episodes; {args.num_episodes} now)")
+            advice.append("a GPU, or several processes (accelerate launch)")
+            accelerator.print("This is long; to shorten it: " + "; ".join(advice) + ".")
     result = evaluate_episodes(
         model, episodes, split=split, val_source=val, train_source=train, processor=processor, options=options,
         accelerator=accelerator,
@@ -149,6 +193,7 @@ def evaluation_function(args: argparse.Namespace, accelerator: Accelerator) -> d
         "data_dir": args.data_dir,
         "cache_dir": args.cache_dir,
         "fold": fold,
+        "images": description,
         "split_kind": split.split_kind,
         "protocol": args.protocol,
         "shots": episodes[0].shots,
@@ -166,6 +211,14 @@ def evaluation_function(args: argparse.Namespace, accelerator: Accelerator) -> d
         accelerator.print(results_markdown(result))
     accelerator.wait_for_everyone()
     return payload
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def main(argv=None) -> dict:

@@ -15,6 +15,15 @@ FIXTURE_MODEL = Path(__file__).resolve().parent / "fixtures" / "gfss-tiny-synthe
 
 
 @pytest.fixture(scope="session")
+def sample_data() -> Path:
+    """Root of the real-format sample data (`$GFSS_SAMPLE_DATA`); skips the test when it is not set."""
+    root = os.environ.get("GFSS_SAMPLE_DATA")
+    if not root or not Path(root).is_dir():
+        pytest.skip("GFSS_SAMPLE_DATA is not set (or not a folder); real-format data tests skipped")
+    return Path(root)
+
+
+@pytest.fixture(scope="session")
 def pretrained_tiny_dir(tmp_path_factory):
     """Path of a `save_pretrained` folder (model + image processor): the small model pre-trained on the synthetic
     dataset's fold-0 base classes (96 px), shared by the adaptation, pipeline, evaluation and Space tests.

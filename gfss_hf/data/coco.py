@@ -47,7 +47,7 @@ from .splits import COCO_CLASSES, IGNORE_INDEX, FoldSplit, get_split
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["CocoSemanticMasks", "coco_pixel_counts", "coco_class_index", "Coco20iConfig", "Coco20i"]
+__all__ = ["CocoSemanticMasks", "standard_list_matches", "coco_pixel_counts", "coco_class_index", "Coco20iConfig", "Coco20i"]
 
 _SPLITS = ("train", "val")
 
@@ -195,6 +195,17 @@ def _list_image_ids(masks: CocoSemanticMasks, list_file: str | os.PathLike | Non
     for image_id in ids:
         masks._info(image_id)  # raises naming the id and the annotation file
     return ids
+
+
+def standard_list_matches(masks: CocoSemanticMasks) -> bool:
+    """Whether the annotation file of `masks` holds every image of the shipped standard list of its split (the
+    COCO-20i lists name COCO 2014 files; a 2017 file, or a subset, does not)."""
+    try:
+        path = standard_list_path("coco", masks.split)
+    except (FileNotFoundError, ValueError):
+        return False
+    known = set(masks.image_ids())
+    return all(Path(img).stem in known for img, _ in read_list_file(path))
 
 
 def coco_pixel_counts(

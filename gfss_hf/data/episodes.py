@@ -232,6 +232,7 @@ def sample_paper_episodes(
     dataset: str = "",
     fold: int = 0,
     class_sampling: str = "pair",
+    class_names: Mapping[int, str] | None = None,
 ) -> list[EpisodeSpec]:
     """Sample episodes of the `paper` protocol (one novel class per episode, everything from the val list).
 
@@ -249,6 +250,7 @@ def sample_paper_episodes(
         class_sampling (`str`, *optional*, defaults to `"pair"`): `"pair"` draws a (query, class) pair uniformly,
             so classes appear in proportion to their images (the common implementation); `"class"` draws the
             class uniformly, then the query.
+        class_names (`Mapping[int, str]`, *optional*): names of the class ids, for warnings and errors.
 
     Returns:
         `list[EpisodeSpec]`: `num_episodes` specs; a query never appears among its supports, and query, supports
@@ -264,12 +266,16 @@ def sample_paper_episodes(
     usable = [c for c in novel if len(cand[c]) >= shots + 1]
     if not usable:
         raise ValueError(
-            f"no novel class of {novel} has {shots + 1} images (1 query + {shots} supports) in the pool; lower "
+            f"no novel class of {_named(novel, class_names)} has {shots + 1} images (1 query + {shots} supports) "
+            "in the pool; lower "
             "`shots` or the area threshold of the class index, or use a larger val list."
         )
     skipped = sorted(set(novel) - set(usable))
     if skipped:
-        logger.warning(f"novel classes {skipped} have fewer than {shots + 1} qualifying images and get no episode")
+        logger.warning(
+            f"novel classes {_named(skipped, class_names)} have fewer than {shots + 1} qualifying images and get no "
+            "episode"
+        )
     pair_class = np.concatenate([np.full(len(cand[c]), c) for c in usable])
     pair_pos = np.concatenate([np.arange(len(cand[c])) for c in usable])
     base_cand = {int(b): sorted(pool.intersection(map(str, class_index.get(b, ())))) for b in base_ids}
@@ -301,6 +307,12 @@ def sample_paper_episodes(
     return episodes
 
 
+def _named(class_ids: Iterable[int], class_names: Mapping[int, str] | None) -> str:
+    """'3 (cat), 7 (dog)': class ids with their names, for messages a user reads."""
+    names = class_names or {}
+    return ", ".join(f"{c} ({names[c]})" if c in names else str(c) for c in class_ids)
+
+
 def _sample_run_supports(
     pixel_counts: Mapping[str, Mapping[int, int]],
     novel: list[int],
@@ -309,6 +321,7 @@ def _sample_run_supports(
     min_support_pixels: int,
     exclusive: bool,
     source: str,
+    class_names: Mapping[int, str] | None = None,
 ) -> dict[int, list[str]]:
     novel_set = set(novel)
     used: set[str] = set()
@@ -326,7 +339,8 @@ def _sample_run_supports(
         if len(options) < shots:
             rule = " and no other novel class" if exclusive else ""
             raise ValueError(
-                f"novel class {c} has {len(options)} {source} images with >= {min_support_pixels} px{rule}, fewer "
+                f"novel class {_named([c], class_names)} has {len(options)} {source} images with >= "
+                f"{min_support_pixels} px{rule}, fewer "
                 f"than shots={shots}; lower `min_support_pixels`, `shots`, or give more images."
             )
         picks = rng.choice(len(options), size=shots, replace=False)
@@ -347,6 +361,7 @@ def sample_diam_run(
     exclusive: bool = True,
     dataset: str = "",
     fold: int = 0,
+    class_names: Mapping[int, str] | None = None,
 ) -> list[EpisodeSpec]:
     """Sample one run of the `diam` protocol: one support set from the val list, all other val images as queries.
 
@@ -364,6 +379,7 @@ def sample_diam_run(
             (one novel class per support image); support images are always distinct across classes.
         dataset (`str`, *optional*): stored in the specs.
         fold (`int`, *optional*): stored in the specs.
+        class_names (`Mapping[int, str]`, *optional*): names of the class ids, for errors.
 
     Returns:
         `list[EpisodeSpec]`: one spec per remaining val image, all with the same `support_ids` and
@@ -374,7 +390,7 @@ def sample_diam_run(
     qset = set(queries)
     val_counts = {i: v for i, v in pixel_counts.items() if str(i) in qset}
     rng = np.random.default_rng([int(seed), int(run)])
-    supports = _sample_run_supports(val_counts, novel, shots, rng, min_support_pixels, exclusive, "val")
+    supports = _sample_run_supports(val_counts, novel, shots, rng, min_support_pixels, exclusive, "val", class_names)
     taken = {i for ids in supports.values() for i in ids}
     return [
         EpisodeSpec(dataset, fold, "diam", j, seed, q, supports, novel, run=run)
@@ -394,6 +410,7 @@ def sample_capl_run(
     exclusive: bool = False,
     dataset: str = "",
     fold: int = 0,
+    class_names: Mapping[int, str] | None = None,
 ) -> list[EpisodeSpec]:
     """Sample one run of the `capl` protocol: one support set from the TRAIN list, every val image as a query.
 
@@ -410,13 +427,16 @@ def sample_capl_run(
         exclusive (`bool`, *optional*, defaults to `False`): require support images to hold no other novel class.
         dataset (`str`, *optional*): stored in the specs.
         fold (`int`, *optional*): stored in the specs.
+        class_names (`Mapping[int, str]`, *optional*): names of the class ids, for errors.
 
     Returns:
         `list[EpisodeSpec]`: one spec per val image, all with the same `support_ids`.
     """
     novel = sorted(_check_common(novel_ids, shots))
     rng = np.random.default_rng([int(seed), int(run)])
-    supports = _sample_run_supports(train_pixel_counts, novel, shots, rng, min_support_pixels, exclusive, "train")
+    supports = _sample_run_supports(
+        train_pixel_counts, novel, shots, rng, min_support_pixels, exclusive, "train", class_names
+    )
     taken = {i for ids in supports.values() for i in ids}
     return [
         EpisodeSpec(dataset, fold, "capl", j, seed, q, supports, novel, run=run)
@@ -443,14 +463,36 @@ def load_episodes(path: str | os.PathLike) -> list[EpisodeSpec]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"episode file {str(path)!r} does not exist; write it with `save_episodes`.")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"episode file {str(path)!r} is not valid JSON ({err}); it is probably truncated or was edited by hand. "
+            "Write it again with `save_episodes` (scripts/evaluate.py --save_episodes)."
+        ) from err
     if isinstance(data, dict):
-        if data.get("format") != _FORMAT:
+        if data.get("format") != _FORMAT or "episodes" not in data:
             raise ValueError(
-                f"{str(path)!r} is not an episode file (format {data.get('format')!r}, expected {_FORMAT!r})."
+                f"{str(path)!r} is not an episode file (format {data.get('format')!r}, expected {_FORMAT!r} with an "
+                "'episodes' list)."
             )
         data = data["episodes"]
-    return [EpisodeSpec.from_dict(d) for d in data]
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"episode file {str(path)!r} holds no list of episodes; write it with `save_episodes`.")
+    required = {"dataset", "fold", "protocol", "index", "seed", "query_id", "support_ids", "class_ids"}
+    episodes = []
+    for k, item in enumerate(data):
+        missing = sorted(required - set(item)) if isinstance(item, dict) else sorted(required)
+        if missing:
+            raise ValueError(
+                f"episode {k} of {str(path)!r} lacks {missing}; every episode needs {sorted(required)}. The file "
+                "is incomplete: write it again with `save_episodes`."
+            )
+        try:
+            episodes.append(EpisodeSpec.from_dict(item))
+        except (TypeError, ValueError, AttributeError) as err:
+            raise ValueError(f"episode {k} of {str(path)!r} is malformed: {err}") from err
+    return episodes
 
 
 def _episode_features():

@@ -51,6 +51,7 @@ __all__ = [
     "folder_split",
     "folder_entries",
     "folder_pixel_counts",
+    "folder_image_areas",
     "folder_class_index",
     "FolderSegmentationConfig",
     "FolderSegmentation",
@@ -222,6 +223,17 @@ def folder_pixel_counts(
                 f"0..{n}, {IGNORE_INDEX} = ignore); add the missing class names to the class file or fix the mask."
             )
     return counts
+
+
+def folder_image_areas(
+    data_dir: str | os.PathLike, split: str = "val", list_file: str | os.PathLike | None = None
+) -> dict[str, int]:
+    """Per image id, `height * width` of its mask (read from the PNG header, nothing decoded)."""
+    areas = {}
+    for image_id, _, mask in folder_entries(data_dir, split, list_file):
+        with Image.open(mask) as handle:
+            areas[image_id] = handle.width * handle.height
+    return areas
 
 
 def folder_class_index(

@@ -16,6 +16,7 @@ import torch
 
 import gfss_hf
 from gfss_hf.data.episodes import load_episodes
+from gfss_hf.data.splits import get_split
 from gfss_hf.evaluation import episodes_hash, metric_keys
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -138,3 +139,136 @@ def test_paper_numbers_equal_an_independent_replay_through_the_pipeline(pretrain
         assert 0.0 < value < 1.0, key  # something was predicted and scored, not a degenerate agreement
         # Procedural images at the model's canvas size: the pipeline's original-size maps are the protocol's maps.
         assert value == pytest.approx(report["reported"][key], abs=1e-9), key
+
+
+# -- any dataset the builders support --------------------------------------------------------------------------------
+CAMVID_CLASSES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
+                  "Bicyclist"]  # fmt: skip
+
+
+def random_model_dir(path, base_class_names, **config):
+    """A randomly initialised tiny model for the given base classes (the scoring path is what is tested)."""
+    from fixtures.make_tiny_model import tiny_model_config
+
+    from gfss_hf import GFSSImageProcessor, GFSSModel
+
+    torch.manual_seed(0)
+    cfg = tiny_model_config(base_class_names, image_size=64, **config)
+    GFSSModel(cfg).eval().save_pretrained(path)
+    GFSSImageProcessor.from_config(cfg).save_pretrained(path)
+    return path
+
+
+def camvid_folder(sample_data, root, num_train=8, num_val=12):
+    """A folder dataset (images/, masks/, classes.json, train.txt, val.txt) from real CamVid scenes: class k -> k+1
+    (CamVid has no background class, so 0 never occurs), void 11 -> 255."""
+    import numpy as np
+    from PIL import Image
+
+    camvid = sample_data / "camvid"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for split, count in (("train", num_train), ("val", num_val)):
+        names = sorted(p.name for p in (camvid / split).iterdir())[:count]
+        for name in names:
+            (root / "images" / name).write_bytes((camvid / split / name).read_bytes())
+            label = np.asarray(Image.open(camvid / f"{split}annot" / name))
+            Image.fromarray(np.where(label == 11, 255, label + 1).astype(np.uint8)).save(root / "masks" / name)
+        (root / f"{split}.txt").write_text("".join(Path(n).stem + "\n" for n in names))
+    (root / "classes.json").write_text(json.dumps({"names": CAMVID_CLASSES, "folds": [["Car", "Tree", "SignSymbol"]]}))
+    return root
+
+
+def test_folder_dataset_of_real_street_scenes_is_scored(sample_data, tmp_path):
+    data = camvid_folder(sample_data, tmp_path / "camvid_folder")
+    base = [n for n in CAMVID_CLASSES if n not in ("Car", "Tree", "SignSymbol")]
+    model = random_model_dir(tmp_path / "model", base, dataset="folder")
+    out = tmp_path / "out"
+    payload = single_process([str(model), "--dataset", "folder", "--data_dir", str(data), "--cache_dir",
+                              str(tmp_path / "cache"), "--num_episodes", "6", "--steps", "2", "--output_dir", str(out),
+                              "--no_progress"])  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["dataset"] == "folder" and results["num_episodes"] == 6
+    assert "12 images of the val list" in results["config"]["images"]
+    for key in ("fss_novel_miou", "gfss_novel_miou", "gfss_base_miou"):
+        assert 0.0 <= results["metrics"][key] <= 1.0, key
+    assert payload["accumulators"]["fss"]["confusion"]  # pixels were scored
+
+
+def test_coco_2017_layout_uses_the_annotation_files_images(sample_data, tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))  # the COCO mask cache
+    model = random_model_dir(tmp_path / "model", get_split("coco20i", 0).base_names, dataset="coco20i")
+    out = tmp_path / "out"
+    single_process([str(model), "--dataset", "coco20i", "--data_dir", str(sample_data / "coco_tiny"), "--cache_dir",
+                    str(tmp_path / "cache"), "--num_episodes", "4", "--steps", "2", "--output_dir", str(out),
+                    "--min_pixels", "256", "--no_progress"])  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    # The standard COCO-20i val list names COCO 2014 files: a 2017 layout is evaluated on its own images, and says so.
+    assert results["config"]["images"] == "all 80 images of instances_val2017.json"
+    assert results["num_episodes"] == 4
+
+
+# -- refused before any work -------------------------------------------------------------------------------------------
+def _episodes_file(pretrained_tiny_dir, tmp_path):
+    path = tmp_path / "episodes.json"
+    single_process([str(pretrained_tiny_dir), "--output_dir", str(tmp_path / "first"), "--save_episodes", str(path),
+                    "--steps", "1", "--num_val_images", "60", "--num_episodes", "4", "--no_progress"])  # fmt: skip
+    return path
+
+
+def _edit_first(field, value):
+    def edit(data):
+        data["episodes"][0][field] = value(data["episodes"][0]) if callable(value) else value
+        return json.dumps(data)
+
+    return edit
+
+
+BASE_ID = get_split("synthetic", 0).base_ids[0]
+BAD_EPISODE_FILES = [
+    ("truncated", lambda data: json.dumps(data)[:-40], "not valid JSON"),
+    ("missing key", lambda data: json.dumps({**data, "episodes": [
+        {k: v for k, v in e.items() if k != "query_id"} for e in data["episodes"]]}), r"lacks \['query_id'\]"),
+    ("other dataset", _edit_first("dataset", "pascal5i"), "is from 'pascal5i' fold 0"),
+    ("other fold", _edit_first("fold", 1), "fold 1, this evaluation is 'synthetic' fold 0"),
+    ("novel is a base class", _edit_first("class_ids", [BASE_ID]), "a base class of the model"),
+    ("query among its supports", _edit_first("query_id", lambda e: next(iter(e["support_ids"].values()))[0]),
+     "among its supports"),
+    ("unknown image id", _edit_first("query_id", "val-999999"), r"not in the val list"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, edit, message", BAD_EPISODE_FILES, ids=[b[0] for b in BAD_EPISODE_FILES])
+def test_bad_episode_files_are_refused_naming_the_rule(pretrained_tiny_dir, tmp_path, name, edit, message):
+    path = _episodes_file(pretrained_tiny_dir, tmp_path)
+    data = json.loads(path.read_text())
+    if name == "novel is a base class":  # keep support_ids consistent with class_ids
+        data["episodes"][0]["support_ids"] = {str(BASE_ID): next(iter(data["episodes"][0]["support_ids"].values()))}
+    path.write_text(edit(data))
+    out = tmp_path / "replayed"
+    with pytest.raises(ValueError, match=message):
+        single_process([str(pretrained_tiny_dir), "--episodes", str(path), "--output_dir", str(out), "--steps", "1",
+                        "--num_val_images", "60", "--no_progress"])  # fmt: skip
+    assert not (out / "results.json").exists()
+
+
+@pytest.mark.parametrize("where", ["file", "under a file"])
+def test_output_dir_that_cannot_hold_results_is_refused_first(pretrained_tiny_dir, tmp_path, where, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    target = blocker if where == "file" else blocker / "sub"
+    import gfss_hf.evaluation as evaluation
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the evaluation ran before the output folder was checked")
+
+    monkeypatch.setattr(evaluation, "evaluate_episodes", must_not_run)
+    with pytest.raises(SystemExit, match="output_dir"):
+        single_process([str(pretrained_tiny_dir), "--output_dir", str(target), "--no_progress"])
+
+
+def test_model_of_another_fold_is_refused_with_the_mismatch_spelled_out(pretrained_tiny_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"the model has base classes \[.*\] that synthetic fold 1 does not"):
+        single_process([str(pretrained_tiny_dir), "--fold", "1", "--output_dir", str(tmp_path / "o"), "--no_progress"])
