@@ -134,7 +134,9 @@ PROTOCOLS: dict[str, str] = {
     "paper": (
         "the protocol of the paper (RePRI-style): 20,000 episodes with seed 42, one novel class per episode, query "
         "and K supports from the val list, binary support masks, IoU pooled over episodes on the 473x473 resized "
-        "labels. Base mIoU: per episode an extra val image of a random base class, binary IoU of that class."
+        "labels. Base mIoU: per episode an extra val image of a random base class b; a pixel is b iff b has the largest "
+        "of the B+2 logits; binary IoU of b pooled over the episodes of b only (other base classes predicted there "
+        "are never false positives of their own class)."
     ),
     "diam": (
         "the DIaM protocol: one support set per run (K val images per novel class), every val image a query "

@@ -43,7 +43,14 @@ from gfss_hf.evaluation import EvaluationOptions, build_episodes, evaluate_episo
 from gfss_hf.training import TrainingConfig, pretrain
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "synthetic.yaml"
-MODELS = (("model_ce", "CE", 0.0), ("model_contrastive", "CE + contrastive", 0.1))
+# (folder, label, contrastive weight, novel pixels labelled background during pre-training (BAM's convention)
+# instead of ignored). The third is opt-in (`--models`): it costs another pre-training.
+MODELS = (
+    ("model_ce", "CE", 0.0, False),
+    ("model_contrastive", "CE + contrastive", 0.1, False),
+    ("model_ce_novel_bg", "CE, novel pixels = background", 0.0, True),
+)
+DEFAULT_MODELS = ("model_ce", "model_contrastive")
 # The model of the figure, of `model_card.md` and of the Space's default: the better of the two in the measured
 # demo (validation base mIoU 20.9 % against 6.8 %, and every episodic number; see the README).
 SHOWCASE = "model_ce"
@@ -69,25 +76,36 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=42, help="episode seed")
     parser.add_argument("--quick", action="store_true", help="tiny budget (tests): few steps, episodes, images")
     parser.add_argument("--overwrite", action="store_true", help="retrain models that already exist")
-    parser.add_argument("--jobs", type=int, default=min(len(MODELS), os.cpu_count() or 1),
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=[m[0] for m in MODELS],
+                        help="which pre-trainings to run (model_ce_novel_bg: novel pixels labelled background, "
+                             "BAM's convention, instead of ignored)")
+    parser.add_argument("--jobs", type=int, default=min(len(DEFAULT_MODELS), os.cpu_count() or 1),
                         help="models pre-trained and evaluated in parallel processes (default: one per core, max 2)")
     parser.add_argument("--model", choices=[m[0] for m in MODELS],
                         help="(internal) only this model: pre-train, evaluate, write <output_dir>/<model>/demo.json")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    if "model_ce" not in args.models:
+        parser.error("--models must include model_ce: it is the model of the figure, the card and the Space.")
     return args
 
 
-def train_models(args, out: Path, models=MODELS) -> dict[str, Path]:
+def selected(args) -> list[tuple]:
+    """The entries of MODELS named by --models, in MODELS order."""
+    return [m for m in MODELS if m[0] in args.models]
+
+
+def train_models(args, out: Path, models) -> dict[str, Path]:
     paths = {}
-    for folder, label, weight in models:
+    for folder, label, weight, novel_bg in models:
         target = out / folder
         paths[folder] = target
         if (target / "model.safetensors").is_file() and not args.overwrite:
             print(f"[demo] {label}: reusing {target} (pass --overwrite to retrain)", flush=True)
             continue
-        overrides = {"output_dir": str(target), "fold": args.fold, "contrastive_weight": weight, "num_workers": 0}
+        overrides = {"output_dir": str(target), "fold": args.fold, "contrastive_weight": weight, "num_workers": 0,
+                     "novel_to_background": novel_bg}
         if args.max_steps is not None:
             overrides["max_steps"] = args.max_steps
         if args.quick:
@@ -102,9 +120,9 @@ def train_models(args, out: Path, models=MODELS) -> dict[str, Path]:
     return paths
 
 
-def evaluate_models(args, paths, split, val, models=MODELS) -> dict:
+def evaluate_models(args, paths, split, val, models) -> dict:
     results = {}
-    for folder, label, _ in models:
+    for folder, label, *_ in models:
         model = GFSSModel.from_pretrained(paths[folder]).eval()
         processor = GFSSImageProcessor.from_pretrained(paths[folder])
         results[folder] = {}
@@ -130,12 +148,14 @@ def _pct(value) -> str:
     return "-" if value is None or value != value else f"{100 * value:.1f}"
 
 
-def results_table(results) -> str:
+def results_table(results, models=MODELS) -> str:
     """Rows: pre-training x method; columns: 1-shot and 5-shot novel / base / mean mIoU (percent)."""
     header = ("| pre-training | method | 1-shot novel | 1-shot base | 1-shot mean | 5-shot novel | 5-shot base "
               "| 5-shot mean |")
     lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for folder, label, _ in MODELS:
+    for folder, label, *_ in models:
+        if folder not in results:
+            continue
         res = results[folder]
         cells = []
         for shots in (1, 5):
@@ -251,12 +271,12 @@ def run_parallel(args, argv, out: Path) -> tuple[dict[str, Path], dict]:
     argv = list(argv if argv is not None else sys.argv[1:])
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     terminal = args.jobs > 1 and sys.stderr.isatty()
-    pending = list(MODELS)
+    pending = selected(args)
     paths, results = {}, {}
     while pending:
         batch, pending = pending[: args.jobs], pending[args.jobs :]
         procs = []
-        for slot, (folder, label, _) in enumerate(batch):
+        for slot, (folder, label, *_) in enumerate(batch):
             cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--model", folder]
             env = job_env(slot, threads, terminal)
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, bufsize=1)
@@ -294,8 +314,8 @@ def main(argv=None) -> int:
     if args.jobs > 1:
         paths, results = run_parallel(args, argv, out)
     else:
-        paths = train_models(args, out)
-        results = evaluate_models(args, paths, split, _val_split(args))
+        paths = train_models(args, out, selected(args))
+        results = evaluate_models(args, paths, split, _val_split(args), selected(args))
     val = _val_split(args)
     table = results_table(results)
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {args.jobs} job(s)"
@@ -318,7 +338,7 @@ def main(argv=None) -> int:
               f"{stamp}, {machine}; {time.time() - start:.0f} s.\n\n")
     atomic_write_text(out / "results.md", header + table + "\n")
     # Model cards: the main method (gamma = 10) of each model, 1-shot and 5-shot.
-    for folder, _label, _ in MODELS:
+    for folder, *_ in selected(args):
         entries = []
         for shots in (1, 5):
             m = results[folder][f"{shots}shot/gamma10"]["metrics"]
@@ -335,8 +355,9 @@ def main(argv=None) -> int:
     qualitative_figure(paths[SHOWCASE], split, val, out / "qualitative.png", args.seed, args.adaptation_steps)
     print()
     print(header + table)
-    print(f"\n[demo] done in {time.time() - start:.0f} s; wrote {out}/: model_ce/, model_contrastive/, results.json, "
-          "results.md, model_card.md, qualitative.png", flush=True)
+    folders = ", ".join(f"{m[0]}/" for m in selected(args))
+    print(f"\n[demo] done in {time.time() - start:.0f} s; wrote {out}/: {folders}, results.json, results.md, "
+          "model_card.md, qualitative.png", flush=True)
     return 0
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from huggingface_hub import ModelCard
 from PIL import Image
 from transformers import AutoModel
@@ -48,8 +49,13 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert "reusing" in capsys.readouterr().out
     # One process instead of one per model (the default with 2+ cores): same models, same episodes, same numbers up
     # to the float rounding of a different thread count.
-    assert demo.main(["--output_dir", str(tmp_path), "--quick", "--jobs", "1"]) == 0
-    assert "reusing" in capsys.readouterr().out
+    # It also trains the opt-in third model (novel pixels labelled background during pre-training) and adds its rows.
+    everything = ["--models", "model_ce", "model_contrastive", "model_ce_novel_bg"]
+    assert demo.main(["--output_dir", str(tmp_path), "--quick", "--jobs", "1", *everything]) == 0
+    printed = capsys.readouterr().out
+    assert "reusing" in printed and "| CE, novel pixels = background | FSS 2-way |" in printed
+    assert yaml.safe_load((tmp_path / "model_ce_novel_bg" / "training_config.yaml").read_text())["novel_to_background"]
+    assert not yaml.safe_load((tmp_path / "model_ce" / "training_config.yaml").read_text())["novel_to_background"]
     again = json.loads((tmp_path / "results.json").read_text())["results"]
     for folder, cells in results["results"].items():
         for name, cell in cells.items():
