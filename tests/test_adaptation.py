@@ -561,7 +561,7 @@ NOVEL_FLOOR = 0.15
 
 
 # -- the reference's options: each changes what it says and nothing else ------------------------------------------
-def _toy_episode(seed=0, dim=8):
+def _unnormalised_episode(seed=0, dim=8):
     gen = torch.Generator().manual_seed(seed)
     feats = torch.randn(2, dim, 4, 4, generator=gen) * 5
     labels = torch.zeros(2, 16, 16, dtype=torch.long)
@@ -571,7 +571,7 @@ def _toy_episode(seed=0, dim=8):
 
 
 def test_kaiming_uniform_init_is_conv2d_default_for_the_novel_rows_only():
-    feats, labels, base = _toy_episode()
+    feats, labels, base = _unnormalised_episode()
     dim = feats.shape[1]
     clf = adapt_gfss(feats, labels, base, config=AdaptationConfig(steps=0, novel_init="kaiming_uniform"), seeds=3)
     normal = adapt_gfss(feats, labels, base, config=AdaptationConfig(steps=0), seeds=3)
@@ -589,7 +589,7 @@ def test_kaiming_uniform_init_is_conv2d_default_for_the_novel_rows_only():
 
 
 def test_normalize_features_fits_and_predicts_on_unit_feature_vectors():
-    feats, labels, base = _toy_episode()
+    feats, labels, base = _unnormalised_episode()
     config = AdaptationConfig(steps=5, normalize_features=True)
     clf = adapt_gfss(feats, labels, base, config=config, seeds=1)
     unit = torch.nn.functional.normalize(feats, dim=1)
