@@ -619,6 +619,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(SuiteArguments, description=__doc__.splitlines()[0])
     (args,) = parser.parse_args_into_dataclasses(args=argv)
+    if not args.dry_run and (args.device or "cuda").startswith("cuda") and not torch.cuda.is_available():
+        print("gpu_suite: no CUDA device here; run with --dry_run (CPU, tiny sizes) or on a machine with a GPU.",
+              file=sys.stderr)  # fmt: skip
+        return 2
     report = run_suite(args, command="python bench/gpu_suite.py " + " ".join(argv))
     out = Path(args.output_dir)
     _log(Budget(args.budget_s), f"report: {out / REPORT_JSON}, {out / REPORT_MD} ({'ok' if report['ok'] else 'FAILED'})")
