@@ -2,11 +2,14 @@
 
 Their timings are never asserted (they mean something only on an idle machine, see bench/BENCHMARKS.md); what is
 asserted is the identity `bench/evaluation.py` reports between `evaluate_episodes` (feature cache, batched episodes)
-and the reference-style loop (features recomputed per episode, one episode at a time), in both loss resolutions.
+and the reference-style loop (features recomputed per episode, one episode at a time), in both loss resolutions, and
+what `bench/gpu_suite.py --dry_run` reports: every part, finite numbers, the exact and autograd solvers agreeing, a
+report (and a non-zero exit) when a part fails, parts skipped once the budget is spent, atomic report writes.
 """
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +59,108 @@ def test_episode_benchmark_runs_and_reports_both_loss_resolutions():
     timed = [x for x in lines if x.startswith("adaptation (")]
     assert len(timed) == 3 and any("naive autograd" in x for x in timed), done.stdout
     assert "BatchNorm statistics measured" in done.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# bench/gpu_suite.py: no GPU runs it here, so its --dry_run (same code path, CPU, tiny sizes) keeps it from rotting
+# ---------------------------------------------------------------------------------------------------------------------
+def _run_gpu_suite(output_dir, *extra):
+    # The repository's package, whichever gfss_hf the interpreter would otherwise find (e.g. another checkout's
+    # editable install).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, str(ROOT / "bench" / "gpu_suite.py"), "--output_dir", str(output_dir), "--dry_run", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def _numbers(value):
+    """Every int / float inside a JSON value (booleans excluded)."""
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _numbers(v)]
+    if isinstance(value, list):
+        return [n for v in value for n in _numbers(v)]
+    return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
+
+
+@pytest.fixture
+def gpu_suite(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gpu_suite
+
+    return gpu_suite
+
+
+@pytest.mark.slow
+def test_gpu_suite_dry_run_reports_every_part_with_finite_numbers(tmp_path):
+    done = _run_gpu_suite(tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_suite.json").read_text(encoding="utf-8"))
+    assert report["dry_run"] is True and report["ok"] is True
+    assert set(report["parts"]) == {"forward", "pretrain", "protocol"}
+    for name, part in report["parts"].items():
+        assert part["status"] == "ok", (name, part.get("error"))
+        numbers = _numbers(part["results"])
+        assert numbers and all(math.isfinite(n) for n in numbers), name
+    forward = report["parts"]["forward"]["results"]["measurements"]
+    assert len(forward) == 8 and all(m["status"] == "ok" and m["images_per_s"] > 0 for m in forward)  # 2 batches x 4
+    pretrain = report["parts"]["pretrain"]["results"]["measurements"]
+    assert {(m["precision"], m["contrastive"]) for m in pretrain if m["status"] == "ok"} == {
+        ("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)
+    }
+    assert all(m["pascal_100_epochs_h"] > 0 and m["coco_20_epochs_h"] > 0 for m in pretrain)
+    protocol = report["parts"]["protocol"]["results"]
+    ran = {(r["solver"], r["loss_resolution"], r["episode_batch_size"]) for r in protocol["runs"] if r["status"] == "ok"}
+    assert {("exact", res, 4) for res in ("feature", "input")} | {("autograd", res, 4) for res in ("feature", "input")} <= ran
+    assert {("exact", "feature", 1), ("exact", "input", 1)} <= ran  # several episode batch sizes
+    assert all(r["projected_fold_minutes"] > 0 for r in protocol["runs"])
+    for resolution in ("feature", "input"):
+        # Same predictions up to float rounding (an argmax near a tie may flip on another machine's BLAS).
+        assert protocol["exact_vs_autograd"][resolution]["changed_pixels_fraction"] < 1e-3, resolution
+    markdown = (tmp_path / "gpu_suite.md").read_text(encoding="utf-8")
+    assert "DRY RUN" in markdown and "### Forward" in markdown and "### Paper protocol" in markdown
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".gpu_suite*"))
+
+
+@pytest.mark.slow
+def test_gpu_suite_failing_part_still_yields_a_report_and_a_nonzero_exit(tmp_path):
+    done = _run_gpu_suite(tmp_path, "--parts", "forward", "pretrain", "--fail_parts", "pretrain")
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_suite.json").read_text(encoding="utf-8"))
+    assert report["ok"] is False
+    assert report["parts"]["forward"]["status"] == "ok"
+    failed = report["parts"]["pretrain"]
+    assert failed["status"] == "failed" and "injected failure" in failed["error"] and failed["traceback"]
+    assert "protocol" not in report["parts"]  # not requested
+    assert "**pretrain**: failed" in (tmp_path / "gpu_suite.md").read_text(encoding="utf-8")
+
+
+def test_gpu_suite_budget_skips_parts_and_a_crashing_part_is_recorded(gpu_suite, tmp_path, monkeypatch):
+    args = gpu_suite.SuiteArguments(output_dir=str(tmp_path / "spent"), dry_run=True, budget_s=0.0)
+    report = gpu_suite.run_suite(args, command="test", budget=gpu_suite.Budget(0.0))
+    assert report["ok"] is True  # skipped is not failed
+    assert {name: part["status"] for name, part in report["parts"].items()} == dict.fromkeys(gpu_suite.PARTS, "skipped")
+    assert json.loads((tmp_path / "spent" / "gpu_suite.json").read_text(encoding="utf-8"))["parts"] == report["parts"]
+
+    def crash(*args, **kwargs):
+        raise ValueError("boom")
+
+    monkeypatch.setitem(gpu_suite.PART_FUNCTIONS, "forward", crash)
+    args = gpu_suite.SuiteArguments(output_dir=str(tmp_path / "crash"), dry_run=True, parts=["forward"])
+    report = gpu_suite.run_suite(args, command="test", budget=gpu_suite.Budget(60.0))
+    assert report["ok"] is False and report["parts"]["forward"]["error"] == "ValueError: boom"
+    assert json.loads((tmp_path / "crash" / "gpu_suite.json").read_text(encoding="utf-8"))["ok"] is False
+
+
+def test_gpu_suite_report_is_written_atomically(gpu_suite, tmp_path, monkeypatch):
+    args = gpu_suite.SuiteArguments(output_dir=str(tmp_path), dry_run=True, budget_s=0.0)
+    report = gpu_suite.run_suite(args, command="first", budget=gpu_suite.Budget(0.0))
+    before = {name: (tmp_path / name).read_bytes() for name in ("gpu_suite.json", "gpu_suite.md")}
+
+    def interrupted(src, dst):  # the process dies between writing the new report and renaming it into place
+        raise OSError("interrupted")
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(OSError, match="interrupted"):
+        gpu_suite.write_report(tmp_path, {**report, "command": "second"})
+    # The previous report is whole, and no half-written file is left behind.
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_suite.json", "gpu_suite.md"]
