@@ -91,7 +91,7 @@ def test_two_process_pretraining_run(tmp_path, tiny_yaml):
                           "--set", "max_steps=3")
     results = json.loads((out / "eval_results.json").read_text())
     assert results["world_size"] == 2 and results["global_step"] == 3
-    assert (out / "checkpoints" / "checkpoint-2" / "random_states_1.pkl").is_file()  # one RNG state per process
+    assert (out / "checkpoints" / "checkpoint-2" / "process_state_1.safetensors").is_file()  # one per process
     from transformers import AutoModel
 
     import gfss_hf  # noqa: F401
