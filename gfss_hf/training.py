@@ -485,7 +485,7 @@ class PretrainingDataset(Dataset):
         }
 
 
-def _builder_dataset(config: TrainingConfig, view: str):
+def _builder_dataset(config: TrainingConfig, view: str, rebuild_data: bool = False):
     common = dict(cache_dir=config.cache_dir, data_dir=config.data_dir, fold=config.fold, view=view)
     if config.min_pixels is not None:
         common["min_pixels"] = config.min_pixels
@@ -503,11 +503,14 @@ def _builder_dataset(config: TrainingConfig, view: str):
         from .data.folder import FolderSegmentation
 
         builder = FolderSegmentation(**common)
-    builder.download_and_prepare()
+    # Builders key their cache by config (the folder builder also by a fingerprint of its files); rebuild_data
+    # regenerates it regardless, for edits a fingerprint cannot see.
+    builder.download_and_prepare(download_mode="force_redownload" if rebuild_data else None)
     return builder.as_dataset(split="validation" if view == "val" else "train")
 
 
-def build_pretraining_datasets(config: TrainingConfig, split=None) -> tuple[PretrainingDataset, PretrainingDataset]:
+def build_pretraining_datasets(config: TrainingConfig, split=None,
+                               rebuild_data: bool = False) -> tuple[PretrainingDataset, PretrainingDataset]:
     """
     The base-training view (labels: background 0, base 1..B, novel 255 unless `novel_to_background`) and the
     validation view with the same label space, both prepared at `config.image_size`.
@@ -515,6 +518,8 @@ def build_pretraining_datasets(config: TrainingConfig, split=None) -> tuple[Pret
     Args:
         config ([`TrainingConfig`]): the run.
         split (`FoldSplit`, *optional*): the fold (default: `get_fold_split(config)`).
+        rebuild_data (`bool`, *optional*, defaults to `False`): regenerate the builders' prepared datasets instead of
+            reusing their cache (`download_mode="force_redownload"`).
 
     Returns:
         `tuple(PretrainingDataset, PretrainingDataset)`: train (with flips when `config.hflip`) and val.
@@ -532,8 +537,8 @@ def build_pretraining_datasets(config: TrainingConfig, split=None) -> tuple[Pret
         len(train_source)  # renders and filters now, in the main process
     else:
         check_data_dir(config)
-        train_source = _builder_dataset(config, "base_train")
-        val_source = _builder_dataset(config, "val")
+        train_source = _builder_dataset(config, "base_train", rebuild_data)
+        val_source = _builder_dataset(config, "val", rebuild_data)
     if len(train_source) == 0:
         raise ValueError(
             f"the base-training view of {config.dataset!r} fold {config.fold} is empty: no image has a base class "
@@ -994,6 +999,7 @@ def pretrain(
     push_to_hub: bool = False,
     hub_model_id: str | None = None,
     hub_token: str | None = None,
+    rebuild_data: bool = False,
 ) -> dict[str, Any]:
     r"""
     Pre-train a [`GFSSModel`] on the base classes of `config.dataset` / `config.fold` with Accelerate.
@@ -1009,6 +1015,8 @@ def pretrain(
             `HfApi().upload_folder` (needs `hub_model_id`).
         hub_model_id (`str`, *optional*): target repo, e.g. `"user/gfss-pspnet-pascal5i-fold0"`.
         hub_token (`str`, *optional*): token for the upload (default: the logged-in one).
+        rebuild_data (`bool`, *optional*, defaults to `False`): rebuild the prepared dataset cache (see
+            [`build_pretraining_datasets`]).
 
     Returns:
         `dict` with `global_step`, `completed` (False when stopped by `stop_after_steps`), `history` (one record per
@@ -1046,7 +1054,7 @@ def pretrain(
     logger.info(f"pre-training on {world} process(es), device {accelerator.device}")
 
     with accelerator.main_process_first():
-        train_set, val_set = build_pretraining_datasets(config, split)
+        train_set, val_set = build_pretraining_datasets(config, split, rebuild_data=rebuild_data)
     model = build_model(config, split)
     num_classes = model.config.num_labels
     if torch.cuda.is_available() and world > 1:

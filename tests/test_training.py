@@ -449,3 +449,29 @@ def test_non_finite_loss_stops_training_with_the_step(tmp_path):
     with pytest.raises(FloatingPointError, match=r"loss became non-finite at step \d+"):
         pretrain(config)
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_rebuild_data_reaches_the_folder_builder(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from gfss_hf.data.folder import FolderSegmentation
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    for i in range(3):
+        label = np.zeros((48, 48), dtype=np.uint8)
+        label[4:40, 4:40] = i % 2 + 1
+        Image.fromarray(np.full((48, 48, 3), 40 * i, dtype=np.uint8)).save(data / "images" / f"im{i}.png")
+        Image.fromarray(label, "L").save(data / "masks" / f"im{i}.png")
+    (data / "classes.json").write_text(json.dumps({"names": ["a", "b"], "folds": [["b"]]}))
+    modes = []
+    real = FolderSegmentation.download_and_prepare
+    monkeypatch.setattr(FolderSegmentation, "download_and_prepare",
+                        lambda self, *a, **k: modes.append(k.get("download_mode")) or real(self, *a, **k))
+    config = tiny_config(tmp_path, dataset="folder", data_dir=str(data), cache_dir=str(tmp_path / "cache"),
+                         min_pixels=10)
+    build_pretraining_datasets(config)
+    train, _ = build_pretraining_datasets(config, rebuild_data=True)
+    assert modes == [None, None, "force_redownload", "force_redownload"] and len(train) == 2
