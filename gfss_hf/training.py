@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers.utils import logging
 
 from .configuration_gfss import GFSSConfig
-from .data._builder import atomic_write_text
+from .data._builder import apply_umask, atomic_write_text
 from .image_processing_gfss import GFSSImageProcessor
 from .losses import contrastive_loss_from_samples, count_contrastive_pairs, sample_contrastive_pixels
 from .modeling_gfss import GFSSModel
@@ -1290,6 +1290,8 @@ def _contrastive_term(model: GFSSModel, outputs, labels: torch.Tensor, config: T
 
 def _save_final(model: GFSSModel, output_dir: Path, summary: dict, config: TrainingConfig) -> None:
     model.save_pretrained(str(output_dir))
+    for weights in output_dir.glob("*.safetensors"):
+        apply_umask(weights)  # safetensors (0.8) creates its files 0600, unlike a plain write
     GFSSImageProcessor.from_config(model.config).save_pretrained(str(output_dir))
     results = {"global_step": summary["global_step"], "final_eval": summary["final_eval"], "eval": summary["eval"],
                "dataset": config.dataset, "fold": config.fold, "world_size": summary["world_size"],

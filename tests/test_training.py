@@ -475,3 +475,15 @@ def test_rebuild_data_reaches_the_folder_builder(tmp_path, monkeypatch):
     build_pretraining_datasets(config)
     train, _ = build_pretraining_datasets(config, rebuild_data=True)
     assert modes == [None, None, "force_redownload", "force_redownload"] and len(train) == 2
+
+
+def test_run_outputs_get_the_modes_of_plain_writes(tmp_path, umask_027):
+    import stat
+
+    pretrain(tiny_config(tmp_path, max_steps=2, checkpointing_steps=2, eval_every_epochs=0, contrastive_weight=0.0))
+    out = tmp_path / "run"
+    files = [p for p in out.rglob("*") if p.is_file()]
+    folders = [p for p in out.rglob("*") if p.is_dir()]
+    assert {"model.safetensors", "training_config.yaml", "optimizer.safetensors"} <= {p.name for p in files}
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files if stat.S_IMODE(p.stat().st_mode) != 0o640} == {}
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in folders if stat.S_IMODE(p.stat().st_mode) != 0o750} == {}
