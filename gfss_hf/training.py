@@ -8,7 +8,13 @@ only.
 Reproducibility: data order comes from Accelerate's seedable sampler (`seed + epoch`), flips from
 `(seed, epoch, index)`, dropout and contrastive sampling from `(seed, step, process)`. A run resumed from a
 checkpoint therefore continues with the batches, flips, dropout masks and samples of the uninterrupted run, and on
-CPU ends with identical weights.
+CPU ends with identical weights and the same logged losses (the running loss sums are checkpointed too).
+
+Checkpoints (`checkpoints/checkpoint-N/`) hold only safetensors and JSON, so reading one cannot run code:
+`model.safetensors`, `optimizer.safetensors` (optimizer and gradient scaler), `process_state_<rank>.safetensors` (RNG
+states, running loss sums) and `trainer_state.json` (step, schedule, history and the run's resolved config). A resume
+is refused when the checkpoint's config differs from the run's in any key but `INFRASTRUCTURE_KEYS`, and so is a new
+run into an output folder that holds another run's checkpoints. A non-finite loss stops the run at that step.
 """
 
 from __future__ import annotations
@@ -1024,7 +1030,14 @@ def pretrain(
 
     Output folder: `config.json` + `model.safetensors` + `preprocessor_config.json` (loadable by
     `AutoModel.from_pretrained` once `gfss_hf` is imported), `training_config.yaml`, `train_log.jsonl`,
-    `eval_results.json`, and `checkpoints/checkpoint-N/` when checkpointing.
+    `eval_results.json`, and `checkpoints/checkpoint-N/` when checkpointing (safetensors + JSON, see the module
+    docstring).
+
+    Raises:
+        `ValueError`: bad inputs, found before the model is built (config values, fold, data layout, a checkpoint
+            or output folder of a run with other settings, an unreadable checkpoint file).
+        `FloatingPointError`: the loss became NaN or infinite (the message names the step); nothing is saved.
+        `OSError`: a checkpoint file could not be written (named; "no space left on device" on a full disk).
 
     Example:
 
