@@ -353,6 +353,15 @@ def test_resume_with_other_settings_is_refused_naming_the_keys(stopped_run, tmp_
     assert named in str(info.value)
 
 
+def test_checkpoint_of_an_older_version_is_refused(stopped_run, tmp_path):
+    out, checkpoint = _copy_run(stopped_run, tmp_path)
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    del state["config"], state["format"]
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="written by an older gfss_hf .*pickles.*use a new --output_dir"):
+        pretrain(tiny_config(tmp_path, "split", **RESUMABLE), resume_from_checkpoint="latest")
+
+
 def test_resume_accepts_changed_infrastructure_keys(stopped_run, tmp_path):
     out, _ = _copy_run(stopped_run, tmp_path)
     config = tiny_config(tmp_path, "split", **{**RESUMABLE, "num_workers": 1, "eval_every_epochs": 0,
