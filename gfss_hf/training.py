@@ -810,7 +810,7 @@ def _read_state_file(path: Path) -> Any:
         raise _unreadable(path, err) from err
 
 
-def _no_space(path: Path, err: OSError) -> OSError:
+def _checkpoint_write_error(path: Path, err: OSError) -> OSError:
     if err.errno == errno.ENOSPC:
         return OSError(
             errno.ENOSPC,
@@ -854,7 +854,7 @@ def _save_checkpoint(accelerator, output_dir: Path, state: dict, total_limit: in
                                        "scaler": scaler.state_dict() if scaler is not None else None})
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _no_space(target, err) from err
+        raise _checkpoint_write_error(target, err) from err
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         target = tmp / _TRAINER_STATE
@@ -862,7 +862,7 @@ def _save_checkpoint(accelerator, output_dir: Path, state: dict, total_limit: in
             _write_file(target, json.dumps(state, indent=2, sort_keys=True).encode("utf-8"))
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise _no_space(target, err) from err
+            raise _checkpoint_write_error(target, err) from err
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         if total_limit is not None:
