@@ -61,6 +61,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers.utils import logging
 
 from .configuration_gfss import GFSSConfig
+from .data._builder import apply_umask
 
 __all__ = [
     "CITATION",
@@ -945,6 +946,7 @@ def save_model_card(card: ModelCard, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        apply_umask(tmp)  # mkstemp creates 0600; the card gets the mode of a plain write
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
             handle.write(str(card))
         os.replace(tmp, path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from transformers import PreTrainedConfig
 
 __all__ = ["GFSSConfig"]
@@ -177,6 +179,16 @@ class GFSSConfig(PreTrainedConfig):
         def bad(field, value, rule):
             raise ValueError(f"GFSSConfig.{field}={value!r} is invalid: {rule}.")
 
+        # Types and finiteness first: NaN passes every range comparison (`not nan < 1` is True) and would build a
+        # model of non-finite tensors.
+        for name in ("output_stride", "hidden_size", "image_size", "ignore_index", "projection_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                bad(name, value, f"expected an integer, got {type(value).__name__}")
+        for name in ("dropout", "label_smoothing"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                bad(name, value, "expected a finite number")
         if not isinstance(self.backbone, str) or not self.backbone:
             bad("backbone", self.backbone, "give a timm model name such as 'resnet50s'")
         if self.output_stride not in (8, 16, 32):

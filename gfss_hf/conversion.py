@@ -35,6 +35,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .configuration_gfss import GFSSConfig
+from .data._builder import apply_umask
 from .image_processing_gfss import GFSSImageProcessor
 from .modeling_gfss import _FLAT_STEM_TO_TIMM, GFSSModel
 
@@ -1120,7 +1121,10 @@ def save_converted(
     processor = image_processor or GFSSImageProcessor.from_config(model.config)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     try:
+        apply_umask(tmp, directory=True)  # mkdtemp creates 0700; the renamed folder gets the mode of a plain mkdir
         model.save_pretrained(tmp)
+        for weights in tmp.glob("*.safetensors"):
+            apply_umask(weights)  # safetensors (0.8) creates its files 0600
         processor.save_pretrained(tmp)
         build_model_card(report, model.config).save(str(tmp / "README.md"))
         (tmp / "conversion_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")

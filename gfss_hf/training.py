@@ -8,15 +8,23 @@ only.
 Reproducibility: data order comes from Accelerate's seedable sampler (`seed + epoch`), flips from
 `(seed, epoch, index)`, dropout and contrastive sampling from `(seed, step, process)`. A run resumed from a
 checkpoint therefore continues with the batches, flips, dropout masks and samples of the uninterrupted run, and on
-CPU ends with identical weights.
+CPU ends with identical weights and the same logged losses (the running loss sums are checkpointed too).
+
+Checkpoints (`checkpoints/checkpoint-N/`) hold only safetensors and JSON, so reading one cannot run code:
+`model.safetensors`, `optimizer.safetensors` (optimizer and gradient scaler), `process_state_<rank>.safetensors` (RNG
+states, running loss sums) and `trainer_state.json` (step, schedule, history and the run's resolved config). A resume
+is refused when the checkpoint's config differs from the run's in any key but `INFRASTRUCTURE_KEYS`, and so is a new
+run into an output folder that holds another run's checkpoints. A non-finite loss stops the run at that step.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
+import random
 import re
 import shutil
 import time
@@ -33,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers.utils import logging
 
 from .configuration_gfss import GFSSConfig
-from .data._builder import atomic_write_text
+from .data._builder import apply_umask, atomic_write_text
 from .image_processing_gfss import GFSSImageProcessor
 from .losses import contrastive_loss_from_samples, count_contrastive_pairs, sample_contrastive_pixels
 from .modeling_gfss import GFSSModel
@@ -42,10 +50,12 @@ logger = logging.get_logger(__name__)
 
 __all__ = [
     "DATASETS",
+    "INFRASTRUCTURE_KEYS",
     "TrainingConfig",
     "PretrainingDataset",
     "build_model",
     "build_pretraining_datasets",
+    "check_checkpoint_config",
     "check_data_dir",
     "cosine_schedule",
     "evaluate_base_miou",
@@ -54,6 +64,7 @@ __all__ = [
     "preflight",
     "pretrain",
     "push_folder_to_hub",
+    "read_trainer_state",
     "resolve_checkpoint",
 ]
 
@@ -189,17 +200,35 @@ class TrainingConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
+    def check_known_keys(cls, values: Mapping[str, Any], source: str = "the config") -> None:
+        """Raise a `ValueError` naming the unknown keys of `values` (with the closest valid key) and the valid ones."""
+        names = cls.field_names()
+        unknown = sorted(set(values) - set(names), key=str)
+        if unknown:
+            import difflib
+
+            hints = [f"{k!r} -> {m[0]!r}" for k in unknown if (m := difflib.get_close_matches(str(k), names, n=1))]
+            raise ValueError(
+                f"unknown key(s) {unknown} in {source}"
+                + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+                + f"; valid keys are: {', '.join(names)}. Fix the spelling or remove them."
+            )
+
+    @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "the config") -> TrainingConfig:
         """Build from a flat mapping; unknown keys raise a `ValueError` that lists the valid keys."""
         if not isinstance(values, Mapping):
             raise ValueError(f"{source} must be a mapping of keys to values, got {type(values).__name__}.")
-        unknown = sorted(set(values) - set(cls.field_names()))
-        if unknown:
-            raise ValueError(
-                f"unknown key(s) {unknown} in {source}; valid keys are: {', '.join(cls.field_names())}. Fix the "
-                "spelling or remove them."
-            )
-        return cls(**dict(values))
+        cls.check_known_keys(values, source)
+        values = dict(values)
+        for f in dataclasses.fields(cls):
+            # YAML reads `1e-3` (no dot) as a string; a float key takes it as the number it spells.
+            if f.name in values and isinstance(values[f.name], str) and str(f.type).split("|")[0].strip() == "float":
+                try:
+                    values[f.name] = float(values[f.name])
+                except ValueError:
+                    pass  # validate() names the key and the expected type
+        return cls(**values)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, overrides: Sequence[str] | Mapping[str, Any] = ()) -> TrainingConfig:
@@ -214,14 +243,25 @@ class TrainingConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {str(path)!r} does not exist; pass --config with a YAML file.")
-        values = yaml.safe_load(path.read_text()) or {}
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            problem = " ".join(str(err).split())
+            raise ValueError(f"config file {str(path)!r} cannot be parsed as YAML ({problem}); fix its syntax.") from err
         if not isinstance(values, dict):
             raise ValueError(f"{str(path)!r} must hold a mapping of `key: value` lines, got {type(values).__name__}.")
-        values.update(parse_overrides(overrides))
-        return cls.from_dict(values, source=repr(str(path)))
+        overrides = parse_overrides(overrides)
+        # Unknown keys are reported against where they were written: the file or the overrides.
+        cls.check_known_keys(values, repr(str(path)))
+        cls.check_known_keys(overrides, "the overrides (--set)")
+        values.update(overrides)
+        return cls.from_dict(values, source=f"{str(path)!r} + overrides")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def _check_types(self) -> None:
+        _check_field_types(self)
 
     def replace(self, **changes) -> TrainingConfig:
         return TrainingConfig.from_dict({**self.to_dict(), **changes})
@@ -231,6 +271,7 @@ class TrainingConfig:
         def bad(name, rule):
             raise ValueError(f"TrainingConfig.{name}={getattr(self, name)!r} is invalid: {rule}.")
 
+        self._check_types()
         if self.dataset not in DATASETS:
             bad("dataset", f"allowed values are {DATASETS}")
         for name in ("num_epochs", "batch_size", "gradient_accumulation_steps", "logging_steps", "num_train_images"):
@@ -266,16 +307,63 @@ class TrainingConfig:
             bad("fold", "must be an integer fold index")
 
 
+_EXPECTED_TYPES = {
+    "int": ((int,), "an integer"),
+    "float": ((int, float), "a finite number"),
+    "str": ((str,), "a string"),
+    "bool": ((bool,), "true or false"),
+    "dict": ((dict,), "a mapping, e.g. {key: value}"),
+    "list": ((list, tuple), "a list, e.g. [1, 2]"),
+}
+
+
+def _check_field_types(config: TrainingConfig) -> None:
+    """Each value has its field's type (from the annotation) and floats are finite: `seed='abc'` or
+    `temperature=.nan` fail here, naming the key, instead of deep inside training or as non-finite weights."""
+    for f in dataclasses.fields(config):
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        value = getattr(config, f.name)
+        optional = "None" in kinds
+        if value is None and optional:
+            continue
+        base = next(k for k in kinds if k != "None")
+        if base not in _EXPECTED_TYPES:
+            continue  # an annotation this check does not know: validate() has the field's own rule
+        types, expected = _EXPECTED_TYPES[base]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        example = f"--set {f.name}={json.dumps(default) if default is not None else 'VALUE'}"
+        if not isinstance(value, types) or (isinstance(value, bool) and base in ("int", "float")):
+            raise ValueError(
+                f"TrainingConfig.{f.name}={value!r} is invalid: expected {expected}{' or null' if optional else ''}, "
+                f"got {type(value).__name__}; e.g. {example}."
+            )
+        if base == "float" and not math.isfinite(value):
+            raise ValueError(
+                f"TrainingConfig.{f.name}={value!r} is invalid: expected a finite number (NaN or infinity makes the "
+                f"loss and every weight non-finite); e.g. {example}."
+            )
+
+
 def parse_overrides(overrides: Sequence[str] | Mapping[str, Any]) -> dict[str, Any]:
-    """`["key=value", ...]` -> `{key: yaml.safe_load(value)}` (a mapping passes through)."""
+    """`["key=value", ...]` -> `{key: yaml.safe_load(value)}` (a mapping passes through, a single string is one
+    override)."""
     if isinstance(overrides, Mapping):
         return dict(overrides)
+    if isinstance(overrides, str):
+        overrides = [overrides]  # not its characters
     out = {}
     for item in overrides:
         key, sep, value = str(item).partition("=")
         if not sep or not key.strip():
             raise ValueError(f"override {item!r} is not of the form key=value (e.g. --set num_epochs=5).")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as err:
+            problem = " ".join(str(getattr(err, "problem", None) or err).split())
+            raise ValueError(
+                f"override {item!r}: the value {value!r} of {key.strip()!r} is not valid YAML ({problem}); quote it or "
+                "fix its syntax."
+            ) from err
     return out
 
 
@@ -405,7 +493,7 @@ class PretrainingDataset(Dataset):
         }
 
 
-def _builder_dataset(config: TrainingConfig, view: str):
+def _builder_dataset(config: TrainingConfig, view: str, rebuild_data: bool = False):
     common = dict(cache_dir=config.cache_dir, data_dir=config.data_dir, fold=config.fold, view=view)
     if config.min_pixels is not None:
         common["min_pixels"] = config.min_pixels
@@ -423,11 +511,14 @@ def _builder_dataset(config: TrainingConfig, view: str):
         from .data.folder import FolderSegmentation
 
         builder = FolderSegmentation(**common)
-    builder.download_and_prepare()
+    # Builders key their cache by config (the folder builder also by a fingerprint of its files); rebuild_data
+    # regenerates it regardless, for edits a fingerprint cannot see.
+    builder.download_and_prepare(download_mode="force_redownload" if rebuild_data else None)
     return builder.as_dataset(split="validation" if view == "val" else "train")
 
 
-def build_pretraining_datasets(config: TrainingConfig, split=None) -> tuple[PretrainingDataset, PretrainingDataset]:
+def build_pretraining_datasets(config: TrainingConfig, split=None,
+                               rebuild_data: bool = False) -> tuple[PretrainingDataset, PretrainingDataset]:
     """
     The base-training view (labels: background 0, base 1..B, novel 255 unless `novel_to_background`) and the
     validation view with the same label space, both prepared at `config.image_size`.
@@ -435,6 +526,8 @@ def build_pretraining_datasets(config: TrainingConfig, split=None) -> tuple[Pret
     Args:
         config ([`TrainingConfig`]): the run.
         split (`FoldSplit`, *optional*): the fold (default: `get_fold_split(config)`).
+        rebuild_data (`bool`, *optional*, defaults to `False`): regenerate the builders' prepared datasets instead of
+            reusing their cache (`download_mode="force_redownload"`).
 
     Returns:
         `tuple(PretrainingDataset, PretrainingDataset)`: train (with flips when `config.hflip`) and val.
@@ -452,8 +545,8 @@ def build_pretraining_datasets(config: TrainingConfig, split=None) -> tuple[Pret
         len(train_source)  # renders and filters now, in the main process
     else:
         check_data_dir(config)
-        train_source = _builder_dataset(config, "base_train")
-        val_source = _builder_dataset(config, "val")
+        train_source = _builder_dataset(config, "base_train", rebuild_data)
+        val_source = _builder_dataset(config, "val", rebuild_data)
     if len(train_source) == 0:
         raise ValueError(
             f"the base-training view of {config.dataset!r} fold {config.fold} is empty: no image has a base class "
@@ -510,6 +603,32 @@ def cosine_schedule(total_steps: int, schedule: str = "cosine") -> Callable[[int
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------------
+# Every file of a checkpoint is safetensors or JSON: neither format can run code when read, so a checkpoint folder
+# received from elsewhere (or tampered with) is at worst refused, never executed. Accelerate's save_state would
+# write the optimizer, RNG and registered objects with torch.save (pickle), so the loop saves its own state.
+_CHECKPOINT_FORMAT = 2
+_MODEL_FILE = "model.safetensors"
+_OPTIMIZER_FILE = "optimizer.safetensors"
+_PROCESS_FILE = "process_state_{rank}.safetensors"
+_STRUCTURE_KEY = "gfss_structure"
+
+INFRASTRUCTURE_KEYS = (
+    "output_dir",
+    "cache_dir",
+    "data_dir",
+    "num_workers",
+    "report_to",
+    "logging_steps",
+    "checkpointing_steps",
+    "checkpoints_total_limit",
+    "stop_after_steps",
+    "eval_every_epochs",
+)
+"""[`TrainingConfig`] keys a resumed run may change: where files are read and written, how often the run logs,
+evaluates and saves, and where it stops. They do not change the weights the run ends with. Every other key must
+match the checkpoint's recorded config."""
+
+
 def _checkpoint_step(path: Path) -> int | None:
     match = re.fullmatch(rf"{_CHECKPOINT_PREFIX}(\d+)", path.name)
     return int(match.group(1)) if match and path.is_dir() and (path / _TRAINER_STATE).is_file() else None
@@ -550,19 +669,200 @@ def resolve_checkpoint(resume_from_checkpoint: str | os.PathLike | None, output_
     )
 
 
-def _save_checkpoint(accelerator, output_dir: Path, state: dict, total_limit: int | None) -> Path:
-    """`save_state` into a temporary folder, then rename it: a killed process never leaves a half checkpoint that
-    `latest` would pick."""
+def _unreadable(path: Path, err: Exception) -> ValueError:
+    return ValueError(
+        f"checkpoint file {str(path)!r} cannot be read ({type(err).__name__}: {err}); it is truncated, corrupt or not "
+        "a gfss_hf checkpoint file. Resume from an earlier checkpoint (--resume_from_checkpoint PATH) or start a "
+        "fresh run in a new --output_dir."
+    )
+
+
+def read_trainer_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """The `trainer_state.json` of a checkpoint, with an error naming the file when it is not readable JSON."""
+    path = Path(checkpoint) / _TRAINER_STATE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise _unreadable(path, err) from err
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        raise _unreadable(path, ValueError("no integer 'global_step'"))
+    return state
+
+
+def _config_for_comparison(config: TrainingConfig | Mapping[str, Any]) -> dict[str, Any]:
+    # Through JSON, so that tuples and lists (and ints written as floats) compare as they are stored.
+    values = config.to_dict() if isinstance(config, TrainingConfig) else dict(config)
+    return {k: v for k, v in json.loads(json.dumps(values)).items() if k not in INFRASTRUCTURE_KEYS}
+
+
+def check_checkpoint_config(checkpoint: str | os.PathLike, config: TrainingConfig, resuming: bool = True) -> None:
+    """
+    Raise a `ValueError` when `checkpoint` was written by a run whose settings differ from `config` in anything but
+    [`INFRASTRUCTURE_KEYS`]; the message names every differing key with both values and says how to start fresh.
+
+    Args:
+        checkpoint (`str` or `os.PathLike`): a `checkpoints/checkpoint-N` folder.
+        config ([`TrainingConfig`]): the run about to start.
+        resuming (`bool`, *optional*, defaults to `True`): `False` when a new run would write into the folder that
+            holds `checkpoint` (the message then says so).
+    """
+    checkpoint = Path(checkpoint)
+    state = read_trainer_state(checkpoint)
+    output_dir = checkpoint.parent.parent
+    fresh = (
+        f"To start a fresh run, use a new --output_dir or delete {str(output_dir / _CHECKPOINT_DIR)!r}"
+        + ("" if resuming else ", or resume it with --resume_from_checkpoint latest and its settings")
+        + "."
+    )
+    what = f"checkpoint {str(checkpoint)!r}" if resuming else (
+        f"output_dir {str(output_dir)!r} already holds checkpoints ({checkpoint.name}) of another run, which"
+    )
+    if state.get("format") != _CHECKPOINT_FORMAT or not isinstance(state.get("config"), dict):
+        raise ValueError(
+            f"{what} was written by an older gfss_hf (no recorded config; its optimizer and RNG states are "
+            f"pickles, which this version does not load because unpickling can run code). {fresh}"
+        )
+    saved, current = _config_for_comparison(state["config"]), _config_for_comparison(config)
+    differences = [
+        f"{key}: checkpoint {saved.get(key, '<absent>')!r}, this run {current.get(key, '<absent>')!r}"
+        for key in sorted(set(saved) | set(current))
+        if saved.get(key, "<absent>") != current.get(key, "<absent>")
+    ]
+    if differences:
+        verb = "was taken by a run with other settings" if resuming else "has other settings"
+        raise ValueError(
+            f"{what} {verb}: {'; '.join(differences)}. Only {', '.join(INFRASTRUCTURE_KEYS)} may change on resume. "
+            f"Resume with the checkpoint's settings (its training_config.yaml), or start fresh. {fresh}"
+        )
+
+
+def _encode(obj: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
+    """A JSON-able description of `obj` whose tensors (and numpy arrays) go into `tensors`."""
+    if isinstance(obj, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = obj.detach().to("cpu").contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(obj, np.ndarray):
+        # Stored as int64/float64 tensors plus the dtype: safetensors has no uint32 (numpy's RNG state).
+        key = f"t{len(tensors)}"
+        wide = obj.astype(np.float64 if obj.dtype.kind == "f" else np.int64)
+        tensors[key] = torch.from_numpy(np.ascontiguousarray(wide))
+        return {"__ndarray__": key, "dtype": obj.dtype.str}
+    if isinstance(obj, Mapping):
+        return {"__dict__": [[_encode(k, tensors, where), _encode(v, tensors, f"{where}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors, f"{where}[{i}]") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"{where} is a {type(obj).__name__}, which a checkpoint cannot store (tensors and plain values).")
+
+
+def _decode(node: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    if isinstance(node, list):
+        return [_decode(v, tensors) for v in node]
+    if not isinstance(node, dict):
+        return node
+    if "__tensor__" in node:
+        return tensors[node["__tensor__"]]
+    if "__ndarray__" in node:
+        return tensors[node["__ndarray__"]].numpy().astype(np.dtype(node["dtype"]))
+    if "__tuple__" in node:
+        return tuple(_decode(v, tensors) for v in node["__tuple__"])
+    return {_decode(k, tensors): _decode(v, tensors) for k, v in node["__dict__"]}
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """The one place checkpoint bytes reach the disk (tests simulate a full disk here)."""
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _write_state_file(path: Path, obj: Any) -> None:
+    """`obj` (nested dicts, lists, tuples, scalars, tensors, numpy arrays) as safetensors with its structure as JSON
+    metadata."""
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+    structure = json.dumps(_encode(obj, tensors, path.stem))
+    _write_file(path, save(tensors, metadata={_STRUCTURE_KEY: structure}))
+
+
+def _read_state_file(path: Path) -> Any:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint file {str(path)!r} is missing; the checkpoint is incomplete. Resume from another checkpoint "
+            "or start a fresh run in a new --output_dir."
+        )
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            structure = json.loads((fh.metadata() or {})[_STRUCTURE_KEY])
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        return _decode(structure, tensors)
+    except Exception as err:  # safetensors raises its own error types for bad headers and short files
+        raise _unreadable(path, err) from err
+
+
+def _checkpoint_write_error(path: Path, err: OSError) -> OSError:
+    if err.errno == errno.ENOSPC:
+        return OSError(
+            errno.ENOSPC,
+            f"no space left on device while writing checkpoint file {str(path)!r}; the partial checkpoint was "
+            "removed and the previous checkpoints are intact. Free disk space (or lower checkpoints_total_limit) "
+            "and resume with --resume_from_checkpoint latest.",
+        )
+    return OSError(err.errno, f"writing checkpoint file {str(path)!r} failed: {err.strerror or err}")
+
+
+def _save_checkpoint(accelerator, output_dir: Path, state: dict, total_limit: int | None, model, optimizer,
+                     process_state: dict) -> Path:
+    """
+    Write a checkpoint into a temporary folder, then rename it: a killed process never leaves a half checkpoint
+    that `latest` would pick. Files: `model.safetensors` (weights), `optimizer.safetensors` (optimizer and
+    gradient-scaler state), `process_state_<rank>.safetensors` (each process's RNG states and running loss sums)
+    and `trainer_state.json` (step, schedule, history, the run's config).
+    """
     folder = output_dir / _CHECKPOINT_DIR
     final = folder / f"{_CHECKPOINT_PREFIX}{state['global_step']}"
     tmp = folder / f".tmp-{_CHECKPOINT_PREFIX}{state['global_step']}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    target = tmp / _PROCESS_FILE.format(rank=accelerator.process_index)
+    try:
+        _write_state_file(target, process_state)
+        if accelerator.is_main_process:
+            from safetensors.torch import save
+
+            target = tmp / _MODEL_FILE
+            # A plain state dict (parameter names as keys), readable by any safetensors tool. Cloned: safetensors
+            # refuses tensors that share storage.
+            weights = {k: v.detach().to("cpu").contiguous().clone()
+                       for k, v in accelerator.unwrap_model(model).state_dict().items()}
+            _write_file(target, save(weights, metadata={"format": "pt"}))
+            target = tmp / _OPTIMIZER_FILE
+            scaler = getattr(accelerator, "scaler", None)
+            _write_state_file(target, {"optimizer": optimizer.state_dict(),
+                                       "scaler": scaler.state_dict() if scaler is not None else None})
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _checkpoint_write_error(target, err) from err
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / _TRAINER_STATE).write_text(json.dumps(state, indent=2, sort_keys=True))
+        target = tmp / _TRAINER_STATE
+        try:
+            _write_file(target, json.dumps(state, indent=2, sort_keys=True).encode("utf-8"))
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _checkpoint_write_error(target, err) from err
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         if total_limit is not None:
@@ -571,6 +871,47 @@ def _save_checkpoint(accelerator, output_dir: Path, state: dict, total_limit: in
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _load_checkpoint(checkpoint: Path, accelerator, model, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler, gradient scaler and this process's RNG states from `checkpoint`
+    (safetensors and JSON only); returns the trainer state and this process's state."""
+    from safetensors.torch import load_file
+
+    trainer_state = read_trainer_state(checkpoint)
+    path = checkpoint / _MODEL_FILE
+    if not path.is_file():
+        raise _unreadable(path, FileNotFoundError("the file is missing"))
+    try:
+        accelerator.unwrap_model(model).load_state_dict(load_file(str(path), device="cpu"), strict=True)
+    except Exception as err:  # safetensors' own errors for short or foreign files, torch's for mismatched keys
+        raise _unreadable(path, err) from err
+    saved = _read_state_file(checkpoint / _OPTIMIZER_FILE)
+    try:
+        optimizer.load_state_dict(saved["optimizer"])
+        scaler = getattr(accelerator, "scaler", None)
+        if scaler is not None and saved.get("scaler") is not None:
+            scaler.load_state_dict(saved["scaler"])
+        scheduler.load_state_dict(trainer_state["scheduler"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise _unreadable(checkpoint / _OPTIMIZER_FILE, err) from err
+    process = _read_state_file(checkpoint / _PROCESS_FILE.format(rank=accelerator.process_index))
+    try:
+        rng = process["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if torch.cuda.is_available() and rng.get("cuda"):
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise _unreadable(checkpoint / _PROCESS_FILE.format(rank=accelerator.process_index), err) from err
+    accelerator.step = int(trainer_state.get("accelerator_step", 0))
+    return {"trainer_state": trainer_state, "process": process}
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 # -- evaluation ------------------------------------------------------------------------------------------------
@@ -652,6 +993,11 @@ def preflight(config: TrainingConfig, resume_from_checkpoint=None, push_to_hub: 
     split = get_fold_split(config)
     check_data_dir(config)
     checkpoint = resolve_checkpoint(resume_from_checkpoint, config.output_dir)
+    if checkpoint is not None:
+        check_checkpoint_config(checkpoint, config)
+    elif (existing := find_last_checkpoint(config.output_dir)) is not None:
+        # A new run would write its checkpoints and logs beside another run's, and `latest` would mix them.
+        check_checkpoint_config(existing, config, resuming=False)
     return split, checkpoint
 
 
@@ -661,6 +1007,7 @@ def pretrain(
     push_to_hub: bool = False,
     hub_model_id: str | None = None,
     hub_token: str | None = None,
+    rebuild_data: bool = False,
 ) -> dict[str, Any]:
     r"""
     Pre-train a [`GFSSModel`] on the base classes of `config.dataset` / `config.fold` with Accelerate.
@@ -676,6 +1023,8 @@ def pretrain(
             `HfApi().upload_folder` (needs `hub_model_id`).
         hub_model_id (`str`, *optional*): target repo, e.g. `"user/gfss-pspnet-pascal5i-fold0"`.
         hub_token (`str`, *optional*): token for the upload (default: the logged-in one).
+        rebuild_data (`bool`, *optional*, defaults to `False`): rebuild the prepared dataset cache (see
+            [`build_pretraining_datasets`]).
 
     Returns:
         `dict` with `global_step`, `completed` (False when stopped by `stop_after_steps`), `history` (one record per
@@ -683,7 +1032,14 @@ def pretrain(
 
     Output folder: `config.json` + `model.safetensors` + `preprocessor_config.json` (loadable by
     `AutoModel.from_pretrained` once `gfss_hf` is imported), `training_config.yaml`, `train_log.jsonl`,
-    `eval_results.json`, and `checkpoints/checkpoint-N/` when checkpointing.
+    `eval_results.json`, and `checkpoints/checkpoint-N/` when checkpointing (safetensors + JSON, see the module
+    docstring).
+
+    Raises:
+        `ValueError`: bad inputs, found before the model is built (config values, fold, data layout, a checkpoint
+            or output folder of a run with other settings, an unreadable checkpoint file).
+        `FloatingPointError`: the loss became NaN or infinite (the message names the step); nothing is saved.
+        `OSError`: a checkpoint file could not be written (named; "no space left on device" on a full disk).
 
     Example:
 
@@ -713,7 +1069,7 @@ def pretrain(
     logger.info(f"pre-training on {world} process(es), device {accelerator.device}")
 
     with accelerator.main_process_first():
-        train_set, val_set = build_pretraining_datasets(config, split)
+        train_set, val_set = build_pretraining_datasets(config, split, rebuild_data=rebuild_data)
     model = build_model(config, split)
     num_classes = model.config.num_labels
     if torch.cuda.is_available() and world > 1:
@@ -736,12 +1092,15 @@ def pretrain(
     num_epochs = math.ceil(total_steps / steps_per_epoch)
     # Not prepared: a prepared scheduler steps once per process per call. This one steps once per optimizer step
     # and is saved in the checkpoints through register_for_checkpointing.
+    # It is saved in the checkpoints' trainer_state.json (not registered for Accelerate's pickled checkpointing).
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(total_steps, config.lr_schedule))
-    accelerator.register_for_checkpointing(scheduler)
 
     global_step, history, evals = 0, [], []
+    running = torch.zeros(3, device=accelerator.device)  # loss, ce, contrastive summed over micro-batches
+    running_count = 0
     if checkpoint is not None:
-        trainer_state = json.loads((checkpoint / _TRAINER_STATE).read_text())
+        restored = _load_checkpoint(checkpoint, accelerator, model, optimizer, scheduler)
+        trainer_state = restored["trainer_state"]
         global_step = int(trainer_state["global_step"])
         history, evals = trainer_state.get("history", []), trainer_state.get("eval", [])
         if trainer_state.get("steps_per_epoch") != steps_per_epoch or trainer_state.get("total_steps") != total_steps:
@@ -751,7 +1110,9 @@ def pretrain(
                 f"{total_steps}; resume with the same data, batch size, accumulation and number of processes."
             )
         accelerator.print(f"resuming from {checkpoint} (step {global_step})")
-        accelerator.load_state(str(checkpoint))
+        # The loss sums since the last logged step: the next logged average then matches the uninterrupted run.
+        running = restored["process"]["running"].to(accelerator.device)
+        running_count = int(restored["process"]["running_count"])
 
     unwrapped = accelerator.unwrap_model(model)
     use_contrastive = config.contrastive_weight > 0
@@ -764,22 +1125,24 @@ def pretrain(
     log_path = output_dir / "train_log.jsonl"
     if checkpoint is not None and accelerator.is_main_process and log_path.is_file():
         # A killed run may have logged steps past its last checkpoint; the resumed run logs them again.
-        kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= global_step]
+        kept = [line for line, record in _read_log(log_path) if record["step"] <= global_step]
         atomic_write_text(log_path, "".join(line + "\n" for line in kept))
+    elif checkpoint is None and accelerator.is_main_process and log_path.is_file():
+        atomic_write_text(log_path, "")  # a new run does not append to a previous run's log
     progress = tqdm(total=total_steps, initial=global_step, disable=not accelerator.is_local_main_process,
                     desc="pre-training")
     device_type = accelerator.device.type
     fork_devices = [accelerator.device.index or 0] if device_type == "cuda" else []
-    running = torch.zeros(3, device=accelerator.device)  # loss, ce, contrastive summed over micro-batches
-    running_count = 0
     completed = True
     last_checkpoint = checkpoint
     start_epoch = global_step // steps_per_epoch
     model.train()
 
     def state_dict_for_checkpoint():
-        return {"global_step": global_step, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-                "world_size": world, "history": history, "eval": evals}
+        return {"format": _CHECKPOINT_FORMAT, "global_step": global_step, "steps_per_epoch": steps_per_epoch,
+                "total_steps": total_steps, "world_size": world, "history": history, "eval": evals,
+                "scheduler": scheduler.state_dict(), "accelerator_step": accelerator.step,
+                "config": config.to_dict()}
 
     for epoch in range(start_epoch, num_epochs):
         if global_step >= total_steps:
@@ -815,6 +1178,7 @@ def pretrain(
             running_count += 1
             if not accelerator.sync_gradients:
                 continue
+            _check_finite(running, running_count, global_step + 1, accelerator, last_checkpoint)
             scheduler.step()
             global_step += 1
             micro = 0
@@ -843,8 +1207,10 @@ def pretrain(
             stop = config.stop_after_steps is not None and global_step >= config.stop_after_steps
             if (config.checkpointing_steps and global_step % config.checkpointing_steps == 0) or \
                     (stop and global_step < total_steps):
-                last_checkpoint = _save_checkpoint(accelerator, output_dir, state_dict_for_checkpoint(),
-                                                   config.checkpoints_total_limit)
+                last_checkpoint = _save_checkpoint(
+                    accelerator, output_dir, state_dict_for_checkpoint(), config.checkpoints_total_limit, model,
+                    optimizer, {"rng": _rng_state(), "running": running, "running_count": running_count},
+                )
             if global_step >= total_steps:
                 break
             if stop:
@@ -869,6 +1235,49 @@ def pretrain(
         accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def _check_finite(running: torch.Tensor, count: int, step: int, accelerator, last_checkpoint) -> None:
+    """Stop at the first optimizer step whose loss is NaN or infinite (on any process): the weights are already
+    poisoned, and every later step, checkpoint and the final model would carry it silently."""
+    bad = (~torch.isfinite(running)).any().float()
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    if bad.item() == 0:
+        return
+    values = (running / max(count, 1)).tolist()
+    raise FloatingPointError(
+        f"the training loss became non-finite at step {step} (loss={values[0]}, ce={values[1]}, "
+        f"contrastive={values[2]} on process {accelerator.process_index}); training stopped without saving. Lower "
+        "learning_rate, check temperature / contrastive_weight / mixed_precision and the data, then "
+        + (f"resume from {str(last_checkpoint)!r} or " if last_checkpoint else "")
+        + "start a fresh run."
+    )
+
+
+def _read_log(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) of each line of a JSON-lines log; a torn last line (a run killed mid-write) is dropped with a
+    warning, a bad line elsewhere is an error naming it."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    out = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("no integer 'step'")
+        except ValueError as err:
+            if number == len(lines):
+                logger.warning(f"dropped the partial last line {number} of {path} ({line[:80]!r}): a run was "
+                               "stopped while writing it; the resumed run logs that step again")
+                break
+            raise ValueError(
+                f"line {number} of {str(path)!r} is not a log record ({err}): {line[:80]!r}; fix or delete the line "
+                "(or the file) and resume again."
+            ) from err
+        out.append((line, record))
+    return out
 
 
 def _contrastive_term(model: GFSSModel, outputs, labels: torch.Tensor, config: TrainingConfig, accelerator,
@@ -896,6 +1305,8 @@ def _contrastive_term(model: GFSSModel, outputs, labels: torch.Tensor, config: T
 
 def _save_final(model: GFSSModel, output_dir: Path, summary: dict, config: TrainingConfig) -> None:
     model.save_pretrained(str(output_dir))
+    for weights in output_dir.glob("*.safetensors"):
+        apply_umask(weights)  # safetensors (0.8) creates its files 0600, unlike a plain write
     GFSSImageProcessor.from_config(model.config).save_pretrained(str(output_dir))
     results = {"global_step": summary["global_step"], "final_eval": summary["final_eval"], "eval": summary["eval"],
                "dataset": config.dataset, "fold": config.fold, "world_size": summary["world_size"],

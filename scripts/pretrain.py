@@ -39,6 +39,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--resume_from_checkpoint", default=None, help="'latest' (in --output_dir) or the path of a checkpoint."
     )
     parser.add_argument("--backbone_weights", default=None, help="Local file of ImageNet backbone weights.")
+    parser.add_argument(
+        "--rebuild_data", action="store_true",
+        help="Rebuild the prepared dataset cache (it is keyed by the files' names, sizes and mtimes; use this after "
+        "an edit that kept them).",
+    )
     parser.add_argument("--push_to_hub", action="store_true", help="Upload the final folder to the Hub.")
     parser.add_argument("--hub_model_id", default=None, help="Repo id for --push_to_hub, e.g. user/gfss-pascal5i-f0.")
     parser.add_argument("--hub_token", default=None, help="Token for --push_to_hub (default: the logged-in one).")
@@ -66,6 +71,7 @@ def training_function(config: TrainingConfig, args: argparse.Namespace) -> dict:
         push_to_hub=args.push_to_hub,
         hub_model_id=args.hub_model_id,
         hub_token=args.hub_token,
+        rebuild_data=args.rebuild_data,
     )
     final = summary.get("final_eval")
     if final is not None and int(os.environ.get("RANK", "0")) == 0:
@@ -82,7 +88,11 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    training_function(config, args)
+    try:
+        training_function(config, args)
+    except FloatingPointError as err:  # a diverged run: one readable line, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -38,3 +38,14 @@ def pretrained_tiny_dir(tmp_path_factory):
     for item in FIXTURE_MODEL.iterdir():
         shutil.copy2(item, target / item.name)
     return target
+
+
+@pytest.fixture
+def umask_027():
+    """Run the test under umask 027 (group may read, others nothing), restored afterwards: files written like
+    `open()` then have mode 0640 and folders 0750."""
+    old = os.umask(0o027)
+    try:
+        yield 0o027
+    finally:
+        os.umask(old)

@@ -1,6 +1,7 @@
 """Model cards: Hub YAML + model-index from results.json, the planned cards in model_cards/, the CLI."""
 
 import json
+import stat
 from pathlib import Path
 
 import pytest
@@ -70,13 +71,14 @@ def _front_matter(text: str) -> dict:
     return yaml.safe_load(text.split("---\n")[1])
 
 
-def test_card_model_index_round_trip_matches_results(tmp_path):
+def test_card_model_index_round_trip_matches_results(tmp_path, umask_027):
     (tmp_path / "paper").mkdir()
     results_paths = [tmp_path / "paper" / "results.json", tmp_path / "diam.json"]
     results_paths[0].write_text(json.dumps(EVALUATE_PAYLOAD))
     results_paths[1].write_text(json.dumps(HAND_WRITTEN))
     card = render_model_card(_config(), results_paths, repo_id="someone/gfss-synthetic-fold0")
     path = save_model_card(card, tmp_path / "README.md")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640  # a plain write's mode under umask 027, not mkstemp's 0600
 
     loaded = ModelCard.load(path)
     assert loaded.data.library_name == "transformers"

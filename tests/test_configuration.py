@@ -46,6 +46,11 @@ def test_disagreeing_id2label_is_an_error():
         ("projection_source", "layer3", "projection_source='layer3'"),
         ("label_smoothing", 1.0, "label_smoothing"),
         ("ignore_index", 300, "ignore_index=300"),
+        ("dropout", float("nan"), "dropout=nan is invalid: expected a finite number"),
+        ("label_smoothing", float("inf"), "label_smoothing=inf is invalid: expected a finite number"),
+        ("hidden_size", float("nan"), "hidden_size=nan is invalid: expected an integer, got float"),
+        ("image_size", float("inf"), "image_size=inf is invalid: expected an integer, got float"),
+        ("projection_dim", "8", "projection_dim='8' is invalid: expected an integer, got str"),
     ],
 )
 def test_bad_values_name_field_and_rule(field, value, match):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import stat
 
 import pytest
 import torch
@@ -574,7 +575,7 @@ def test_unwrap_checkpoint_containers():
         unwrap_checkpoint({"epoch": 1})
 
 
-def test_convert_checkpoint_and_save_atomically(tmp_path, canon):
+def test_convert_checkpoint_and_save_atomically(tmp_path, canon, umask_027):
     src, _, _ = build_layout("imagenet-semseg", canon)
     buffer = io.BytesIO()
     torch.save(src, buffer)
@@ -594,6 +595,10 @@ def test_convert_checkpoint_and_save_atomically(tmp_path, canon):
         p.name for p in out.iterdir()
     }
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp folders left
+    # The folder is renamed from a mkdtemp (0700) folder: it gets the mode of a plain mkdir under the umask.
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in out.iterdir()}
+    assert set(modes.values()) == {"0o640"}, modes
     card = (out / "README.md").read_text()
     assert "license: mit" in card and "hszhao/semseg" in card and "fc.* (2)" in card
 

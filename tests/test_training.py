@@ -77,6 +77,59 @@ def test_overrides_are_parsed_as_yaml_and_bad_values_rejected():
         TrainingConfig(dataset="imagenet")
 
 
+@pytest.mark.parametrize("key,value,match", [
+    ("temperature", float("nan"), r"temperature=nan is invalid: expected a finite number"),
+    ("contrastive_weight", float("inf"), r"contrastive_weight=inf is invalid: expected a finite number"),
+    ("learning_rate", float("-inf"), r"learning_rate=-inf is invalid: expected a finite number"),
+    ("base_temperature", float("nan"), r"base_temperature=nan is invalid: expected a finite number"),
+    ("dropout", float("nan"), r"dropout=nan is invalid"),
+    ("label_smoothing", float("inf"), r"label_smoothing=inf is invalid"),
+    ("learning_rate", "abc", r"learning_rate='abc' is invalid: expected a finite number, got str; e.g. --set learnin"),
+    ("seed", "abc", r"seed='abc' is invalid: expected an integer, got str; e.g. --set seed=0"),
+    ("seed", 1.5, r"seed=1.5 is invalid: expected an integer, got float"),
+    ("num_epochs", True, r"num_epochs=True is invalid: expected an integer"),
+    ("max_steps", "ten", r"max_steps='ten' is invalid: expected an integer or null"),
+    ("hflip", "yes please", r"hflip='yes please' is invalid: expected true or false"),
+    ("pool_scales", 3, r"pool_scales=3 is invalid: expected a list"),
+])
+def test_bad_values_name_the_key_the_value_and_the_expected_type(key, value, match):
+    with pytest.raises(ValueError, match=match):
+        TrainingConfig.from_dict({key: value})
+
+
+def test_yaml_strings_that_spell_numbers_are_taken_as_floats():
+    # YAML 1.1 reads 1e-3 (no dot) as a string.
+    config = TrainingConfig.from_yaml(REPO / "scripts" / "configs" / "synthetic.yaml", overrides=["learning_rate=1e-3"])
+    assert config.learning_rate == 1e-3
+
+
+@pytest.mark.parametrize("text,match", [
+    ("- a\n- b\n", "must hold a mapping of `key: value` lines, got list"),
+    ("just some words\n", "must hold a mapping of `key: value` lines, got str"),
+    ("learning_rat: 0.1\n", r"unknown key\(s\) \['learning_rat'\] in '.*c.yaml' \(did you mean 'learning_rat' -> 'le"),
+    ("seed: [1\n", "cannot be parsed"),
+])
+def test_bad_config_files_name_the_file_and_the_rule(tmp_path, text, match):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        TrainingConfig.from_yaml(path)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ("seed=3", None),  # one string is one override, not a sequence of one-character overrides
+    (["sed=3"], r"unknown key\(s\) \['sed'\] in the overrides \(--set\) \(did you mean 'sed' -> 'seed'\?\)"),
+    (["backbone_kwargs=[1"], r"override 'backbone_kwargs=\[1': the value '\[1' of 'backbone_kwargs' is not valid YAML"),
+])
+def test_overrides_errors_name_the_override(overrides, match):
+    path = REPO / "scripts" / "configs" / "synthetic.yaml"
+    if match is None:
+        assert TrainingConfig.from_yaml(path, overrides=overrides).seed == 3
+    else:
+        with pytest.raises(ValueError, match=match):
+            TrainingConfig.from_yaml(path, overrides=overrides)
+
+
 def test_cosine_schedule():
     f = cosine_schedule(10)
     assert f(0) == 1.0 and f(5) == pytest.approx(0.5) and f(10) == pytest.approx(0.0)
@@ -236,3 +289,210 @@ def test_contrastive_weight_zero_skips_the_projection(tmp_path):
     summary = pretrain(tiny_config(tmp_path, contrastive_weight=0.0, max_steps=2, eval_every_epochs=0))
     assert all(r["contrastive"] == 0.0 for r in summary["history"])
     assert not any(k.startswith("projection") for k in _weights(tmp_path / "run"))
+
+
+# -- checkpoints: what they hold, what resume accepts ------------------------------------------------------------
+RESUMABLE = dict(max_steps=7, gradient_accumulation_steps=2, logging_steps=3)
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A run stopped at step 4 of 7 (checkpoint-4, logging every 3 steps: step 4 sits inside a logging window) and
+    the uninterrupted run, shared by the resume tests (which copy the stopped one)."""
+    root = tmp_path_factory.mktemp("resumable")
+    full = pretrain(tiny_config(root, "full", **RESUMABLE))
+    pretrain(tiny_config(root, "split", stop_after_steps=4, **RESUMABLE))
+    return {"root": root, "full": full, "split": root / "split"}
+
+
+def _copy_run(stopped_run, tmp_path):
+    import shutil
+
+    target = tmp_path / "split"
+    shutil.copytree(stopped_run["split"], target)
+    return target, target / "checkpoints" / "checkpoint-4"
+
+
+def test_checkpoint_files_are_safetensors_and_json_with_the_run_config(stopped_run):
+    checkpoint = stopped_run["split"] / "checkpoints" / "checkpoint-4"
+    names = sorted(p.name for p in checkpoint.iterdir())
+    assert names == ["model.safetensors", "optimizer.safetensors", "process_state_0.safetensors", "trainer_state.json"]
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    config = tiny_config(stopped_run["root"], "split", stop_after_steps=4, **RESUMABLE)
+    assert state["config"] == json.loads(json.dumps(config.to_dict()))
+    assert state["scheduler"]["last_epoch"] == 4
+
+
+def test_resumed_log_and_running_average_match_the_uninterrupted_run(stopped_run, tmp_path):
+    out, _ = _copy_run(stopped_run, tmp_path)
+    resumed = pretrain(tiny_config(tmp_path, "split", **RESUMABLE), resume_from_checkpoint="latest")
+    # Step 6 averages steps 4-6; steps 4 and 5 straddle the checkpoint.
+    assert [r["step"] for r in resumed["history"]] == [3, 6, 7]
+    assert resumed["history"] == stopped_run["full"]["history"]
+    a, b = _weights(stopped_run["root"] / "full"), _weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("change,named", [
+    ({"learning_rate": 0.1}, "learning_rate: checkpoint 0.05, this run 0.1"),
+    ({"seed": 3}, "seed: checkpoint 0, this run 3"),
+    ({"contrastive_weight": 0.5}, "contrastive_weight: checkpoint 0.1, this run 0.5"),
+    ({"hflip": False, "momentum": 0.5}, "hflip: checkpoint True, this run False; momentum: checkpoint 0.9"),
+])
+def test_resume_with_other_settings_is_refused_naming_the_keys(stopped_run, tmp_path, change, named):
+    out, _ = _copy_run(stopped_run, tmp_path)
+    before = (out / "training_config.yaml").read_text()
+    config = tiny_config(tmp_path, "split", **{**RESUMABLE, **change})
+    with pytest.raises(ValueError, match="was taken by a run with other settings") as info:
+        pretrain(config, resume_from_checkpoint="latest")
+    assert named in str(info.value) and "start a fresh run, use a new --output_dir" in str(info.value)
+    assert (out / "training_config.yaml").read_text() == before  # nothing of the refused run was written
+    # ... and a new run into that folder is refused the same way.
+    with pytest.raises(ValueError, match=r"already holds checkpoints \(checkpoint-4\) of another run") as info:
+        pretrain(config)
+    assert named in str(info.value)
+
+
+def test_checkpoint_of_an_older_version_is_refused(stopped_run, tmp_path):
+    out, checkpoint = _copy_run(stopped_run, tmp_path)
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    del state["config"], state["format"]
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="written by an older gfss_hf .*pickles.*use a new --output_dir"):
+        pretrain(tiny_config(tmp_path, "split", **RESUMABLE), resume_from_checkpoint="latest")
+
+
+def test_resume_accepts_changed_infrastructure_keys(stopped_run, tmp_path):
+    out, _ = _copy_run(stopped_run, tmp_path)
+    config = tiny_config(tmp_path, "split", **{**RESUMABLE, "num_workers": 1, "eval_every_epochs": 0,
+                                               "checkpointing_steps": 100, "report_to": "none"})
+    assert pretrain(config, resume_from_checkpoint="latest")["global_step"] == 7
+
+
+class _Marker:
+    """Unpickling this creates a marker file: proof that code from a checkpoint ran."""
+
+    path = None
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def _malicious_pickle(marker):
+    import pickle
+
+    _Marker.path = marker
+    return pickle.dumps(_Marker())
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.safetensors", "process_state_0.safetensors",
+                                  "trainer_state.json"])
+def test_a_pickle_planted_in_a_checkpoint_file_is_refused_not_run(stopped_run, tmp_path, name):
+    out, checkpoint = _copy_run(stopped_run, tmp_path)
+    marker = tmp_path / "pwned"
+    (checkpoint / name).write_bytes(_malicious_pickle(marker))
+    with pytest.raises(ValueError, match=rf"checkpoint file '.*{name}' cannot be read.*earlier checkpoint"):
+        pretrain(tiny_config(tmp_path, "split", **RESUMABLE), resume_from_checkpoint="latest")
+    assert not marker.exists()
+
+
+def test_pickles_added_to_a_checkpoint_are_never_loaded(stopped_run, tmp_path):
+    # The files Accelerate's save_state writes (and this package wrote before) are ignored, whatever they hold.
+    out, checkpoint = _copy_run(stopped_run, tmp_path)
+    marker = tmp_path / "pwned"
+    for name in ("custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl", "scheduler.bin", "sampler.bin",
+                 "pytorch_model.bin", "scaler.pt"):
+        (checkpoint / name).write_bytes(_malicious_pickle(marker))
+    resumed = pretrain(tiny_config(tmp_path, "split", **RESUMABLE), resume_from_checkpoint="latest")
+    assert resumed["global_step"] == 7 and not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.safetensors", "process_state_0.safetensors",
+                                  "trainer_state.json"])
+def test_truncated_checkpoint_file_is_named(stopped_run, tmp_path, name):
+    out, checkpoint = _copy_run(stopped_run, tmp_path)
+    data = (checkpoint / name).read_bytes()
+    (checkpoint / name).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=rf"checkpoint file '.*checkpoint-4/{name}' cannot be read.*truncated"):
+        pretrain(tiny_config(tmp_path, "split", **RESUMABLE), resume_from_checkpoint="latest")
+
+
+def test_full_disk_while_writing_a_checkpoint_names_the_file(tmp_path, monkeypatch):
+    import errno
+
+    import gfss_hf.training as training
+
+    real = training._write_file
+
+    def write(path, data):
+        if path.name == "optimizer.safetensors":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(training, "_write_file", write)
+    with pytest.raises(OSError, match=r"no space left on device while writing checkpoint file '.*optimizer\.safet"):
+        pretrain(tiny_config(tmp_path, max_steps=2, checkpointing_steps=1, eval_every_epochs=0))
+    folder = tmp_path / "run" / "checkpoints"
+    assert not list(folder.iterdir())  # the partial checkpoint is gone, `latest` finds nothing half-written
+
+
+def test_torn_last_log_line_is_dropped_with_a_warning(stopped_run, tmp_path, monkeypatch):
+    import gfss_hf.training as training
+
+    out, _ = _copy_run(stopped_run, tmp_path)
+    log = out / "train_log.jsonl"
+    log.write_text(log.read_text() + '{"step": 4, "epoch": 1, "lo')
+    warnings = []
+    monkeypatch.setattr(training.logger, "warning", lambda msg, *a, **k: warnings.append(str(msg)))
+    pretrain(tiny_config(tmp_path, "split", **RESUMABLE), resume_from_checkpoint="latest")
+    assert any("partial last line 2" in w for w in warnings), warnings
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [3, 6, 7]
+    # A bad line that is not the last one is damage, not a torn write: an error naming the line.
+    log.write_text('{"step": 3}\nnot json\n{"step": 4}\n')
+    with pytest.raises(ValueError, match=r"line 2 of '.*train_log.jsonl' is not a log record"):
+        pretrain(tiny_config(tmp_path, "split", **RESUMABLE), resume_from_checkpoint="latest")
+
+
+def test_non_finite_loss_stops_training_with_the_step(tmp_path):
+    config = tiny_config(tmp_path, max_steps=12, learning_rate=1e12, contrastive_weight=0.0, eval_every_epochs=0)
+    with pytest.raises(FloatingPointError, match=r"loss became non-finite at step \d+"):
+        pretrain(config)
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_rebuild_data_reaches_the_folder_builder(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from gfss_hf.data.folder import FolderSegmentation
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    for i in range(3):
+        label = np.zeros((48, 48), dtype=np.uint8)
+        label[4:40, 4:40] = i % 2 + 1
+        Image.fromarray(np.full((48, 48, 3), 40 * i, dtype=np.uint8)).save(data / "images" / f"im{i}.png")
+        Image.fromarray(label, "L").save(data / "masks" / f"im{i}.png")
+    (data / "classes.json").write_text(json.dumps({"names": ["a", "b"], "folds": [["b"]]}))
+    modes = []
+    real = FolderSegmentation.download_and_prepare
+    monkeypatch.setattr(FolderSegmentation, "download_and_prepare",
+                        lambda self, *a, **k: modes.append(k.get("download_mode")) or real(self, *a, **k))
+    config = tiny_config(tmp_path, dataset="folder", data_dir=str(data), cache_dir=str(tmp_path / "cache"),
+                         min_pixels=10)
+    build_pretraining_datasets(config)
+    train, _ = build_pretraining_datasets(config, rebuild_data=True)
+    assert modes == [None, None, "force_redownload", "force_redownload"] and len(train) == 2
+
+
+def test_run_outputs_get_the_modes_of_plain_writes(tmp_path, umask_027):
+    import stat
+
+    pretrain(tiny_config(tmp_path, max_steps=2, checkpointing_steps=2, eval_every_epochs=0, contrastive_weight=0.0))
+    out = tmp_path / "run"
+    files = [p for p in out.rglob("*") if p.is_file()]
+    folders = [p for p in out.rglob("*") if p.is_dir()]
+    assert {"model.safetensors", "training_config.yaml", "optimizer.safetensors"} <= {p.name for p in files}
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files if stat.S_IMODE(p.stat().st_mode) != 0o640} == {}
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in folders if stat.S_IMODE(p.stat().st_mode) != 0o750} == {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -28,6 +29,9 @@ __all__ = [
     "config_kwargs",
     "atomic_write_json",
     "atomic_write_bytes",
+    "atomic_write_text",
+    "current_umask",
+    "apply_umask",
     "read_list_file",
     "read_mask",
     "read_rgb",
@@ -112,19 +116,46 @@ def segmentation_features() -> datasets.Features:
     return datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(), "label": datasets.Image()})
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the platform allows (Linux: `/proc/self/status`)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    # Elsewhere: set and restore (not atomic with respect to other threads, hence the fallback only).
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give `path` the mode a plain `open()` / `mkdir()` would have: `0o666 & ~umask` for a file, `0o777 & ~umask`
+    for a folder. `tempfile.mkstemp` / `mkdtemp` create 0600 / 0700 (private) entries, which an atomic write would
+    otherwise hand on to the final file, unreadable to the group the umask allows."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` through a temporary file in the same folder and `os.replace`, so readers never see a
-    half-written file."""
+    half-written file. The file gets the mode of a plain write (`0o666 & ~umask`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        apply_umask(tmp)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise OSError(
+                errno.ENOSPC, f"no space left on device while writing {str(path)!r}; free disk space and run again"
+            ) from err
         raise
 
 

@@ -21,6 +21,7 @@ or ids) or a number of folds to split the classes into consecutive groups, PASCA
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ __all__ = [
     "folder_pixel_counts",
     "folder_image_areas",
     "folder_class_index",
+    "folder_fingerprint",
     "FolderSegmentationConfig",
     "FolderSegmentation",
 ]
@@ -189,10 +191,18 @@ def folder_entries(
         masks = sorted(p for p in (root / "masks").iterdir() if p.suffix.lower() == ".png")
         if not masks:
             raise FileNotFoundError(f"no .png mask in {str(root / 'masks')!r}; add label PNGs named <id>.png.")
-    images = {}
-    for p in (root / "images").iterdir():
+    images: dict[str, list[Path]] = {}
+    for p in sorted((root / "images").iterdir()):
         if p.suffix.lower() in IMAGE_EXTENSIONS:
-            images.setdefault(p.stem, p)
+            images.setdefault(p.stem, []).append(p)
+    ambiguous = [paths for m in masks if len(paths := images.get(m.stem, [])) > 1]
+    if ambiguous:
+        raise ValueError(
+            f"{len(ambiguous)} mask(s) match more than one image, e.g. {[str(p) for p in ambiguous[0]]} for "
+            f"{str(root / 'masks' / ambiguous[0][0].stem)}.png; which one is labelled is ambiguous: keep one image per "
+            "id (remove or rename the others)."
+        )
+    images = {stem: paths[0] for stem, paths in images.items()}
     out = []
     for m in masks:
         if m.stem not in images:
@@ -202,6 +212,30 @@ def folder_entries(
             )
         out.append((m.stem, images[m.stem], m))
     return out
+
+
+def folder_fingerprint(data_dir: str | os.PathLike, extra_files: tuple = ()) -> str:
+    """
+    A digest of the name, size and modification time of every file a folder dataset reads (`images/`, `masks/`, the
+    class file, `train.txt` / `val.txt` and `extra_files`, e.g. list files elsewhere). It keys the builder's cache:
+    an edited, replaced, added or removed file gives a new cache instead of the old examples.
+
+    Content edits that keep both the size and the modification time (e.g. a copy that preserves mtimes) are not
+    seen; rebuild then with `download_mode="force_redownload"` (`--rebuild_data` in `scripts/pretrain.py`).
+    """
+    root = _check_root(data_dir)
+    h = hashlib.sha256()
+    files = [p for sub in ("images", "masks") for p in (root / sub).iterdir()]
+    files += [root / n for n in (*_CLASS_FILES, "train.txt", "val.txt")]
+    files += [Path(f) for f in extra_files if f]
+    for path in sorted(files):
+        try:
+            st = path.stat()
+        except OSError:
+            continue  # absent optional files (no val.txt) key as absent
+        name = os.path.relpath(path, root) if path.is_relative_to(root) else str(path.resolve())
+        h.update(f"{name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def folder_pixel_counts(
@@ -257,11 +291,14 @@ class FolderSegmentationConfig(GFSSBuilderConfig):
         train_list (`str`, *optional*): ids of the train/base_train views (default: `train.txt` or all masks).
         val_list (`str`, *optional*): ids of the val view (default: `val.txt` or all masks).
         index_cache_dir (`str`, *optional*): where the per-class pixel counts are cached.
+        data_fingerprint (`str`, *optional*): set by [`FolderSegmentation`] from [`folder_fingerprint`] (any value
+            passed is replaced): the cache of the prepared dataset is keyed by the files, not only by the path.
     """
 
     train_list: str | None = None
     val_list: str | None = None
     index_cache_dir: str | None = None
+    data_fingerprint: str | None = None
 
 
 class FolderSegmentation(GFSSBuilderMixin, datasets.GeneratorBasedBuilder):
@@ -279,6 +316,16 @@ class FolderSegmentation(GFSSBuilderMixin, datasets.GeneratorBasedBuilder):
 
     BUILDER_CONFIG_CLASS = FolderSegmentationConfig
     VERSION = datasets.Version("1.0.0")
+
+    def __init__(self, *args, **kwargs):
+        # datasets reuses a prepared cache whose config kwargs hash the same; with the path alone an edited mask or
+        # replaced image kept returning the old examples. The fingerprint of the files is part of the kwargs.
+        # To rebuild regardless: download_and_prepare(download_mode="force_redownload").
+        kwargs.pop("data_fingerprint", None)
+        if kwargs.get("data_dir") is not None:
+            lists = (kwargs.get("train_list"), kwargs.get("val_list"))
+            kwargs["data_fingerprint"] = folder_fingerprint(kwargs["data_dir"], lists)
+        super().__init__(*args, **kwargs)
 
     @property
     def fold_split(self) -> FoldSplit:

@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -147,3 +148,71 @@ def test_bad_class_files(tmp_path):
         read_folder_classes(root)
     with pytest.raises(ValueError, match=r"fold=3.*\[0, 1\]"):
         folder_split(make_folder(tmp_path / "c"), 3)
+
+
+def _val_labels(root, cache, prepare=None):
+    builder = FolderSegmentation(cache_dir=str(cache), data_dir=str(root), view="val")
+    builder.download_and_prepare(**(prepare or {}))
+    ds = builder.as_dataset(split="validation")
+    return {ex["id"]: np.asarray(ex["label"]) for ex in ds}
+
+
+def _later(path, seconds=5):
+    """Move the file's mtime forward: an edit made a few seconds after the previous build (file systems with a
+    coarse clock could otherwise give the edited file its old mtime within one test)."""
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + seconds * 10**9))
+
+
+@pytest.mark.parametrize("change", ["edit_mask", "replace_image", "add_image", "remove_image"])
+def test_changed_files_are_rebuilt_not_served_from_the_old_cache(tmp_path, change):
+    root = make_folder(tmp_path / "mine")
+    cache = tmp_path / "cache"
+    before = _val_labels(root, cache)
+    assert len(before) == 6
+    if change == "edit_mask":
+        label = before["img3"].copy()
+        label[2:18, 2:20] = 1  # was 4
+        Image.fromarray(label, "L").save(root / "masks" / "img3.png")
+        _later(root / "masks" / "img3.png")
+        assert np.array_equal(_val_labels(root, cache)["img3"], label)
+    elif change == "replace_image":
+        (root / "images" / "img2.jpg").unlink()
+        Image.fromarray(np.zeros((32, 40, 3), dtype=np.uint8)).save(root / "images" / "img2.png")
+        builder = FolderSegmentation(cache_dir=str(cache), data_dir=str(root), view="val")
+        builder.download_and_prepare()
+        image = builder.as_dataset(split="validation").filter(lambda ex: ex["id"] == "img2")[0]["image"]
+        assert not np.asarray(image).any()
+    elif change == "add_image":
+        Image.fromarray(np.zeros((32, 40, 3), dtype=np.uint8)).save(root / "images" / "img9.png")
+        Image.fromarray(np.ones((32, 40), dtype=np.uint8), "L").save(root / "masks" / "img9.png")
+        assert sorted(_val_labels(root, cache)) == sorted([*before, "img9"])
+    else:
+        (root / "images" / "img5.png").unlink()
+        (root / "masks" / "img5.png").unlink()
+        assert sorted(_val_labels(root, cache)) == [f"img{i}" for i in range(5)]
+
+
+def test_force_rebuild_sees_an_edit_that_kept_size_and_mtime(tmp_path):
+    root = make_folder(tmp_path / "mine")
+    cache = tmp_path / "cache"
+    mask = root / "masks" / "img1.png"
+    label = np.asarray(Image.open(mask)).copy()
+    Image.fromarray(label, "L").save(mask, compress_level=0)  # uncompressed: an edit keeps the file size
+    _val_labels(root, cache)
+    st = os.stat(mask)
+    label[label == 2] = 3
+    Image.fromarray(label, "L").save(mask, compress_level=0)
+    os.utime(mask, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(mask).st_size == st.st_size
+    on_disk = np.asarray(Image.open(mask))
+    assert not np.array_equal(_val_labels(root, cache)["img1"], on_disk)  # the documented limit of the fingerprint
+    rebuilt = _val_labels(root, cache, prepare={"download_mode": "force_redownload"})
+    assert np.array_equal(rebuilt["img1"], on_disk)
+
+
+def test_two_images_with_one_stem_are_refused(tmp_path):
+    root = make_folder(tmp_path / "mine")
+    Image.fromarray(np.zeros((32, 40, 3), dtype=np.uint8)).save(root / "images" / "img2.png")  # img2.jpg exists
+    with pytest.raises(ValueError, match=r"match more than one image.*img2\.jpg.*img2\.png.*keep one image per id"):
+        FolderSegmentation(cache_dir=str(tmp_path / "c"), data_dir=str(root), view="val").download_and_prepare()

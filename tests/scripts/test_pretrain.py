@@ -91,7 +91,7 @@ def test_two_process_pretraining_run(tmp_path, tiny_yaml):
                           "--set", "max_steps=3")
     results = json.loads((out / "eval_results.json").read_text())
     assert results["world_size"] == 2 and results["global_step"] == 3
-    assert (out / "checkpoints" / "checkpoint-2" / "random_states_1.pkl").is_file()  # one RNG state per process
+    assert (out / "checkpoints" / "checkpoint-2" / "process_state_1.safetensors").is_file()  # one per process
     from transformers import AutoModel
 
     import gfss_hf  # noqa: F401
@@ -149,11 +149,38 @@ def find_checkpoint(output_dir):
     (["--set", "dataset=pascal5i", "--data_dir", "{tmp}"], "JPEGImages"),
     (["--resume_from_checkpoint", "latest"], "no checkpoint in"),
     (["--push_to_hub"], "hub_model_id"),
+    (["--set", "learning_rate=abc"], "learning_rate='abc' is invalid: expected a finite number, got str"),
+    (["--set", "seed=abc"], "seed='abc' is invalid: expected an integer, got str; e.g. --set seed=0"),
+    (["--set", "temperature=.nan"], "temperature=nan is invalid: expected a finite number"),
+    (["--set", "contrastive_weight=.inf"], "contrastive_weight=inf is invalid: expected a finite number"),
+    (["--set", "sed=1"], "unknown key(s) ['sed'] in the overrides (--set) (did you mean 'sed' -> 'seed'?)"),
+    (["--set", "max_steps=[1"], "override 'max_steps=[1': the value '[1' of 'max_steps' is not valid YAML"),
+    (["--config", "{tmp}/list.yaml"], "list.yaml' must hold a mapping of `key: value` lines, got list"),
+    (["--config", "{tmp}/words.yaml"], "words.yaml' must hold a mapping of `key: value` lines, got str"),
 ])
 def test_cli_rejects_bad_inputs_before_training(tmp_path, tiny_yaml, capsys, extra, message):
     out = tmp_path / "out"
+    (tmp_path / "list.yaml").write_text("- seed\n- learning_rate\n")
+    (tmp_path / "words.yaml").write_text("seed learning_rate\n")
     extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
     code = load_script().main(["--config", str(tiny_yaml), "--output_dir", str(out), *extra])
     assert code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_cli_diverging_run_ends_with_the_step_not_done(tmp_path, tiny_yaml, capsys):
+    out = tmp_path / "out"
+    code = load_script().main(["--config", str(tiny_yaml), "--output_dir", str(out), "--set", "max_steps=12",
+                               "--set", "learning_rate=1e12", "--set", "contrastive_weight=0"])
+    captured = capsys.readouterr()
+    assert code == 1 and "loss became non-finite at step" in captured.err and "done" not in captured.out
+    assert not (out / "model.safetensors").exists()
+
+
+def test_cli_rebuild_data_reaches_the_builders(tmp_path, tiny_yaml, monkeypatch):
+    script = load_script()
+    seen = {}
+    monkeypatch.setattr(script, "pretrain", lambda config, **kwargs: seen.update(kwargs) or {})
+    assert script.main(["--config", str(tiny_yaml), "--output_dir", str(tmp_path / "o"), "--rebuild_data"]) == 0
+    assert seen["rebuild_data"] is True
