@@ -60,13 +60,14 @@ def make_palette() -> np.ndarray:
         `np.ndarray` of shape `(256, 3)`, uint8: row 0 (background) black, row 255 (ignore) white, rows 1..254
         pairwise distinct colours, none of them close to black or white. Hues step by the golden ratio so that
         consecutive ids (the classes one sees together most often) are far apart on the colour wheel;
-        saturation and value alternate so that ids whose hues come close again still differ.
+        saturation (period 2) and value (period 3) cycle so that ids whose hues come close again (8, 13, 21 apart)
+        still differ.
     """
     palette = np.zeros((256, 3), dtype=np.uint8)
     for index in range(1, 255):
         hue = (index * _GOLDEN) % 1.0
         saturation = (0.95, 0.7)[index % 2]
-        value = (0.95, 0.75)[(index // 2) % 2]
+        value = (0.95, 0.8, 0.62)[index % 3]
         palette[index] = np.round(np.array(colorsys.hsv_to_rgb(hue, saturation, value)) * 255)
     palette[0] = BACKGROUND_COLOR
     palette[IGNORE_INDEX] = IGNORE_COLOR

@@ -38,6 +38,9 @@ __all__ = [
 ]
 
 VIEWS = ("base_train", "train", "val")
+# Read once: os.umask can only be read by setting it, which is not thread-safe to repeat.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 _BASE_FIELDS = {"name", "version", "data_files", "description"}
 
 
@@ -119,6 +122,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates the file readable by its owner only; give it the mode a plain open() would have.
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)
