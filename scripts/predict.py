@@ -22,8 +22,6 @@ import dataclasses
 import glob
 import io
 import json
-import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -35,7 +33,7 @@ from transformers import pipeline
 import gfss_hf
 from gfss_hf import FewShotSegmentationPipeline
 from gfss_hf.adaptation import AdaptationConfig
-from gfss_hf.data._builder import atomic_write_bytes
+from gfss_hf.data._builder import atomic_folder, atomic_write_bytes
 from gfss_hf.data.folder import IMAGE_EXTENSIONS
 from gfss_hf.image_processing_gfss import load_image
 from gfss_hf.visualization import draw_legend, overlay, palette_image
@@ -103,7 +101,12 @@ def find_queries(patterns: list[str]) -> list[Path]:
                 "folder of images, an image file or a glob such as 'photos/*.jpg' (quoted)."
             )
         found.extend(hits)
-    unique = list(dict.fromkeys(p.resolve() for p in found))
+    # Each file once (a folder and a glob may both name it), under the path it was given by.
+    seen, unique = set(), []
+    for path in found:
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            unique.append(path.absolute())
     return unique
 
 
@@ -170,15 +173,9 @@ def _png_bytes(image) -> bytes:
 
 
 def save_model_atomically(pipe, target: Path) -> None:
-    """`pipe.save_pretrained` into a temporary sibling folder, renamed into place: never a half-written model."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
+    """`pipe.save_pretrained` into a temporary sibling folder renamed into place: never a half-written model."""
+    with atomic_folder(target) as tmp:
         pipe.save_pretrained(tmp)
-        os.replace(tmp, target)  # an empty target folder is replaced as well
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def predict_function(args: argparse.Namespace) -> dict:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import secrets
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -28,6 +31,7 @@ __all__ = [
     "config_kwargs",
     "atomic_write_json",
     "atomic_write_bytes",
+    "atomic_folder",
     "read_list_file",
     "read_mask",
     "read_rgb",
@@ -130,6 +134,47 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike, overwrite: bool = False):
+    """
+    Build a folder in a temporary sibling and rename it into place on success, so that readers never see a half
+    folder and a failure leaves nothing behind.
+
+    Args:
+        path (`str` or `os.PathLike`): the folder to create; it must not exist, or be empty, unless `overwrite`.
+        overwrite (`bool`, *optional*, defaults to `False`): replace an existing non-empty folder (only once the
+            new one is complete).
+
+    Example:
+
+    ```python
+    >>> with atomic_folder("out/model") as tmp:
+    ...     model.save_pretrained(tmp)
+    ```
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{str(path)!r} is an existing file; give a folder path.")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"folder {str(path)!r} is not empty; give a new folder, or allow overwriting it.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # os.mkdir (not mkdtemp, which makes a private folder) so that the result has the umask's mode.
+    tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{secrets.token_hex(4)}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

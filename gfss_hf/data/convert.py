@@ -35,7 +35,6 @@ import io
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +44,7 @@ from PIL import Image, ImageDraw
 from transformers.utils import logging
 
 from ..image_processing_gfss import load_image
-from ._builder import read_mask, read_rgb
+from ._builder import atomic_folder, read_mask, read_rgb
 from .coco import semantic_mask
 from .folder import IMAGE_EXTENSIONS, read_folder_classes
 from .splits import IGNORE_INDEX
@@ -617,10 +616,8 @@ def write_folder_dataset(
             raise ValueError(f"num_folds={k} must be in 1..{len(names)} (the number of classes).")
         fold_entry = {"num_folds": k}
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.tmp-"))
     warnings: list[str] = []
-    try:
+    with atomic_folder(output_dir, overwrite=overwrite) as tmp:
         (tmp / "images").mkdir()
         (tmp / "masks").mkdir()
         lists: dict[str, list[str]] = {s: [] for s in _SPLITS}
@@ -674,23 +671,6 @@ def write_folder_dataset(
         }  # fmt: skip
         (tmp / "classes.json").write_text(json.dumps(classes_json, indent=2) + "\n")
         read_folder_classes(tmp)  # the fold table is valid for the folder builder
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes a private folder; the dataset is a normal one
-        if output_dir.exists():
-            trash = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.old-"))
-            os.replace(output_dir, trash / "old")
-            os.replace(tmp, output_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for message in warnings:
         logger.warning(message)
     return ConversionResult(output_dir, names, lists["train"], lists["val"], pixel_counts, warnings)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask

@@ -57,7 +57,7 @@ def check_outputs(out: Path, payload: dict, queries: list[Path]):
     """Every query has a palette label PNG matching predictions.json and an overlay with a legend strip."""
     assert json.loads((out / "predictions.json").read_text()) == payload
     id2label = {int(k): v for k, v in payload["id2label"].items()}
-    assert [Path(r["file"]) for r in payload["queries"]] == [q.resolve() for q in queries]
+    assert [Path(r["file"]) for r in payload["queries"]] == [q.absolute() for q in queries]
     umask = os.umask(0)
     os.umask(umask)
     for record, query in zip(payload["queries"], queries):
@@ -114,7 +114,11 @@ def test_camvid_learn_car_once_predict_many_and_persist(sample_data, tmp_path, m
     assert payload["settings"]["adaptation"]["gamma"] == 5.0 and payload["settings"]["mode"] == "gfss"
     check_outputs(out, payload, queries)
 
-    # The persisted model knows "Car" without supports.
+    # The persisted model knows "Car" without supports; its folder was renamed into place with a normal mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(persisted.stat().st_mode) == 0o777 & ~umask
+    assert not list(tmp_path.glob(".with_car.*"))
     config = json.loads((persisted / "config.json").read_text())
     assert "Car" in config["id2label"].values()
     again = run([persisted, "--queries", queries[0], "--output_dir", tmp_path / "out2", *FAST])
@@ -156,8 +160,9 @@ def test_synthetic_images_without_sample_data(pretrained_tiny_dir, tmp_path):
         Image.fromarray(data[i]["image"]).save(tmp_path / f"img{k}.png")
     Image.fromarray((data[rich[0]]["label"] == cid).astype(np.uint8)).save(tmp_path / "mask0.png")
     queries = [tmp_path / "img1.png", tmp_path / "img2.png"]
+    # A file named twice (by itself and by a glob) is segmented once.
     payload = run([pretrained_tiny_dir, "--support_images", tmp_path / "img0.png", "--support_masks",
-                   tmp_path / "mask0.png", "--class_names", split.novel_names[0], "--queries",
+                   tmp_path / "mask0.png", "--class_names", split.novel_names[0], "--queries", queries[0],
                    str(tmp_path / "img[12].png"), "--output_dir", tmp_path / "out", *FAST])  # fmt: skip
     assert payload["id2label"][str(len(payload["id2label"]) - 1)] == split.novel_names[0]
     check_outputs(tmp_path / "out", payload, queries)
