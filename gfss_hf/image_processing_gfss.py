@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
 
@@ -38,8 +38,8 @@ def load_image(image, name: str = "image") -> Image.Image:
     Read one image as an RGB `PIL.Image`.
 
     Accepts a `PIL.Image` (any mode: grayscale, RGBA, palette, 16-bit are converted to 8-bit RGB), a path, or a numpy
-    array / torch tensor (`HxW`, `HxWxC` or `CxHxW`; uint8, uint16, or float in [0, 1]). `name` is used in error
-    messages. Zero-size images and images with a side above 16384 px are rejected.
+    array / torch tensor (`HxW`, `HxWxC` or `CxHxW`; uint8, uint16, or float in [0, 1]). A file's EXIF orientation
+    is applied (the image comes back upright, as viewers show it). `name` is used in error messages. Zero-size images and images with a side above 16384 px are rejected.
     """
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
@@ -48,7 +48,8 @@ def load_image(image, name: str = "image") -> Image.Image:
         try:
             with Image.open(path) as handle:
                 handle.load()
-                image = handle.copy()
+                # Phone photos store their orientation as an EXIF tag: show and segment them the way viewers do.
+                image = ImageOps.exif_transpose(handle)
         except Exception as err:
             raise ValueError(f"{name}: {str(path)!r} is not a readable image ({err}).") from err
     if isinstance(image, torch.Tensor):

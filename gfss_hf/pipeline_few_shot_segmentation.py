@@ -56,6 +56,9 @@ class FewShotSegmentationPipeline(Pipeline):
 
     Without any support argument the pipeline segments the model's own classes (base + classes persisted before).
 
+    To segment many queries with one fine-tuning, learn once and pass the result: `state = pipe.learn(
+    support_images=..., support_masks=..., class_names=...)`, then `pipe(query, learned=state)` for each query.
+
     Each query gives a list of `{"label": str, "score": float, "mask": PIL.Image (mode "L", 255 = class)}`, one per
     class present in the prediction, at the query's original size (like the `image-segmentation` pipeline);
     `score` is the mean probability of the class over its mask.
@@ -98,11 +101,29 @@ class FewShotSegmentationPipeline(Pipeline):
             post["return_label_map"] = bool(return_label_map)
         return {}, forward, post
 
-    def __call__(self, images, **kwargs):
-        """Segment `images` (one or a list); see the class docstring for the arguments."""
+    def __call__(self, images, learned: dict | None = None, **kwargs):
+        """Segment `images` (one or a list); see the class docstring for the arguments.
+
+        `learned` (the dict returned by [`~FewShotSegmentationPipeline.learn`]) reuses classes learned before
+        instead of fine-tuning again: learn once, then segment any number of queries, call by call.
+        """
         support_kwargs = {k: kwargs.pop(k) for k in _SUPPORT_KEYS if k in kwargs}
         adaptation_kwargs = {k: kwargs.pop(k) for k in _ADAPTATION_KEYS if k in kwargs}
-        learned = self.learn(**support_kwargs, **adaptation_kwargs) if (support_kwargs or adaptation_kwargs) else None
+        if learned is not None:
+            if support_kwargs or adaptation_kwargs:
+                raise ValueError(
+                    f"learned=... reuses classes learned before, but supports / fine-tuning options "
+                    f"{sorted({**support_kwargs, **adaptation_kwargs})} were given too; pass one or the other."
+                )
+            if not isinstance(learned, dict) or not {"mode", "classifier", "base_names", "class_names"} <= set(learned):
+                raise TypeError(
+                    f"learned must be the dict returned by pipe.learn(...), got {type(learned).__name__}; call "
+                    "state = pipe.learn(support_images=..., support_masks=..., class_names=...) first."
+                )
+        else:
+            learned = (
+                self.learn(**support_kwargs, **adaptation_kwargs) if (support_kwargs or adaptation_kwargs) else None
+            )
         if learned is not None:
             kwargs["_learned"] = learned
         if isinstance(images, tuple):

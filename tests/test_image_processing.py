@@ -121,3 +121,18 @@ def test_save_load_and_auto(tmp_path):
         assert loaded.image_size == 80 and loaded.pad_mode == "zero"
     config = GFSSConfig(image_size=120, pad_mode="zero")
     assert GFSSImageProcessor.from_config(config).image_size == 120
+
+
+def test_load_image_from_a_file_applies_its_exif_orientation(tmp_path):
+    from gfss_hf.image_processing_gfss import load_image
+
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)
+    stored[:, :20] = 255  # left half white as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display", as phones write it
+    path = tmp_path / "phone.jpg"
+    Image.fromarray(stored).save(path, exif=exif, quality=95)
+    upright = load_image(path)
+    assert upright.size == (20, 40)  # width x height after the rotation
+    pixels = np.asarray(upright).astype(int)
+    assert pixels[:10].mean() > 200 and pixels[-10:].mean() < 50  # the stored left half is now on top

@@ -109,6 +109,31 @@ def test_fss_mode_and_label_maps(pipe, samples):
     assert (pred & target).sum() / max((pred | target).sum(), 1) > 0.3
 
 
+@pytest.mark.parametrize("mode", ["gfss", "fss"])
+def test_learn_once_then_reuse_for_many_queries(pipe, samples, mode, monkeypatch):
+    data, cid = samples["data"], samples["novel_id"]
+    support = data[samples["rich"][0]]
+    queries = [_pil(data[i]) for i in samples["rich"][1:3]]
+    supports = dict(support_images=[_pil(support)], support_masks=[_mask(support, cid)],
+                    class_names=[samples["novel_name"]], mode=mode, **FAST)  # fmt: skip
+    state = pipe.learn(**supports)
+    # The same classifier as learning inside the call (same seed): reuse changes no prediction.
+    expected = pipe(queries, **supports, return_label_map=True)
+
+    def must_not_learn(*args, **kwargs):
+        raise AssertionError("pipe(..., learned=state) fine-tuned again")
+
+    monkeypatch.setattr(pipe, "learn", must_not_learn)
+    reused = [pipe(q, learned=state, return_label_map=True) for q in queries]
+    for got, want in zip(reused, expected):
+        assert got["id2label"] == want["id2label"] and samples["novel_name"] in got["id2label"].values()
+        assert (got["label_map"] == want["label_map"]).all()
+    with pytest.raises(ValueError, match="pass one or the other"):
+        pipe(queries[0], learned=state, steps=3)
+    with pytest.raises(TypeError, match=r"returned by pipe.learn"):
+        pipe(queries[0], learned={"classifier": None})
+
+
 def test_persist_save_load_and_learn_more(pipe, samples, tmp_path):
     data, cid = samples["data"], samples["novel_id"]
     support, query = data[samples["rich"][0]], data[samples["rich"][2]]

@@ -4,6 +4,8 @@
 - `synthetic`: the embedded procedural dataset (the default everywhere; no download).
 - `pascal`, `coco`, `folder`: `datasets` builders over local PASCAL VOC, COCO and user folders.
 - `episodes`: `EpisodeSpec`, per-class indexes and the seeded samplers of the `paper`, `diam` and `capl` protocols.
+- `convert`: COCO JSON, YOLO polygons and index masks (CamVid, Cityscapes) -> the `folder` layout
+  (`scripts/convert_dataset.py`, docs/README_own_data.md).
 """
 
 from ._builder import GFSSBuilderConfig

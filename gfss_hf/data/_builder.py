@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
 import json
 import os
+import secrets
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -30,6 +33,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_bytes",
     "atomic_write_text",
+    "atomic_folder",
     "current_umask",
     "apply_umask",
     "read_list_file",
@@ -156,6 +160,47 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             raise OSError(
                 errno.ENOSPC, f"no space left on device while writing {str(path)!r}; free disk space and run again"
             ) from err
+        raise
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike, overwrite: bool = False):
+    """
+    Build a folder in a temporary sibling and rename it into place on success, so that readers never see a half
+    folder and a failure leaves nothing behind.
+
+    Args:
+        path (`str` or `os.PathLike`): the folder to create; it must not exist, or be empty, unless `overwrite`.
+        overwrite (`bool`, *optional*, defaults to `False`): replace an existing non-empty folder (only once the
+            new one is complete).
+
+    Example:
+
+    ```python
+    >>> with atomic_folder("out/model") as tmp:
+    ...     model.save_pretrained(tmp)
+    ```
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{str(path)!r} is an existing file; give a folder path.")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"folder {str(path)!r} is not empty; give a new folder, or allow overwriting it.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # os.mkdir (not mkdtemp, which makes a private folder) so that the result has the umask's mode.
+    tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{secrets.token_hex(4)}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

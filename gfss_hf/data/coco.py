@@ -47,7 +47,7 @@ from .splits import COCO_CLASSES, IGNORE_INDEX, FoldSplit, get_split
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["CocoSemanticMasks", "standard_list_matches", "coco_pixel_counts", "coco_class_index", "Coco20iConfig", "Coco20i"]
+__all__ = ["semantic_mask", "CocoSemanticMasks", "standard_list_matches", "coco_pixel_counts", "coco_class_index", "Coco20iConfig", "Coco20i"]
 
 _SPLITS = ("train", "val")
 
@@ -63,6 +63,36 @@ def _find_annotation_file(root: Path, split: str, year: int | None) -> tuple[Pat
         f"no COCO annotation file for split {split!r} (looked for {looked}); point data_dir at the COCO folder that "
         "holds annotations/instances_<split><year>.json, or set `year`."
     )
+
+
+def semantic_mask(coco, image_info: dict, category_to_id: dict[int, int], crowd_to_ignore: bool = False) -> np.ndarray:
+    """
+    The semantic mask of one image of a COCO instance annotation file (any year, any category set).
+
+    Non-crowd annotations are painted in annotation order, so a later instance overwrites an earlier one; pixels
+    of no annotation are background 0.
+
+    Args:
+        coco (`pycocotools.coco.COCO`): the loaded annotation file.
+        image_info (`dict`): the image's entry of `coco.dataset["images"]` (`id`, `height`, `width`).
+        category_to_id (`dict[int, int]`): COCO `category_id` -> label value (1..254); a category missing from it
+            is not painted (its pixels stay what earlier annotations made them).
+        crowd_to_ignore (`bool`, *optional*, defaults to `False`): crowd regions still background -> 255.
+
+    Returns:
+        `np.ndarray` of shape `(height, width)`, uint8.
+    """
+    label = np.zeros((image_info["height"], image_info["width"]), dtype=np.uint8)
+    crowd = np.zeros_like(label, dtype=bool)
+    for ann in coco.imgToAnns.get(image_info["id"], []):
+        m = coco.annToMask(ann).astype(bool)
+        if ann.get("iscrowd", 0):
+            crowd |= m
+        elif ann["category_id"] in category_to_id:
+            label[m] = category_to_id[ann["category_id"]]
+    if crowd_to_ignore:
+        label[crowd & (label == 0)] = IGNORE_INDEX
+    return label
 
 
 class CocoSemanticMasks:
@@ -141,18 +171,7 @@ class CocoSemanticMasks:
 
     def build_mask(self, image_id: str) -> np.ndarray:
         """Compute the semantic mask of `image_id` (no cache)."""
-        info = self._info(image_id)
-        label = np.zeros((info["height"], info["width"]), dtype=np.uint8)
-        crowd = np.zeros_like(label, dtype=bool)
-        for ann in self.coco.imgToAnns.get(info["id"], []):
-            m = self.coco.annToMask(ann).astype(bool)
-            if ann.get("iscrowd", 0):
-                crowd |= m
-            else:
-                label[m] = self.category_to_id[ann["category_id"]]
-        if self.crowd_to_ignore:
-            label[crowd & (label == 0)] = IGNORE_INDEX
-        return label
+        return semantic_mask(self.coco, self._info(image_id), self.category_to_id, self.crowd_to_ignore)
 
     def mask_path(self, image_id: str) -> Path:
         return self.mask_dir / f"{image_id}.png"
