@@ -346,9 +346,12 @@ class FolderSegmentation(GFSSBuilderMixin, datasets.GeneratorBasedBuilder):
             base = set(fold_split.base_ids)
             entries = [e for e in entries if any(n >= cfg.min_pixels and c in base for c, n in counts[e[0]].items())]
             if not entries:
-                logger.warning(
-                    f"no image of {cfg.data_dir!r} has a base class of >= {cfg.min_pixels} px; lower "
-                    "min_pixels for small images"
+                # `datasets` would fail later with "Instruction train corresponds to no data", naming nothing.
+                names = ", ".join(fold_split.base_names)
+                raise ValueError(
+                    f"no image of the {split_name} list of {cfg.data_dir!r} has a base class ({names}) covering >= "
+                    f"{cfg.min_pixels} px, so fold {cfg.fold} has nothing to pre-train on; lower min_pixels (e.g. "
+                    "--set min_pixels=256 for small images) or check the masks' values."
                 )
         name = datasets.Split.VALIDATION if cfg.view == "val" else datasets.Split.TRAIN
         return [datasets.SplitGenerator(name=name, gen_kwargs={"entries": entries, "fold_split": fold_split})]

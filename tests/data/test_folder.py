@@ -216,3 +216,11 @@ def test_two_images_with_one_stem_are_refused(tmp_path):
     Image.fromarray(np.zeros((32, 40, 3), dtype=np.uint8)).save(root / "images" / "img2.png")  # img2.jpg exists
     with pytest.raises(ValueError, match=r"match more than one image.*img2\.jpg.*img2\.png.*keep one image per id"):
         FolderSegmentation(cache_dir=str(tmp_path / "c"), data_dir=str(root), view="val").download_and_prepare()
+
+
+def test_base_view_with_no_qualifying_image_says_which_threshold_and_classes(tmp_path):
+    root = make_folder(tmp_path / "mine")
+    builder = FolderSegmentation(cache_dir=str(tmp_path / "cache"), data_dir=str(root), fold=1, view="base_train",
+                                 min_pixels=10_000, index_cache_dir=str(tmp_path / "index"))  # fmt: skip
+    with pytest.raises(ValueError, match=r"teapot, lamp\) covering >= 10000 px.*lower min_pixels"):
+        builder.download_and_prepare()
