@@ -37,6 +37,8 @@ that it travels with a Hub export of the pipeline.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
@@ -135,6 +137,27 @@ class AdaptationConfig:
         def bad(name, value, rule):
             raise ValueError(f"AdaptationConfig.{name}={value!r} is invalid: {rule}.")
 
+        # Generic over the declared types, so that a new numeric field is checked without a line of its own: a NaN or
+        # inf hyper-parameter turns every logit into NaN without an error, and int(2.7) would silently run 2 steps.
+        for f in fields(self):
+            kind = str(f.type).replace(" ", "").split("|")
+            value = getattr(self, f.name)
+            if value is None and "None" in kind:
+                continue
+            if "float" in kind:
+                if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                    bad(f.name, value, "must be a number")
+                if not math.isfinite(float(value)):
+                    bad(f.name, value, "must be finite (not NaN or infinity)")
+                setattr(self, f.name, float(value))
+            elif "int" in kind:
+                integral = isinstance(value, numbers.Integral) or (
+                    isinstance(value, numbers.Real) and math.isfinite(float(value)) and float(value).is_integer()
+                )
+                if isinstance(value, bool) or not integral:
+                    bad(f.name, value, "must be an integer (a float is accepted only when it has no fractional part)")
+                setattr(self, f.name, int(value))
+
         if self.method not in _METHODS:
             bad("method", self.method, f"allowed values are {_METHODS}")
         if int(self.steps) < 0:
@@ -153,7 +176,6 @@ class AdaptationConfig:
             bad("loss_resolution", self.loss_resolution, f"allowed values are {_RESOLUTIONS}")
         if float(self.init_std) < 0:
             bad("init_std", self.init_std, "must be >= 0")
-        self.steps = int(self.steps)
 
     def replace(self, **changes) -> AdaptationConfig:
         """A copy with some fields changed (unknown names raise)."""
