@@ -65,14 +65,28 @@ def load_image(image, name: str = "image") -> Image.Image:
         if array.dtype == np.uint16:
             array = (array.astype(np.float32) / 257.0).round().astype(np.uint8)
         elif np.issubdtype(array.dtype, np.floating):
+            # NaN passes a min/max range check and casts to an arbitrary byte: test it first.
+            if not np.isfinite(array).all():
+                raise ValueError(
+                    f"{name}: float image holds {int((~np.isfinite(array)).sum())} NaN or infinite values; replace "
+                    "them (e.g. np.nan_to_num) before segmenting."
+                )
             if array.size and (array.min() < 0 or array.max() > 1):
                 raise ValueError(
                     f"{name}: float images must be in [0, 1], got [{array.min():.3g}, {array.max():.3g}]; pass "
                     "uint8 pixels or rescale."
                 )
             array = (array * 255.0).round().astype(np.uint8)
-        elif array.dtype != np.uint8:
-            array = np.clip(array, 0, 255).astype(np.uint8)
+        elif array.dtype == bool or np.issubdtype(array.dtype, np.integer):
+            # Clipping would silently turn -5 into black and 300 into white: out-of-range pixels are a caller bug.
+            if array.dtype != np.uint8 and array.size and (array.min() < 0 or array.max() > 255):
+                raise ValueError(
+                    f"{name}: integer pixels must be in [0, 255] (or a uint16 array), got [{array.min()}, "
+                    f"{array.max()}] ({array.dtype}); convert to uint8 or rescale."
+                )
+            array = array.astype(np.uint8)
+        else:
+            raise TypeError(f"{name}: unsupported pixel type {array.dtype}; pass uint8, uint16 or float in [0, 1].")
         if array.ndim == 3 and array.shape[-1] == 4:
             array = array[..., :3]
         if array.ndim == 2:

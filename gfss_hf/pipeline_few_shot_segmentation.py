@@ -24,8 +24,17 @@ logger = logging.get_logger(__name__)
 TASK = "few-shot-segmentation"
 _SUPPORT_KEYS = ("support_images", "support_masks", "class_names", "mask_type", "mode", "persist", "seed")
 _ADAPTATION_KEYS = tuple(
-    name for name in AdaptationConfig.__dataclass_fields__ if name not in ("method", "align_corners", "ignore_index")
+    name
+    for name in AdaptationConfig.__dataclass_fields__
+    if name not in ("method", "align_corners", "ignore_index") and name not in _SUPPORT_KEYS
 )
+# Arguments of the call itself, read by `_sanitize_parameters` and `Pipeline.__call__`.
+_CALL_KEYS = ("return_label_map", "batch_size", "num_workers")
+
+
+def _unknown_arguments_error(name: str, unknown) -> TypeError:
+    known = sorted(set(_SUPPORT_KEYS + _ADAPTATION_KEYS + _CALL_KEYS))
+    return TypeError(f"{name} got unexpected arguments {sorted(unknown)}; known arguments are {known}.")
 
 
 class FewShotSegmentationPipeline(Pipeline):
@@ -86,10 +95,7 @@ class FewShotSegmentationPipeline(Pipeline):
     # -- parameters ------------------------------------------------------------------------------------------------
     def _sanitize_parameters(self, return_label_map=None, _learned=None, **kwargs):
         if kwargs:
-            raise TypeError(
-                f"{type(self).__name__} got unexpected arguments {sorted(kwargs)}; supports and fine-tuning options "
-                f"are {sorted(_SUPPORT_KEYS + _ADAPTATION_KEYS)}."
-            )
+            raise _unknown_arguments_error(type(self).__name__, kwargs)
         forward, post = {}, {}
         if _learned is not None:
             forward["_learned"] = _learned
@@ -100,6 +106,12 @@ class FewShotSegmentationPipeline(Pipeline):
 
     def __call__(self, images, **kwargs):
         """Segment `images` (one or a list); see the class docstring for the arguments."""
+        # Checked before fine-tuning: a typo must not cost a whole adaptation before it is reported.
+        unknown = set(kwargs) - set(_SUPPORT_KEYS + _ADAPTATION_KEYS + _CALL_KEYS)
+        if unknown:
+            raise _unknown_arguments_error(type(self).__name__, unknown)
+        if isinstance(images, (list, tuple)) and len(images) == 0:
+            raise ValueError("no query image: images is an empty list; pass one image or a list of images to segment.")
         support_kwargs = {k: kwargs.pop(k) for k in _SUPPORT_KEYS if k in kwargs}
         adaptation_kwargs = {k: kwargs.pop(k) for k in _ADAPTATION_KEYS if k in kwargs}
         learned = self.learn(**support_kwargs, **adaptation_kwargs) if (support_kwargs or adaptation_kwargs) else None

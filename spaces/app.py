@@ -301,9 +301,7 @@ def _supports(editors) -> tuple[list[Image.Image], list[np.ndarray]]:
                 f"Support image {i} has no painted pixels: paint over the object of the new class with the brush "
                 "(or remove the image)."
             )
-        if mask.all():
-            raise gr.Error(f"Support image {i} is painted everywhere; paint only the object, so the model also sees "
-                           "what the new class is not.")
+        # A support painted everywhere is refused by the package's own check (one rule for every caller).
         images.append(image)
         masks.append(mask.astype(np.uint8))
     if not images:

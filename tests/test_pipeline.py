@@ -234,9 +234,29 @@ def _box_mask(h, w):
           "persist": True}, "persist"),
         ({"support_images": [_rgb(40, 40)], "support_masks": [_box_mask(40, 40)], "class_names": ["x"],
           "kd_scale": "printed"}, "kd_scale"),
+        ({"support_images": [_rgb(40, 40)], "support_masks": [_box_mask(40, 40)], "class_names": ["x"], "lr": np.inf},
+         "lr=inf .*finite"),
+        ({"support_images": [_rgb(40, 40)], "support_masks": [_box_mask(40, 40)], "class_names": ["x"],
+          "gamma": np.nan}, "gamma=nan .*finite"),
+        ({"support_images": [_rgb(40, 40)], "support_masks": [_box_mask(40, 40)], "class_names": ["x"], "steps": 2.7},
+         "steps=2.7 .*integer"),
+        ({"support_images": [_rgb(40, 40)], "support_masks": [np.ones((40, 40), np.uint8)], "class_names": ["x"]},
+         "no background pixel"),
+        ({"support_images": [_rgb(40, 40)], "support_masks": [np.full((40, 40), 255, np.uint8)], "class_names": ["x"]},
+         "no background pixel"),
+        ({"support_images": [_rgb(40, 40)] * 2, "support_masks": [np.ones((40, 40), np.uint8)] * 2,
+          "class_names": ["x", "x"]}, "no background pixel"),
+        ({"support_images": [_rgb(40, 40)], "support_masks": [np.ones((40, 40), np.uint8)], "class_names": ["x"],
+          "mask_type": "label_map"}, "no background pixel"),
+        ({"support_images": [_rgb(40, 40)], "support_masks": [_box_mask(40, 40)], "class_names": [None]},
+         "class_names.*string"),
+        ({"support_images": [_rgb(40, 40)], "support_masks": [_box_mask(40, 40)], "class_names": ["Star-Striped "]},
+         "already a class"),
     ],
     ids=["no-supports", "mask-count", "name-count", "mask-size", "empty-mask", "empty-after-resize", "non-binary",
-         "base-name", "repeated-name", "zero-size", "huge", "mode", "fss-persist", "bad-option"],  # fmt: skip
+         "base-name", "repeated-name", "zero-size", "huge", "mode", "fss-persist", "bad-option", "lr-inf", "gamma-nan",
+         "steps-fraction", "all-ones-mask", "all-255-mask", "all-foreground-k-shot", "all-foreground-label-map",
+         "none-name", "base-name-variant"],  # fmt: skip
 )
 def test_bad_inputs_raise_clear_errors(pipe, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -246,6 +266,32 @@ def test_bad_inputs_raise_clear_errors(pipe, kwargs, match):
 def test_unknown_argument_is_rejected(pipe):
     with pytest.raises(TypeError, match="unexpected arguments"):
         pipe(_rgb(40, 40), support_imgs=[_rgb(40, 40)])
+
+
+def test_unknown_argument_is_rejected_before_fine_tuning(pipe, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("fine-tuning ran before the arguments were checked")
+
+    monkeypatch.setattr(pipe, "learn", fail)
+    with pytest.raises(TypeError, match="unexpected arguments") as err:
+        pipe(_rgb(40, 40), support_images=[_rgb(40, 40)], support_masks=[_box_mask(40, 40)], class_names=["x"],
+             stpes=5)  # fmt: skip
+    assert str(err.value).count("'seed'") == 1 and "stpes" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "query,error,match",
+    [
+        ([], ValueError, "no query image"),
+        (np.full((40, 40, 3), np.nan, np.float32), ValueError, "NaN"),
+        (np.full((40, 40, 3), -5, np.int64), ValueError, r"\[0, 255\]"),
+        (np.full((40, 40, 3), 300, np.int32), ValueError, r"\[0, 255\]"),
+    ],
+    ids=["empty-list", "nan-floats", "negative-ints", "ints-above-255"],
+)
+def test_bad_queries_raise_clear_errors(pipe, query, error, match):
+    with pytest.raises(error, match=match):
+        pipe(query, support_images=[_rgb(40, 40)], support_masks=[_box_mask(40, 40)], class_names=["x"], steps=1)
 
 
 def test_grayscale_rgba_and_16_bit_images(pipe, samples):

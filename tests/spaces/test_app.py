@@ -123,7 +123,7 @@ def test_inputs_are_validated_with_friendly_errors(app, segmenter, example):
             app.segment(segmenter, **kwargs)
     full = _editor(paths)
     full["layers"] = [Image.new("RGBA", full["background"].size, (0, 0, 0, 255))]
-    with pytest.raises(gr.Error, match="painted everywhere"):
+    with pytest.raises(gr.Error, match="no background pixel"):
         app.segment(segmenter, query, [full], name, steps=STEPS)
 
 
