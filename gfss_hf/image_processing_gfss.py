@@ -12,15 +12,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
+from transformers.utils import logging
 
 __all__ = ["GFSSImageProcessor", "load_image", "load_mask"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_IMAGE_SIDE = 16384
+_EXIF_ORIENTATION = 0x0112
+
+logger = logging.get_logger(__name__)
 
 
 class GFSSImageProcessorKwargs(ImagesKwargs, total=False):
@@ -33,13 +37,38 @@ def _describe(obj) -> str:
     return f"{type(obj).__name__}" + (f" of shape {tuple(obj.shape)}" if hasattr(obj, "shape") else "")
 
 
-def load_image(image, name: str = "image") -> Image.Image:
+def _apply_orientation(image: Image.Image, name: str) -> Image.Image:
+    """The pixels as a viewer shows them: phones store photos sideways with an EXIF Orientation tag, and a mask the
+    user drew on the displayed photo only matches the rotated pixels. Idempotent (the tag is dropped on rotating)."""
+    try:
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception as err:  # a malformed EXIF block must not make a readable image unusable
+        logger.warning(f"{name}: unreadable EXIF data ({err}); using the pixels as stored.")
+        return image
+    if orientation in (2, 3, 4, 5, 6, 7, 8):
+        return ImageOps.exif_transpose(image)
+    return image
+
+
+def load_image(image, name: str = "image", mode: str | None = "RGB", background=None) -> Image.Image:
     """
-    Read one image as an RGB `PIL.Image`.
+    Read one image: the single entry point for every image and mask file of the package, the Space and the scripts.
 
     Accepts a `PIL.Image` (any mode: grayscale, RGBA, palette, 16-bit are converted to 8-bit RGB), a path, or a numpy
-    array / torch tensor (`HxW`, `HxWxC` or `CxHxW`; uint8, uint16, or float in [0, 1]). `name` is used in error
-    messages. Zero-size images and images with a side above 16384 px are rejected.
+    array / torch tensor (`HxW`, `HxWxC` or `CxHxW`; uint8, uint16, or float in [0, 1]). An EXIF orientation (phone
+    photos) is applied, so the result is the image as viewers display it. Zero-size images, images with a side above
+    16384 px, NaN / infinite floats and integer pixels outside [0, 255] are rejected.
+
+    Args:
+        image: the image (see above).
+        name (`str`, *optional*, defaults to `"image"`): names the input in error messages.
+        mode (`str`, *optional*, defaults to `"RGB"`): `"RGB"` converts to 8-bit RGB; `None` returns the (oriented)
+            PIL image in its stored mode, for label maps and paint layers whose values matter (PIL or path only).
+        background (*optional*): a PIL colour (e.g. `"white"`) for transparent pixels, as a browser shows them;
+            `None` drops the alpha channel and keeps the stored colours.
+
+    Returns:
+        `PIL.Image.Image`.
     """
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
@@ -51,6 +80,19 @@ def load_image(image, name: str = "image") -> Image.Image:
                 image = handle.copy()
         except Exception as err:
             raise ValueError(f"{name}: {str(path)!r} is not a readable image ({err}).") from err
+    if isinstance(image, Image.Image):
+        image = _apply_orientation(image, name)
+        if mode is None:
+            _check_size(image.height, image.width, name)
+            return image
+    elif mode is None:
+        raise TypeError(f"{name}: expected a PIL image or a path, got {_describe(image)}.")
+    if mode != "RGB":
+        raise ValueError(f"mode={mode!r} is invalid; use 'RGB' or None (the stored mode).")
+    if background is not None and isinstance(image, Image.Image):
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+            rgba = image.convert("RGBA")
+            image = Image.alpha_composite(Image.new("RGBA", rgba.size, background), rgba).convert("RGB")
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
         if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
@@ -109,17 +151,9 @@ def load_mask(mask, name: str = "mask") -> np.ndarray:
     Read one label map as an `HxW` int64 array. Palette PNGs give their indices (VOC convention); RGB masks whose
     three channels are equal are read as one channel; a path is opened with PIL.
     """
-    if isinstance(mask, (str, os.PathLike)):
-        path = Path(mask)
-        if not path.is_file():
-            raise FileNotFoundError(f"{name}: file {str(path)!r} does not exist.")
-        try:
-            with Image.open(path) as handle:
-                mask = np.array(handle)
-        except Exception as err:
-            raise ValueError(f"{name}: {str(path)!r} is not a readable mask image ({err}).") from err
-    elif isinstance(mask, Image.Image):
-        mask = np.array(mask)
+    if isinstance(mask, (str, os.PathLike, Image.Image)):
+        # The stored mode (palette indices, 16-bit labels), with the EXIF orientation of the image it was drawn on.
+        mask = np.array(load_image(mask, name=name, mode=None))
     elif isinstance(mask, torch.Tensor):
         mask = mask.detach().cpu().numpy()
     if not isinstance(mask, np.ndarray):

@@ -46,7 +46,8 @@ class FewShotSegmentationPipeline(Pipeline):
     Call it as `pipe(query_images, support_images=[...], support_masks=[...], class_names=[...], ...)`:
 
     - `query_images`: one image or a list (PIL, numpy, tensor, path or URL-free file path; grayscale, RGBA and
-      16-bit images are converted).
+      16-bit images are converted). Every image and mask is read by `load_image`, which applies the EXIF
+      orientation of phone photos: masks are drawn on, and returned at, the image as it is displayed.
     - `support_images`, `support_masks`: lists of the same length. By default (`mask_type="binary"`) a mask is a
       binary mask of ITS image's class: values 0 (background) / 1 (object) / 255 (ignored), or a white-on-black
       image with values 0 / 255 (255 = object), or a boolean array. With `mask_type="label_map"` a mask holds

@@ -92,6 +92,50 @@ def test_input_kinds(processor, tmp_path):
     assert load_image(Image.fromarray(np.full((4, 4), 65535, np.uint16))).getpixel((0, 0)) == (255, 255, 255)
 
 
+def _save_with_orientation(array, path, orientation, **kwargs):
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # the EXIF Orientation tag
+    Image.fromarray(array).save(path, exif=exif, **kwargs)
+
+
+# How a viewer shows stored pixels for each EXIF orientation (numpy, independent of PIL.ImageOps).
+DISPLAYED = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: np.rot90(a, 2),
+    4: lambda a: a[::-1],
+    5: lambda a: np.swapaxes(a, 0, 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: np.rot90(np.swapaxes(a, 0, 1), 2),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(DISPLAYED))
+def test_exif_orientation_is_applied_to_images_and_masks(tmp_path, orientation):
+    stored = np.random.default_rng(orientation).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    expected = DISPLAYED[orientation](stored)
+    path = tmp_path / "phone.png"
+    _save_with_orientation(stored, path, orientation)
+    for source in (path, str(path), Image.open(path)):
+        image = load_image(source)
+        assert np.array_equal(np.asarray(image), expected), source
+    # Loading twice (the pipeline's preprocess, then the processor) does not rotate twice.
+    assert np.array_equal(np.asarray(load_image(load_image(Image.open(path)))), expected)
+    labels = stored[..., 0] % 3
+    _save_with_orientation(labels, tmp_path / "mask.png", orientation)
+    assert np.array_equal(load_mask(tmp_path / "mask.png"), DISPLAYED[orientation](labels))
+    assert np.array_equal(load_mask(Image.open(tmp_path / "mask.png")), DISPLAYED[orientation](labels))
+
+
+def test_transparent_pixels_on_a_background_colour():
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[0, 0] = (10, 20, 30, 255)
+    image = load_image(Image.fromarray(rgba, "RGBA"), background="white")
+    assert image.getpixel((0, 0)) == (10, 20, 30) and image.getpixel((1, 1)) == (255, 255, 255)
+    assert load_image(Image.fromarray(rgba, "RGBA")).getpixel((1, 1)) == (0, 0, 0)
+
+
 def test_bad_inputs_have_clear_errors(processor, tmp_path):
     with pytest.raises(ValueError, match="0x5"):
         processor(np.zeros((5, 0, 3), np.uint8))

@@ -88,6 +88,35 @@ def test_pipeline_end_to_end_with_pil_inputs(pipe, samples):
     assert samples["novel_name"] in [s["label"] for s in segments]
 
 
+def test_exif_rotated_phone_jpegs(pipe, samples, tmp_path):
+    """A phone JPEG stores its pixels sideways with EXIF orientation 6; the user sees (and draws on) the rotated
+    image. Masks drawn on the displayed image must be honoured and output masks come back at the displayed size."""
+    data, cid = samples["data"], samples["novel_id"]
+    support, query = data[samples["rich"][0]], data[samples["rich"][1]]
+
+    def phone_jpeg(sample, path):
+        displayed = np.pad(sample["image"], ((0, 0), (0, 32), (0, 0)), constant_values=128)  # 96 x 128: not square
+        exif = Image.Exif()
+        exif[0x0112] = 6  # stored rotated 90 degrees counter-clockwise; viewers rotate it back clockwise
+        Image.fromarray(np.ascontiguousarray(np.rot90(displayed, 1))).save(path, exif=exif, quality=95)
+        # What a viewer shows: the decoded stored pixels rotated clockwise (numpy, independent of the loader).
+        with Image.open(path) as stored:
+            return np.ascontiguousarray(np.rot90(np.asarray(stored), -1))
+
+    support_shown = phone_jpeg(support, tmp_path / "support.jpg")
+    query_shown = phone_jpeg(query, tmp_path / "query.jpg")
+    drawn = np.pad((support["label"] == cid).astype(np.uint8), ((0, 0), (0, 32)))  # drawn on the displayed image
+    assert support_shown.shape[:2] == drawn.shape == (96, 128)
+    kwargs = dict(support_masks=[drawn], class_names=[samples["novel_name"]], return_label_map=True, **FAST)
+    from_files = pipe([str(tmp_path / "query.jpg"), Image.open(tmp_path / "query.jpg")],
+                      support_images=[str(tmp_path / "support.jpg")], **kwargs)  # fmt: skip
+    shown = pipe(query_shown, support_images=[support_shown], **kwargs)
+    for out in from_files:
+        assert out["label_map"].shape == (96, 128)
+        assert all(segment["mask"].size == (128, 96) for segment in out["segments"])
+        np.testing.assert_array_equal(out["label_map"], shown["label_map"])
+
+
 def test_fss_mode_and_label_maps(pipe, samples):
     data, cid, oid = samples["data"], samples["novel_id"], samples["other_id"]
     a, b = data[samples["rich"][0]], data[samples["rich_other"][0]]
