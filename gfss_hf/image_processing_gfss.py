@@ -22,6 +22,8 @@ __all__ = ["GFSSImageProcessor", "load_image", "load_mask"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_IMAGE_SIDE = 16384
+# Smallest canvas: the backbone's stride-8 features need at least one pixel.
+MIN_IMAGE_SIZE = 8
 _EXIF_ORIENTATION = 0x0112
 
 logger = logging.get_logger(__name__)
@@ -235,8 +237,10 @@ class GFSSImageProcessor(BaseImageProcessor):
             raise TypeError(f"GFSSImageProcessor got unexpected arguments {sorted(kwargs)}.")
         super().__init__()
         self.auto_map = auto_map
-        if int(image_size) < 8:
-            raise ValueError(f"image_size={image_size} is too small; use at least 8 (473 in the paper).")
+        if int(image_size) < MIN_IMAGE_SIZE:
+            raise ValueError(
+                f"image_size={image_size} is too small; use at least {MIN_IMAGE_SIZE} (473 in the paper)."
+            )
         if pad_mode not in ("mean", "zero"):
             raise ValueError(f"pad_mode={pad_mode!r} is invalid; allowed values are 'mean' and 'zero'.")
         self.image_size = int(image_size)
