@@ -17,7 +17,7 @@ from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
 from transformers.utils import logging
 
-__all__ = ["GFSSImageProcessor", "load_image", "load_mask"]
+__all__ = ["POSTPROCESS_BAND_BYTES", "GFSSImageProcessor", "load_image", "load_mask"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -25,6 +25,9 @@ MAX_IMAGE_SIDE = 16384
 # Smallest canvas: the backbone's stride-8 features need at least one pixel.
 MIN_IMAGE_SIZE = 8
 _EXIF_ORIENTATION = 0x0112
+# Post-processing resizes logits in row bands of at most this many bytes (float32, all classes), so that a huge query
+# needs memory for its pixels times a few bytes, not for classes x pixels x 4 bytes (17 GB at 10000 x 10000).
+POSTPROCESS_BAND_BYTES = 32 * 2**20
 
 logger = logging.get_logger(__name__)
 
@@ -179,6 +182,20 @@ def load_mask(mask, name: str = "mask") -> np.ndarray:
             raise ValueError(f"{name}: label maps must hold integer class indices, got fractional values.")
     _check_size(mask.shape[0], mask.shape[1], name)
     return mask.astype(np.int64)
+
+
+def _linear_weights(in_size: int, out_size: int, start: int, stop: int, device=None):
+    """Source indices and weights of outputs `start .. stop - 1` of a bilinear resize `in_size -> out_size` along one
+    axis (`align_corners=False`), as ATen computes them: the scale in float32, the source coordinate rounded to
+    float32 (values agree with `F.interpolate` to one float32 rounding). Returns `(index0, index1, weight0, weight1)`.
+    """
+    scale = float(torch.tensor(in_size, dtype=torch.float32) / out_size)
+    target = torch.arange(start, stop, dtype=torch.float64)
+    source = (scale * (target + 0.5) - 0.5).to(torch.float32).clamp_min(0)
+    index0 = source.floor().long().clamp(max=in_size - 1)
+    weight1 = (source - index0.to(torch.float32)).clamp(0, 1)
+    index1 = index0 + (index0 < in_size - 1).long()
+    return index0.to(device), index1.to(device), (1 - weight1).to(device), weight1.to(device)
 
 
 def _check_size(height: int, width: int, name: str) -> None:
@@ -353,10 +370,52 @@ class GFSSImageProcessor(BaseImageProcessor):
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     # -- post-processing ---------------------------------------------------------------------------------------
+    def resized_logit_bands(self, logits: torch.Tensor, target_size, band_rows: int | None = None):
+        """
+        Undo pad and resize on one image's canvas logits, band of rows by band of rows: crop the valid region and
+        resize it bilinearly (`align_corners=False`) to the original size. Each band is computed on its own from the
+        low-resolution crop, with the same per-pixel arithmetic whatever the band height, so any banding gives the
+        same values; a pass over the bands needs memory for one band, not for `C x height x width` floats.
+
+        Args:
+            logits (`torch.Tensor` of shape `(C, S, S)` or `(C, h, w)`): one image's canvas logits (any resolution
+                that is a scaling of the canvas).
+            target_size (`tuple[int, int]`): its original `(height, width)`.
+            band_rows (`int`, *optional*): rows per band; by default as many as fit in `POSTPROCESS_BAND_BYTES`.
+
+        Yields:
+            `(row, band)`: the first output row of the band and the band, `(C, rows, width)` float32.
+        """
+        height, width = int(target_size[0]), int(target_size[1])
+        scale = logits.shape[-1] / self.image_size
+        new_h, new_w = self.resized_size(height, width)
+        crop_h = max(1, int(round(new_h * scale)))
+        crop_w = max(1, int(round(new_w * scale)))
+        crop = logits[:, :crop_h, :crop_w].float()
+        channels = crop.shape[0]
+        if band_rows is None:
+            band_rows = POSTPROCESS_BAND_BYTES // max(1, 4 * channels * width)
+        band_rows = max(1, int(band_rows))
+        for start in range(0, height, band_rows):
+            stop = min(height, start + band_rows)
+            row0, row1, row_w0, row_w1 = _linear_weights(crop_h, height, start, stop, crop.device)
+            low, high = int(row0[0]), int(row1[-1]) + 1  # the source rows this band reads (indices are monotonic)
+            # Along the width, ATen's kernel on the band's source rows (the height is unchanged, which copies rows
+            # exactly); along the height, the two-row blend with ATen's weights, in separate multiplications and one
+            # addition so that no fused multiply-add makes a pixel depend on where the band starts.
+            columns = F.interpolate(crop[None, :, low:high], size=(high - low, width), mode="bilinear",
+                                    align_corners=False)[0]  # fmt: skip
+            band = columns.index_select(1, row0 - low).mul_(row_w0[:, None])
+            yield start, band.add_(columns.index_select(1, row1 - low).mul_(row_w1[:, None]))
+
     def post_process_logits(self, logits: torch.Tensor, target_sizes) -> list[torch.Tensor]:
         """
         Undo pad and resize on canvas logits: crop each image's valid region and resize it bilinearly to its
-        original size.
+        original size (see [`~GFSSImageProcessor.resized_logit_bands`]).
+
+        This returns every class's logits at full resolution (`C x height x width` float32 per image): for label
+        maps of large images use [`~GFSSImageProcessor.post_process_semantic_segmentation`], which works band by
+        band.
 
         Args:
             logits (`torch.Tensor` of shape `(B, C, S, S)` or `(B, C, h, w)`): canvas logits (any resolution that
@@ -369,15 +428,11 @@ class GFSSImageProcessor(BaseImageProcessor):
         if len(target_sizes) != logits.shape[0]:
             raise ValueError(f"got {logits.shape[0]} logits but {len(target_sizes)} target sizes.")
         out = []
-        scale = logits.shape[-1] / self.image_size
         for i, (height, width) in enumerate(target_sizes):
-            new_h, new_w = self.resized_size(int(height), int(width))
-            crop_h = max(1, int(round(new_h * scale)))
-            crop_w = max(1, int(round(new_w * scale)))
-            cropped = logits[i : i + 1, :, :crop_h, :crop_w]
-            out.append(
-                F.interpolate(cropped.float(), size=(int(height), int(width)), mode="bilinear", align_corners=False)[0]
-            )
+            full = torch.empty((logits.shape[1], int(height), int(width)), dtype=torch.float32, device=logits.device)
+            for row, band in self.resized_logit_bands(logits[i], (height, width)):
+                full[:, row : row + band.shape[1]] = band
+            out.append(full)
         return out
 
     def post_process_semantic_segmentation(self, outputs, target_sizes=None) -> list[torch.Tensor]:
@@ -397,4 +452,12 @@ class GFSSImageProcessor(BaseImageProcessor):
             return list(logits.argmax(dim=1))
         if isinstance(target_sizes, torch.Tensor):
             target_sizes = target_sizes.tolist()
-        return [lg.argmax(dim=0) for lg in self.post_process_logits(logits, target_sizes)]
+        if len(target_sizes) != logits.shape[0]:
+            raise ValueError(f"got {logits.shape[0]} logits but {len(target_sizes)} target sizes.")
+        out = []
+        for i, (height, width) in enumerate(target_sizes):
+            label_map = torch.empty((int(height), int(width)), dtype=torch.int64, device=logits.device)
+            for row, band in self.resized_logit_bands(logits[i], (height, width)):
+                label_map[row : row + band.shape[1]] = band.argmax(dim=0)
+            out.append(label_map)
+        return out

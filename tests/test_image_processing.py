@@ -70,6 +70,29 @@ def test_post_process_from_feature_resolution_logits(processor):
     assert torch.all(out == 2)
 
 
+@pytest.mark.parametrize("size", [(37, 53), (53, 37), (96, 96), (5, 300)])
+@pytest.mark.parametrize("resolution", [96, 12])
+def test_banded_post_processing_equals_one_band(processor, size, resolution):
+    """Banding (which bounds memory on huge images) changes nothing: every band height gives the values of one
+    band, and those agree with F.interpolate to float32 rounding."""
+    import torch.nn.functional as F
+
+    logits = torch.randn(7, resolution, resolution, generator=torch.Generator().manual_seed(0)) * 4
+    height, width = size
+    whole = torch.cat([b for _, b in processor.resized_logit_bands(logits, size, band_rows=height)], dim=1)
+    for rows in (1, 2, 7):
+        starts, bands = zip(*processor.resized_logit_bands(logits, size, band_rows=rows))
+        assert list(starts) == list(range(0, height, rows))
+        assert torch.equal(torch.cat(bands, dim=1), whole), rows
+    new_h, new_w = processor.resized_size(height, width)
+    crop = logits[None, :, : max(1, round(new_h * resolution / 96)), : max(1, round(new_w * resolution / 96))]
+    reference = F.interpolate(crop, size=size, mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(whole, reference, rtol=0, atol=1e-5)
+    assert torch.equal(processor.post_process_logits(logits[None], [size])[0], whole)
+    labels = processor.post_process_semantic_segmentation(logits[None], target_sizes=[size])[0]
+    assert torch.equal(labels, whole.argmax(dim=0))
+
+
 def test_input_kinds(processor, tmp_path):
     rgb = np.random.default_rng(2).integers(0, 256, (20, 30, 3), dtype=np.uint8)
     path = tmp_path / "img.png"

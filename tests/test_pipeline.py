@@ -117,6 +117,29 @@ def test_exif_rotated_phone_jpegs(pipe, samples, tmp_path):
         np.testing.assert_array_equal(out["label_map"], shown["label_map"])
 
 
+@pytest.mark.parametrize("mode", ["gfss", "fss"])
+def test_banded_post_processing_gives_the_untiled_result(pipe, samples, mode):
+    """Post-processing in row bands (bounded memory on huge queries) returns what one band and the former untiled
+    path (all classes at full resolution) return: label maps, masks and scores."""
+    data, cid = samples["data"], samples["novel_id"]
+    support, query = data[samples["rich"][0]], data[samples["rich"][1]]
+    learned = pipe.learn([_pil(support)], [_mask(support, cid)], [samples["novel_name"]], mode=mode, steps=5)
+    queries = [_pil(query).resize((83, 61)), _pil(query).resize((150, 211))]
+    results = {}
+    for rows in (0, 1, 7, None):
+        pipe.postprocess_band_rows = rows
+        results[rows] = pipe(queries, _learned=learned, return_label_map=True)
+    pipe.postprocess_band_rows = None
+    for rows in (1, 7, 0):
+        for got, want in zip(results[rows], results[None]):
+            np.testing.assert_array_equal(got["label_map"], want["label_map"])
+            assert [(s["label"], s["score"]) for s in got["segments"]] == [
+                (s["label"], s["score"]) for s in want["segments"]
+            ]
+            for a, b in zip(got["segments"], want["segments"]):
+                assert a["mask"].mode == b["mask"].mode == "L" and np.array_equal(np.asarray(a["mask"]), b["mask"])
+
+
 def test_fss_mode_and_label_maps(pipe, samples):
     data, cid, oid = samples["data"], samples["novel_id"], samples["other_id"]
     a, b = data[samples["rich"][0]], data[samples["rich_other"][0]]
