@@ -56,3 +56,16 @@ def test_episode_benchmark_runs_and_reports_both_loss_resolutions():
     timed = [x for x in lines if x.startswith("adaptation (")]
     assert len(timed) == 3 and any("naive autograd" in x for x in timed), done.stdout
     assert "BatchNorm statistics measured" in done.stdout
+
+
+@pytest.mark.slow
+def test_postprocess_memory_benchmark_runs_both_paths():
+    cmd = [sys.executable, str(ROOT / "bench" / "postprocess_memory.py"), "--sizes", "300", "--cap_gb", "3"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert {r["path"] for r in report["results"]} == {"banded", "untiled"}
+    for result in report["results"]:
+        assert result["error"] is None and result["peak_rss_mb"] >= result["rss_before_mb"] > 0
+        assert result["present"] == ["base0", "base3", "novel4"]  # both paths find the same classes
+    assert {"command", "date", "machine"} <= set(report)
