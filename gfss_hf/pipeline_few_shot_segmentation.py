@@ -88,6 +88,10 @@ class FewShotSegmentationPipeline(Pipeline):
     _load_tokenizer = False
     _load_video_processor = False
 
+    # Rows per post-processing band; None sizes bands to `POSTPROCESS_BAND_BYTES`, 0 selects the former untiled path
+    # (every class's logits and probabilities at full resolution), kept for `bench/postprocess_memory.py`.
+    postprocess_band_rows: int | None = None
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.image_processor is None:
@@ -211,10 +215,6 @@ class FewShotSegmentationPipeline(Pipeline):
         if return_label_map:
             return {"segments": segments, "label_map": label_map.astype(np.int64), "id2label": dict(enumerate(names))}
         return segments
-
-    # Rows per post-processing band; None sizes bands to `POSTPROCESS_BAND_BYTES`, 0 selects the former untiled path
-    # (every class's logits and probabilities at full resolution), kept for `bench/postprocess_memory.py`.
-    postprocess_band_rows: int | None = None
 
     def _label_map_banded(self, logits, original, fss: bool) -> tuple[np.ndarray, dict]:
         """Label map and per-class scores (mean probability over the class's pixels), band of rows by band: logits
