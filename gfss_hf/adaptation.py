@@ -1216,8 +1216,9 @@ def check_support_background(masks, class_names, support_class=None, ignore_inde
         shown = ", ".join(f"support_masks[{k}]" for k in rows)
         raise ValueError(
             f"class {name!r}: no background pixel in any of its supports ({shown}){where}; every pixel is the object "
-            "or ignored. A support mask must contain background (0) as well as the object (1, or 255 on a black "
-            "mask): mark only the object, so the model also sees what the class is not."
+            "or ignored. A support mask must contain background (0; in a label map, 0 or another class) as well as "
+            "the object (1, or 255 on a black mask): mark only the object, so the model also sees what the class "
+            "is not."
         )
 
 
