@@ -46,12 +46,10 @@ def _apply_orientation(image: Image.Image, name: str) -> Image.Image:
     """The pixels as a viewer shows them: phones store photos sideways with an EXIF Orientation tag, and a mask the
     user drew on the displayed photo only matches the rotated pixels. Idempotent (the tag is dropped on rotating)."""
     try:
-        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-    except Exception as err:  # a malformed EXIF block must not make a readable image unusable
-        logger.warning(f"{name}: unreadable EXIF data ({err}); using the pixels as stored.")
-        return image
-    if orientation in (2, 3, 4, 5, 6, 7, 8):
-        return ImageOps.exif_transpose(image)
+        if image.getexif().get(_EXIF_ORIENTATION, 1) in (2, 3, 4, 5, 6, 7, 8):
+            return ImageOps.exif_transpose(image)
+    except Exception as err:  # a malformed EXIF block must not make a readable image unusable; say so
+        logger.warning(f"{name}: unreadable EXIF data ({err}); using the pixels as stored, without orientation.")
     return image
 
 
