@@ -38,6 +38,7 @@ that it travels with a Hub export of the pipeline.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
@@ -53,6 +54,7 @@ __all__ = [
     "adapt_encoded",
     "adapt_fss",
     "adapt_gfss",
+    "check_support_background",
     "encode_supports",
     "learn_classes",
     "predict",
@@ -143,6 +145,27 @@ class AdaptationConfig:
         def bad(name, value, rule):
             raise ValueError(f"AdaptationConfig.{name}={value!r} is invalid: {rule}.")
 
+        # Generic over the declared types, so that a new numeric field is checked without a line of its own: a NaN or
+        # inf hyper-parameter turns every logit into NaN without an error, and int(2.7) would silently run 2 steps.
+        for f in fields(self):
+            kind = str(f.type).replace(" ", "").split("|")
+            value = getattr(self, f.name)
+            if value is None and "None" in kind:
+                continue
+            if "float" in kind:
+                if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                    bad(f.name, value, "must be a number")
+                if not math.isfinite(float(value)):
+                    bad(f.name, value, "must be finite (not NaN or infinity)")
+                setattr(self, f.name, float(value))
+            elif "int" in kind:
+                integral = isinstance(value, numbers.Integral) or (
+                    isinstance(value, numbers.Real) and math.isfinite(float(value)) and float(value).is_integer()
+                )
+                if isinstance(value, bool) or not integral:
+                    bad(f.name, value, "must be an integer (a float is accepted only when it has no fractional part)")
+                setattr(self, f.name, int(value))
+
         if self.method not in _METHODS:
             bad("method", self.method, f"allowed values are {_METHODS}")
         if int(self.steps) < 0:
@@ -161,7 +184,6 @@ class AdaptationConfig:
             bad("loss_resolution", self.loss_resolution, f"allowed values are {_RESOLUTIONS}")
         if float(self.init_std) < 0:
             bad("init_std", self.init_std, "must be >= 0")
-        self.steps = int(self.steps)
 
     def replace(self, **changes) -> AdaptationConfig:
         """A copy with some fields changed (unknown names raise)."""
@@ -1205,6 +1227,45 @@ def _binary_mask(mask, index: int):
     )
 
 
+def _fold_name(name: str) -> str:
+    return " ".join(name.split()).casefold()
+
+
+def check_support_background(masks, class_names, support_class=None, ignore_index: int = 255, size=None) -> None:
+    """
+    Refuse a class whose supports hold no pixel of anything else: with only positive pixels, the fine-tuned row
+    learns "everything is this class" and the whole query is labelled with it.
+
+    Args:
+        masks (`list[np.ndarray]`): one `HxW` integer mask per support: binary (0 background, 1 object,
+            `ignore_index` ignored) when `support_class` is given, else label maps (0 background, `k` =
+            `class_names[k - 1]`, `ignore_index` ignored).
+        class_names (`list[str]`): the classes, for the message.
+        support_class (`list[int]`, *optional*): the 0-based class of each binary mask; `None` for label maps.
+        ignore_index (`int`, *optional*, defaults to 255): the ignored label.
+        size (`tuple[int, int]`, *optional*): the canvas size when the masks have been resized (for the message).
+
+    Raises:
+        `ValueError`: naming the class, its supports and what a support mask must contain.
+    """
+    import numpy as np
+
+    for n, name in enumerate(class_names):
+        rows = [k for k in range(len(masks)) if support_class is None or support_class[k] == n]
+        # Another class's pixels are negatives too in a label map; in a binary mask only 0 is.
+        other = 1 if support_class is not None else n + 1
+        if any(((np.asarray(masks[k]) != other) & (np.asarray(masks[k]) != ignore_index)).any() for k in rows):
+            continue
+        where = "" if size is None else f" after resizing to {size[1]}x{size[0]}"
+        shown = ", ".join(f"support_masks[{k}]" for k in rows)
+        raise ValueError(
+            f"class {name!r}: no background pixel in any of its supports ({shown}){where}; every pixel is the object "
+            "or ignored. A support mask must contain background (0; in a label map, 0 or another class) as well as "
+            "the object (1, or 255 on a black mask): mark only the object, so the model also sees what the class "
+            "is not."
+        )
+
+
 def encode_supports(
     model,
     support_images,
@@ -1251,17 +1312,26 @@ def encode_supports(
         )
     if class_names is None:
         raise ValueError("class_names is missing; name the class of each support (binary) or of each label value.")
-    names = [class_names] if isinstance(class_names, str) else [str(n) for n in class_names]
+    names = [class_names] if isinstance(class_names, str) else list(class_names)
     if mask_type == "binary" and isinstance(class_names, str):
         names = names * len(images)
+    for name in names:
+        # str(None) would become a class called "None": a name must be given as text.
+        if not isinstance(name, str):
+            raise ValueError(
+                f"class_names holds {name!r} ({type(name).__name__}); every class name must be a non-empty string."
+            )
     existing = list(model.config.class_names)
+    folded = {_fold_name(n): n for n in existing}
     for name in names:
         if not name.strip():
             raise ValueError(f"class_names holds an empty name {name!r}; give every class a non-empty name.")
-        if name in existing:
+        # "Dog " and "dog" would be two rows for one concept, and the new row would fight the pre-trained one.
+        if _fold_name(name) in folded:
             raise ValueError(
-                f"class name {name!r} is already a class of the model ({existing}); the model segments it already. "
-                "Use another name for a new class."
+                f"class name {name!r} is already a class of the model ({folded[_fold_name(name)]!r}; names are "
+                f"compared ignoring case and surrounding spaces; classes: {existing}); the model segments it "
+                "already. Use another name for a new class."
             )
     if mask_type == "binary":
         if len(names) != len(images):
@@ -1309,6 +1379,7 @@ def encode_supports(
                 raise ValueError(f"support_masks[{i}] has no foreground pixel (no label in 1..{len(names)}).")
         pils.append(pil)
         arrays.append(array)
+    check_support_background(arrays, unique, support_class, ignore_index=255)
     processor = image_processor if image_processor is not None else GFSSImageProcessor.from_config(model.config)
     batch = processor(pils, segmentation_maps=arrays, return_tensors="pt")
     labels = batch["labels"].long()
@@ -1331,6 +1402,8 @@ def encode_supports(
                     f"support_masks[{i}] keeps no foreground pixel at the feature size {features.shape[-1]}x"
                     f"{features.shape[-2]}; use loss_resolution='input' or a larger object."
                 )
+    # Nearest resizing can drop the last background pixels of a nearly full mask: check again at the canvas size.
+    check_support_background(list(labels.numpy()), unique, support_class, ignore_index=ignore, size=size)
     if support_class is not None:
         cls = torch.tensor(support_class)
         labels = torch.where(labels == 1, cls[:, None, None] + 1, labels)

@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 import shutil
+import struct
 import tempfile
+import zipfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,7 +39,7 @@ from transformers.utils import logging
 
 from .configuration_gfss import GFSSConfig
 from .data._builder import apply_umask
-from .image_processing_gfss import GFSSImageProcessor
+from .image_processing_gfss import MIN_IMAGE_SIZE, GFSSImageProcessor
 from .modeling_gfss import _FLAT_STEM_TO_TIMM, GFSSModel
 
 __all__ = [
@@ -448,6 +451,7 @@ def read_checkpoint(path: str | os.PathLike, allow_unsafe_pickle: bool = False) 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
+        _raise_if_damaged(path, err)
         if not allow_unsafe_pickle:
             raise ValueError(
                 f"{path!r} could not be read with torch.load(weights_only=True): {err}. The file holds objects other "
@@ -458,8 +462,59 @@ def read_checkpoint(path: str | os.PathLike, allow_unsafe_pickle: bool = False) 
             f"{path!r} needs full unpickling (weights_only=False), which can execute code stored in the file; "
             "continuing because allow_unsafe_pickle=True."
         )
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as unsafe_err:
+            # A legacy pickle that needs globals fails on them before reaching a cut-off end.
+            _raise_if_damaged(path, unsafe_err)
+            raise
     return unwrap_checkpoint(obj)
+
+
+# What unpickling a cut-off stream raises (the legacy format is pickles followed by raw storage bytes).
+_TRUNCATION_ERRORS = (EOFError, struct.error)
+_TRUNCATION_WORDS = ("truncated", "unexpected eof", "ran out of input", "might be corrupted")
+
+
+def _damage(path: str, err: BaseException) -> str | None:
+    """Why `path` is a damaged file rather than a checkpoint needing full unpickling, or None when it looks intact:
+    judged from the file's structure (size, zip directory and CRCs, pickle header) and, for legacy pickles, from
+    the failure being a cut-off stream."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return "is empty (0 bytes)"
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head.startswith(b"PK"):  # torch.save's zip format
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as zip_err:
+            return f"is a truncated or corrupt zip archive ({size} bytes; {zip_err})"
+        return None if bad is None else f"is a truncated or corrupt zip archive (member {bad!r} fails its CRC check)"
+    if head[:1] == b"\x80":  # a pickle (protocol >= 2): torch's legacy format
+        chain, seen = [], err
+        while seen is not None and len(chain) < 8:
+            chain.append(seen)
+            seen = seen.__cause__ or seen.__context__
+        truncated = (isinstance(e, _TRUNCATION_ERRORS) or any(w in str(e).lower() for w in _TRUNCATION_WORDS) for e in chain)
+        if any(truncated):
+            return f"is a truncated or corrupt legacy (pickle) checkpoint ({size} bytes; {err})"
+        return None
+    return (
+        f"is not a PyTorch checkpoint: it starts with {head!r}, neither a zip archive (torch.save) nor a pickle "
+        "(legacy torch.save); a failed download often saves an HTML error page instead"
+    )
+
+
+def _raise_if_damaged(path: str, err: BaseException) -> None:
+    reason = _damage(path, err)
+    if reason is not None:
+        raise ValueError(
+            f"checkpoint {path!r} {reason}. This is an incomplete download or a corrupt copy, not a file that needs "
+            "unpickling (allowing unsafe unpickling would not help): download it again and compare its size or sha256 "
+            "with the source's."
+        ) from err
 
 
 def unwrap_checkpoint(obj) -> dict[str, torch.Tensor]:
@@ -745,6 +800,14 @@ def convert_state_dict(
     ('repri', 'pspnet', 417)
     ```
     """
+    # `image_size or default` would silently ignore 0; the processor needs a canvas of at least 8 px.
+    if image_size is not None and (
+        isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < MIN_IMAGE_SIZE
+    ):
+        raise ValueError(
+            f"image_size={image_size!r} is invalid: it must be an integer >= {MIN_IMAGE_SIZE} (the canvas side in "
+            "pixels, e.g. 473 or 417); leave it unset to keep the source's evaluation size."
+        )
     sd = unwrap_checkpoint(state_dict)
     _precheck(sd)
     if layout == "auto":

@@ -15,12 +15,21 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
+from transformers.utils import logging
 
-__all__ = ["GFSSImageProcessor", "load_image", "load_mask"]
+__all__ = ["POSTPROCESS_BAND_BYTES", "GFSSImageProcessor", "load_image", "load_mask"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_IMAGE_SIDE = 16384
+# Smallest canvas: the backbone's stride-8 features need at least one pixel.
+MIN_IMAGE_SIZE = 8
+_EXIF_ORIENTATION = 0x0112
+# Post-processing resizes logits in row bands of at most this many bytes (float32, all classes), so that a huge query
+# needs memory for its pixels times a few bytes, not for classes x pixels x 4 bytes (17 GB at 10000 x 10000).
+POSTPROCESS_BAND_BYTES = 32 * 2**20
+
+logger = logging.get_logger(__name__)
 
 
 class GFSSImageProcessorKwargs(ImagesKwargs, total=False):
@@ -33,13 +42,36 @@ def _describe(obj) -> str:
     return f"{type(obj).__name__}" + (f" of shape {tuple(obj.shape)}" if hasattr(obj, "shape") else "")
 
 
-def load_image(image, name: str = "image") -> Image.Image:
+def _apply_orientation(image: Image.Image, name: str) -> Image.Image:
+    """The pixels as a viewer shows them: phones store photos sideways with an EXIF Orientation tag, and a mask the
+    user drew on the displayed photo only matches the rotated pixels. Idempotent (the tag is dropped on rotating)."""
+    try:
+        if image.getexif().get(_EXIF_ORIENTATION, 1) in (2, 3, 4, 5, 6, 7, 8):
+            return ImageOps.exif_transpose(image)
+    except Exception as err:  # a malformed EXIF block must not make a readable image unusable; say so
+        logger.warning(f"{name}: unreadable EXIF data ({err}); using the pixels as stored, without orientation.")
+    return image
+
+
+def load_image(image, name: str = "image", mode: str | None = "RGB", background=None) -> Image.Image:
     """
-    Read one image as an RGB `PIL.Image`.
+    Read one image: the single entry point for every image and mask file of the package, the Space and the scripts.
 
     Accepts a `PIL.Image` (any mode: grayscale, RGBA, palette, 16-bit are converted to 8-bit RGB), a path, or a numpy
-    array / torch tensor (`HxW`, `HxWxC` or `CxHxW`; uint8, uint16, or float in [0, 1]). A file's EXIF orientation
-    is applied (the image comes back upright, as viewers show it). `name` is used in error messages. Zero-size images and images with a side above 16384 px are rejected.
+    array / torch tensor (`HxW`, `HxWxC` or `CxHxW`; uint8, uint16, or float in [0, 1]). An EXIF orientation (phone
+    photos) is applied, so the result is the image as viewers display it. Zero-size images, images with a side above
+    16384 px, NaN / infinite floats and integer pixels outside [0, 255] are rejected.
+
+    Args:
+        image: the image (see above).
+        name (`str`, *optional*, defaults to `"image"`): names the input in error messages.
+        mode (`str`, *optional*, defaults to `"RGB"`): `"RGB"` converts to 8-bit RGB; `None` returns the (oriented)
+            PIL image in its stored mode, for label maps and paint layers whose values matter (PIL or path only).
+        background (*optional*): a PIL colour (e.g. `"white"`) for transparent pixels, as a browser shows them;
+            `None` drops the alpha channel and keeps the stored colours.
+
+    Returns:
+        `PIL.Image.Image`.
     """
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
@@ -52,6 +84,19 @@ def load_image(image, name: str = "image") -> Image.Image:
                 image = ImageOps.exif_transpose(handle)
         except Exception as err:
             raise ValueError(f"{name}: {str(path)!r} is not a readable image ({err}).") from err
+    if isinstance(image, Image.Image):
+        image = _apply_orientation(image, name)
+        if mode is None:
+            _check_size(image.height, image.width, name)
+            return image
+    elif mode is None:
+        raise TypeError(f"{name}: expected a PIL image or a path, got {_describe(image)}.")
+    if mode != "RGB":
+        raise ValueError(f"mode={mode!r} is invalid; use 'RGB' or None (the stored mode).")
+    if background is not None and isinstance(image, Image.Image):
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+            rgba = image.convert("RGBA")
+            image = Image.alpha_composite(Image.new("RGBA", rgba.size, background), rgba).convert("RGB")
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
         if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
@@ -66,14 +111,28 @@ def load_image(image, name: str = "image") -> Image.Image:
         if array.dtype == np.uint16:
             array = (array.astype(np.float32) / 257.0).round().astype(np.uint8)
         elif np.issubdtype(array.dtype, np.floating):
+            # NaN passes a min/max range check and casts to an arbitrary byte: test it first.
+            if not np.isfinite(array).all():
+                raise ValueError(
+                    f"{name}: float image holds {int((~np.isfinite(array)).sum())} NaN or infinite values; replace "
+                    "them (e.g. np.nan_to_num) before segmenting."
+                )
             if array.size and (array.min() < 0 or array.max() > 1):
                 raise ValueError(
                     f"{name}: float images must be in [0, 1], got [{array.min():.3g}, {array.max():.3g}]; pass "
                     "uint8 pixels or rescale."
                 )
             array = (array * 255.0).round().astype(np.uint8)
-        elif array.dtype != np.uint8:
-            array = np.clip(array, 0, 255).astype(np.uint8)
+        elif array.dtype == bool or np.issubdtype(array.dtype, np.integer):
+            # Clipping would silently turn -5 into black and 300 into white: out-of-range pixels are a caller bug.
+            if array.dtype != np.uint8 and array.size and (array.min() < 0 or array.max() > 255):
+                raise ValueError(
+                    f"{name}: integer pixels must be in [0, 255] (or a uint16 array), got [{array.min()}, "
+                    f"{array.max()}] ({array.dtype}); convert to uint8 or rescale."
+                )
+            array = array.astype(np.uint8)
+        else:
+            raise TypeError(f"{name}: unsupported pixel type {array.dtype}; pass uint8, uint16 or float in [0, 1].")
         if array.ndim == 3 and array.shape[-1] == 4:
             array = array[..., :3]
         if array.ndim == 2:
@@ -96,17 +155,9 @@ def load_mask(mask, name: str = "mask") -> np.ndarray:
     Read one label map as an `HxW` int64 array. Palette PNGs give their indices (VOC convention); RGB masks whose
     three channels are equal are read as one channel; a path is opened with PIL.
     """
-    if isinstance(mask, (str, os.PathLike)):
-        path = Path(mask)
-        if not path.is_file():
-            raise FileNotFoundError(f"{name}: file {str(path)!r} does not exist.")
-        try:
-            with Image.open(path) as handle:
-                mask = np.array(handle)
-        except Exception as err:
-            raise ValueError(f"{name}: {str(path)!r} is not a readable mask image ({err}).") from err
-    elif isinstance(mask, Image.Image):
-        mask = np.array(mask)
+    if isinstance(mask, (str, os.PathLike, Image.Image)):
+        # The stored mode (palette indices, 16-bit labels), with the EXIF orientation of the image it was drawn on.
+        mask = np.array(load_image(mask, name=name, mode=None))
     elif isinstance(mask, torch.Tensor):
         mask = mask.detach().cpu().numpy()
     if not isinstance(mask, np.ndarray):
@@ -130,6 +181,20 @@ def load_mask(mask, name: str = "mask") -> np.ndarray:
             raise ValueError(f"{name}: label maps must hold integer class indices, got fractional values.")
     _check_size(mask.shape[0], mask.shape[1], name)
     return mask.astype(np.int64)
+
+
+def _linear_weights(in_size: int, out_size: int, start: int, stop: int, device=None):
+    """Source indices and weights of outputs `start .. stop - 1` of a bilinear resize `in_size -> out_size` along one
+    axis (`align_corners=False`), as ATen computes them: the scale in float32, the source coordinate rounded to
+    float32 (values agree with `F.interpolate` to one float32 rounding). Returns `(index0, index1, weight0, weight1)`.
+    """
+    scale = float(torch.tensor(in_size, dtype=torch.float32) / out_size)
+    target = torch.arange(start, stop, dtype=torch.float64)
+    source = (scale * (target + 0.5) - 0.5).to(torch.float32).clamp_min(0)
+    index0 = source.floor().long().clamp(max=in_size - 1)
+    weight1 = (source - index0.to(torch.float32)).clamp(0, 1)
+    index1 = index0 + (index0 < in_size - 1).long()
+    return index0.to(device), index1.to(device), (1 - weight1).to(device), weight1.to(device)
 
 
 def _check_size(height: int, width: int, name: str) -> None:
@@ -188,8 +253,10 @@ class GFSSImageProcessor(BaseImageProcessor):
             raise TypeError(f"GFSSImageProcessor got unexpected arguments {sorted(kwargs)}.")
         super().__init__()
         self.auto_map = auto_map
-        if int(image_size) < 8:
-            raise ValueError(f"image_size={image_size} is too small; use at least 8 (473 in the paper).")
+        if int(image_size) < MIN_IMAGE_SIZE:
+            raise ValueError(
+                f"image_size={image_size} is too small; use at least {MIN_IMAGE_SIZE} (473 in the paper)."
+            )
         if pad_mode not in ("mean", "zero"):
             raise ValueError(f"pad_mode={pad_mode!r} is invalid; allowed values are 'mean' and 'zero'.")
         self.image_size = int(image_size)
@@ -302,10 +369,52 @@ class GFSSImageProcessor(BaseImageProcessor):
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     # -- post-processing ---------------------------------------------------------------------------------------
+    def resized_logit_bands(self, logits: torch.Tensor, target_size, band_rows: int | None = None):
+        """
+        Undo pad and resize on one image's canvas logits, band of rows by band of rows: crop the valid region and
+        resize it bilinearly (`align_corners=False`) to the original size. Each band is computed on its own from the
+        low-resolution crop, with the same per-pixel arithmetic whatever the band height, so any banding gives the
+        same values; a pass over the bands needs memory for one band, not for `C x height x width` floats.
+
+        Args:
+            logits (`torch.Tensor` of shape `(C, S, S)` or `(C, h, w)`): one image's canvas logits (any resolution
+                that is a scaling of the canvas).
+            target_size (`tuple[int, int]`): its original `(height, width)`.
+            band_rows (`int`, *optional*): rows per band; by default as many as fit in `POSTPROCESS_BAND_BYTES`.
+
+        Yields:
+            `(row, band)`: the first output row of the band and the band, `(C, rows, width)` float32.
+        """
+        height, width = int(target_size[0]), int(target_size[1])
+        scale = logits.shape[-1] / self.image_size
+        new_h, new_w = self.resized_size(height, width)
+        crop_h = max(1, int(round(new_h * scale)))
+        crop_w = max(1, int(round(new_w * scale)))
+        crop = logits[:, :crop_h, :crop_w].float()
+        channels = crop.shape[0]
+        if band_rows is None:
+            band_rows = POSTPROCESS_BAND_BYTES // max(1, 4 * channels * width)
+        band_rows = max(1, int(band_rows))
+        for start in range(0, height, band_rows):
+            stop = min(height, start + band_rows)
+            row0, row1, row_w0, row_w1 = _linear_weights(crop_h, height, start, stop, crop.device)
+            low, high = int(row0[0]), int(row1[-1]) + 1  # the source rows this band reads (indices are monotonic)
+            # Along the width, ATen's kernel on the band's source rows (the height is unchanged, which copies rows
+            # exactly); along the height, the two-row blend with ATen's weights, in separate multiplications and one
+            # addition so that no fused multiply-add makes a pixel depend on where the band starts.
+            columns = F.interpolate(crop[None, :, low:high], size=(high - low, width), mode="bilinear",
+                                    align_corners=False)[0]  # fmt: skip
+            band = columns.index_select(1, row0 - low).mul_(row_w0[:, None])
+            yield start, band.add_(columns.index_select(1, row1 - low).mul_(row_w1[:, None]))
+
     def post_process_logits(self, logits: torch.Tensor, target_sizes) -> list[torch.Tensor]:
         """
         Undo pad and resize on canvas logits: crop each image's valid region and resize it bilinearly to its
-        original size.
+        original size (see [`~GFSSImageProcessor.resized_logit_bands`]).
+
+        This returns every class's logits at full resolution (`C x height x width` float32 per image): for label
+        maps of large images use [`~GFSSImageProcessor.post_process_semantic_segmentation`], which works band by
+        band.
 
         Args:
             logits (`torch.Tensor` of shape `(B, C, S, S)` or `(B, C, h, w)`): canvas logits (any resolution that
@@ -318,15 +427,11 @@ class GFSSImageProcessor(BaseImageProcessor):
         if len(target_sizes) != logits.shape[0]:
             raise ValueError(f"got {logits.shape[0]} logits but {len(target_sizes)} target sizes.")
         out = []
-        scale = logits.shape[-1] / self.image_size
         for i, (height, width) in enumerate(target_sizes):
-            new_h, new_w = self.resized_size(int(height), int(width))
-            crop_h = max(1, int(round(new_h * scale)))
-            crop_w = max(1, int(round(new_w * scale)))
-            cropped = logits[i : i + 1, :, :crop_h, :crop_w]
-            out.append(
-                F.interpolate(cropped.float(), size=(int(height), int(width)), mode="bilinear", align_corners=False)[0]
-            )
+            full = torch.empty((logits.shape[1], int(height), int(width)), dtype=torch.float32, device=logits.device)
+            for row, band in self.resized_logit_bands(logits[i], (height, width)):
+                full[:, row : row + band.shape[1]] = band
+            out.append(full)
         return out
 
     def post_process_semantic_segmentation(self, outputs, target_sizes=None) -> list[torch.Tensor]:
@@ -346,4 +451,12 @@ class GFSSImageProcessor(BaseImageProcessor):
             return list(logits.argmax(dim=1))
         if isinstance(target_sizes, torch.Tensor):
             target_sizes = target_sizes.tolist()
-        return [lg.argmax(dim=0) for lg in self.post_process_logits(logits, target_sizes)]
+        if len(target_sizes) != logits.shape[0]:
+            raise ValueError(f"got {logits.shape[0]} logits but {len(target_sizes)} target sizes.")
+        out = []
+        for i, (height, width) in enumerate(target_sizes):
+            label_map = torch.empty((int(height), int(width)), dtype=torch.int64, device=logits.device)
+            for row, band in self.resized_logit_bands(logits[i], (height, width)):
+                label_map[row : row + band.shape[1]] = band.argmax(dim=0)
+            out.append(label_map)
+        return out

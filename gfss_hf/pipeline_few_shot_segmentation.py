@@ -24,8 +24,17 @@ logger = logging.get_logger(__name__)
 TASK = "few-shot-segmentation"
 _SUPPORT_KEYS = ("support_images", "support_masks", "class_names", "mask_type", "mode", "persist", "seed")
 _ADAPTATION_KEYS = tuple(
-    name for name in AdaptationConfig.__dataclass_fields__ if name not in ("method", "align_corners", "ignore_index")
+    name
+    for name in AdaptationConfig.__dataclass_fields__
+    if name not in ("method", "align_corners", "ignore_index") and name not in _SUPPORT_KEYS
 )
+# Arguments of the call itself, read by `_sanitize_parameters` and `Pipeline.__call__`.
+_CALL_KEYS = ("return_label_map", "batch_size", "num_workers")
+
+
+def _unknown_arguments_error(name: str, unknown) -> TypeError:
+    known = sorted(set(_SUPPORT_KEYS + _ADAPTATION_KEYS + _CALL_KEYS))
+    return TypeError(f"{name} got unexpected arguments {sorted(unknown)}; known arguments are {known}.")
 
 
 class FewShotSegmentationPipeline(Pipeline):
@@ -37,7 +46,8 @@ class FewShotSegmentationPipeline(Pipeline):
     Call it as `pipe(query_images, support_images=[...], support_masks=[...], class_names=[...], ...)`:
 
     - `query_images`: one image or a list (PIL, numpy, tensor, path or URL-free file path; grayscale, RGBA and
-      16-bit images are converted).
+      16-bit images are converted). Every image and mask is read by `load_image`, which applies the EXIF
+      orientation of phone photos: masks are drawn on, and returned at, the image as it is displayed.
     - `support_images`, `support_masks`: lists of the same length. By default (`mask_type="binary"`) a mask is a
       binary mask of ITS image's class: values 0 (background) / 1 (object) / 255 (ignored), or a white-on-black
       image with values 0 / 255 (255 = object), or a boolean array. With `mask_type="label_map"` a mask holds
@@ -81,6 +91,10 @@ class FewShotSegmentationPipeline(Pipeline):
     _load_tokenizer = False
     _load_video_processor = False
 
+    # Rows per post-processing band; None sizes bands to `POSTPROCESS_BAND_BYTES`, 0 selects the former untiled path
+    # (every class's logits and probabilities at full resolution), kept for `bench/postprocess_memory.py`.
+    postprocess_band_rows: int | None = None
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.image_processor is None:
@@ -89,10 +103,7 @@ class FewShotSegmentationPipeline(Pipeline):
     # -- parameters ------------------------------------------------------------------------------------------------
     def _sanitize_parameters(self, return_label_map=None, _learned=None, **kwargs):
         if kwargs:
-            raise TypeError(
-                f"{type(self).__name__} got unexpected arguments {sorted(kwargs)}; supports and fine-tuning options "
-                f"are {sorted(_SUPPORT_KEYS + _ADAPTATION_KEYS)}."
-            )
+            raise _unknown_arguments_error(type(self).__name__, kwargs)
         forward, post = {}, {}
         if _learned is not None:
             forward["_learned"] = _learned
@@ -107,6 +118,12 @@ class FewShotSegmentationPipeline(Pipeline):
         `learned` (the dict returned by [`~FewShotSegmentationPipeline.learn`]) reuses classes learned before
         instead of fine-tuning again: learn once, then segment any number of queries, call by call.
         """
+        # Checked before fine-tuning: a typo must not cost a whole adaptation before it is reported.
+        unknown = set(kwargs) - set(_SUPPORT_KEYS + _ADAPTATION_KEYS + _CALL_KEYS) - {"_learned"}
+        if unknown:
+            raise _unknown_arguments_error(type(self).__name__, unknown)
+        if isinstance(images, (list, tuple)) and len(images) == 0:
+            raise ValueError("no query image: images is an empty list; pass one image or a list of images to segment.")
         support_kwargs = {k: kwargs.pop(k) for k in _SUPPORT_KEYS if k in kwargs}
         adaptation_kwargs = {k: kwargs.pop(k) for k in _ADAPTATION_KEYS if k in kwargs}
         if learned is not None:
@@ -210,33 +227,59 @@ class FewShotSegmentationPipeline(Pipeline):
             names = [self.model.config.background_name] + list(_learned["class_names"])
         original = model_outputs["original_size"]
         original = tuple(int(v) for v in (original.tolist() if isinstance(original, torch.Tensor) else original))
-        # Logits are resized to the original size first (as `post_process_semantic_segmentation` does), then turned
-        # into probabilities.
-        logits = self.image_processor.post_process_logits(model_outputs["logits"], [original])[0]
-        probs = logits.softmax(dim=0)
-        if _learned is not None and _learned["mode"] == "fss":
+        fss = _learned is not None and _learned["mode"] == "fss"
+        if self.postprocess_band_rows == 0:
+            label_map, scores = self._label_map_untiled(model_outputs["logits"], original, fss)
+        else:
+            label_map, scores = self._label_map_banded(model_outputs["logits"][0], original, fss)
+        segments = []
+        for index, score in scores.items():
+            # uint8 0/255 built in place: one byte per pixel per present class, the size of the output itself.
+            mask = np.equal(label_map, index).view(np.uint8)
+            mask *= 255
+            segments.append({"label": names[index], "score": score, "mask": Image.fromarray(mask)})
+        if return_label_map:
+            return {"segments": segments, "label_map": label_map.astype(np.int64), "id2label": dict(enumerate(names))}
+        return segments
+
+    def _label_map_banded(self, logits, original, fss: bool) -> tuple[np.ndarray, dict]:
+        """Label map and per-class scores (mean probability over the class's pixels), band of rows by band: logits
+        are resized to the original size (as `post_process_semantic_segmentation` does), then turned into
+        probabilities, with peak memory of one band plus the label map."""
+        num = logits.shape[0]
+        label_map = np.empty(original, dtype=np.uint8 if num <= 256 else np.int32)
+        sums = torch.zeros(num, dtype=torch.float64)
+        counts = torch.zeros(num, dtype=torch.int64)
+        bands = self.image_processor.resized_logit_bands(logits, original, band_rows=self.postprocess_band_rows)
+        for row, band in bands:
+            probs = band.softmax(dim=0)
+            label = self._labels(probs, fss)
+            label_map[row : row + label.shape[0]] = label.numpy()
+            flat = label.flatten()
+            sums.index_add_(0, flat, probs.gather(0, label[None]).flatten().double())
+            counts += torch.bincount(flat, minlength=num)
+        present = torch.nonzero(counts).flatten().tolist()
+        return label_map, {i: round(float(sums[i] / counts[i]), 4) for i in present}
+
+    def _label_map_untiled(self, logits, original, fss: bool) -> tuple[np.ndarray, dict]:
+        """The former path: every class at full resolution at once (`C x H x W` float32, several times)."""
+        import torch.nn.functional as F
+
+        new_h, new_w = self.image_processor.resized_size(*original)
+        scale = logits.shape[-1] / self.image_processor.image_size
+        crop = logits[:, :, : max(1, int(round(new_h * scale))), : max(1, int(round(new_w * scale)))]
+        probs = F.interpolate(crop.float(), size=original, mode="bilinear", align_corners=False)[0].softmax(dim=0)
+        label = self._labels(probs, fss)
+        scores = {i: round(float(probs[i][label == i].mean()), 4) for i in torch.unique(label).tolist()}
+        return label.numpy().astype(np.int64), scores
+
+    @staticmethod
+    def _labels(probs: torch.Tensor, fss: bool) -> torch.Tensor:
+        if fss:
             # Background wins unless a class is more likely than not.
             best, label = probs[1:].max(dim=0)
-            label_map = torch.where(best > 0.5, label + 1, torch.zeros_like(label))
-        else:
-            label_map = probs.argmax(dim=0)
-        segments = []
-        for index in torch.unique(label_map).tolist():
-            mask = label_map == index
-            segments.append(
-                {
-                    "label": names[index],
-                    "score": round(float(probs[index][mask].mean()), 4),
-                    "mask": Image.fromarray(mask.numpy().astype(np.uint8) * 255, mode="L"),
-                }
-            )
-        if return_label_map:
-            return {
-                "segments": segments,
-                "label_map": label_map.numpy().astype(np.int64),
-                "id2label": dict(enumerate(names)),
-            }
-        return segments
+            return torch.where(best > 0.5, label + 1, torch.zeros_like(label))
+        return probs.argmax(dim=0)
 
 
 def register_pipeline() -> None:

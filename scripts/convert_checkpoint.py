@@ -26,8 +26,23 @@ import sys
 from collections.abc import Sequence
 
 from gfss_hf.conversion import LAYOUTS, SOURCES, convert_checkpoint, save_converted
+from gfss_hf.image_processing_gfss import MIN_IMAGE_SIZE
 
 logger = logging.getLogger("convert_checkpoint")
+
+
+def _image_size(text: str) -> int:
+    # 0 used to fall through `image_size or default` and be ignored without a word.
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < MIN_IMAGE_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a usable canvas size: give an integer >= {MIN_IMAGE_SIZE} (e.g. 473), or omit "
+            "--image_size to keep the source's evaluation size"
+        )
+    return value
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -52,7 +67,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--output_dir", required=True, help="folder to write (created atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
-    parser.add_argument("--image_size", type=int, help="override the source's evaluation size")
+    parser.add_argument("--image_size", type=_image_size, help="override the source's evaluation size (>= 8)")
     parser.add_argument("--pad_mode", choices=("zero", "mean"), help="override the source's canvas padding")
     parser.add_argument("--dilation_style", choices=("pspnet", "timm"), help="override the layout's dilation")
     parser.add_argument(

@@ -50,6 +50,7 @@ from gfss_hf.cards import (
     render_model_card,
     save_model_card,
 )
+from gfss_hf.image_processing_gfss import load_image
 
 logger = logging.getLogger("push_to_hub")
 
@@ -215,7 +216,6 @@ _REMOTE_CHECK = textwrap.dedent(
     sys.modules["gfss_hf"] = None  # the export must load without the gfss_hf package
     import numpy as np
     import torch
-    from PIL import Image
     from transformers import AutoConfig, AutoImageProcessor, AutoModel, pipeline
 
     folder, probe_dir, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -223,9 +223,11 @@ _REMOTE_CHECK = textwrap.dedent(
     model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
     processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
     report = {"model_module": type(model).__module__, "processor_module": type(processor).__module__}
-    query = Image.open(f"{probe_dir}/query.png").convert("RGB")
-    support = Image.open(f"{probe_dir}/support.png").convert("RGB")
-    mask = Image.open(f"{probe_dir}/support_mask.png")
+    # The export's own copy of the package's one image loader.
+    load_image = sys.modules[type(processor).__module__].load_image
+    query = load_image(f"{probe_dir}/query.png")
+    support = load_image(f"{probe_dir}/support.png")
+    mask = load_image(f"{probe_dir}/support_mask.png", mode=None)
     inputs = processor(query, return_tensors="pt")
     with torch.no_grad():
         logits = model(pixel_values=inputs["pixel_values"]).logits
@@ -286,18 +288,18 @@ def check_remote_code(folder: Path, steps: int = 2, timeout: int = 600) -> dict:
         model = GFSSModel.from_pretrained(folder).eval()
         processor = GFSSImageProcessor.from_pretrained(folder)
         with torch.no_grad():
-            expected = model(pixel_values=processor(Image.open(tmp / "query.png"))["pixel_values"]).logits
+            expected = model(pixel_values=processor(load_image(tmp / "query.png"))["pixel_values"]).logits
         remote = torch.from_numpy(np.load(tmp / "remote_logits.npy"))
         if not torch.allclose(remote, expected, rtol=1e-4, atol=1e-5):
             diff = (remote - expected).abs().max().item()
             raise ExportCheckError(f"the remote-code model computes different logits (max abs diff {diff:.3g}).")
-        query = Image.open(tmp / "query.png").convert("RGB")
+        query = load_image(tmp / "query.png")
         report["query_size"] = [query.width, query.height]
         if "labels" in report:
             pipe = _package_pipeline(model, processor)
-            out = pipe(query, support_images=[Image.open(tmp / "support.png").convert("RGB")],
-                       support_masks=[Image.open(tmp / "support_mask.png")], class_names=["probe"], mode="gfss",
-                       steps=steps, return_label_map=True)
+            out = pipe(query, support_images=[load_image(tmp / "support.png")],
+                       support_masks=[load_image(tmp / "support_mask.png", mode=None)], class_names=["probe"],
+                       mode="gfss", steps=steps, return_label_map=True)
             remote_map = np.load(tmp / "remote_label_map.npy")
             report["label_map_agreement"] = float((remote_map == out["label_map"]).mean())
             _compare_pipelines(report, list(model.config.class_names))

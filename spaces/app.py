@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -234,27 +235,32 @@ def _load_pipeline(source: str):
 # ---------------------------------------------------------------------------------------------------------------
 # inputs
 # ---------------------------------------------------------------------------------------------------------------
-def _to_rgb(image, name: str) -> Image.Image:
-    if isinstance(image, (str, os.PathLike)):
-        image = Image.open(image)
-    if isinstance(image, np.ndarray):
-        array = image
-        if array.dtype != np.uint8:
-            array = np.clip(array, 0, 255).astype(np.uint8)
-        image = Image.fromarray(array)
-    if not isinstance(image, Image.Image):
-        raise gr.Error(f"{name} is not an image ({type(image).__name__}); upload a PNG or JPEG.")
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+def _image_loader(segmenter: FewShotSegmenter | None = None):
+    """The package's `load_image`, the one reader of every image (EXIF orientation of phone photos, modes, checks):
+    from the installed package, else from the model repository's own copy of the image-processor code (a Space
+    without the package), which is loaded with the pipeline."""
+    try:
+        from gfss_hf.image_processing_gfss import load_image
+    except ImportError:
+        if segmenter is None:
+            raise
+        return sys.modules[type(segmenter.pipeline().image_processor).__module__].load_image
+    return load_image
+
+
+def _to_rgb(image, name: str, loader=None) -> Image.Image:
+    load = loader if loader is not None else _image_loader()
+    try:
         # Transparent areas become white, as they look in the browser.
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-    image = image.convert("RGB")
+        image = load(image, name=name, background="white")
+    except (ValueError, TypeError, OSError) as err:
+        raise gr.Error(f"{name} could not be read: {err} Upload a PNG or JPEG.") from err
     if min(image.size) < 8:
         raise gr.Error(f"{name} is {image.width}x{image.height} px; use an image of at least 8x8 px.")
     return image
 
 
-def painted_mask(editor_value, size: tuple[int, int] | None = None) -> np.ndarray | None:
+def painted_mask(editor_value, size: tuple[int, int] | None = None, loader=None) -> np.ndarray | None:
     """
     The painted pixels of a `gr.ImageMask` value: layer alpha > 0, over all layers.
 
@@ -262,6 +268,7 @@ def painted_mask(editor_value, size: tuple[int, int] | None = None) -> np.ndarra
         editor_value (`dict` or `None`): `{"background", "layers", "composite"}` (numpy arrays, PIL images or paths).
         size (`tuple[int, int]`, *optional*): `(width, height)` of the background; layers of another size are
             resized (nearest) to it.
+        loader (*optional*): the image reader (defaults to the package's `load_image`).
 
     Returns:
         `np.ndarray` of bool `(height, width)`, or `None` when nothing was painted.
@@ -272,9 +279,11 @@ def painted_mask(editor_value, size: tuple[int, int] | None = None) -> np.ndarra
     for layer in editor_value.get("layers") or []:
         if layer is None:
             continue
-        if isinstance(layer, (str, os.PathLike)):
-            layer = Image.open(layer)
-        image = layer if isinstance(layer, Image.Image) else Image.fromarray(np.asarray(layer).astype(np.uint8))
+        if isinstance(layer, (str, os.PathLike, Image.Image)):
+            # Kept in its stored mode: the alpha channel is the paint.
+            image = (loader if loader is not None else _image_loader())(layer, name="paint layer", mode=None)
+        else:
+            image = Image.fromarray(np.asarray(layer).astype(np.uint8))
         if "A" not in image.getbands():
             continue
         alpha = image.getchannel("A")
@@ -287,23 +296,21 @@ def painted_mask(editor_value, size: tuple[int, int] | None = None) -> np.ndarra
     return mask
 
 
-def _supports(editors) -> tuple[list[Image.Image], list[np.ndarray]]:
+def _supports(editors, loader=None) -> tuple[list[Image.Image], list[np.ndarray]]:
     images, masks = [], []
     for i, value in enumerate(editors, start=1):
         if not value or value.get("background") is None:
             if value and any(layer is not None for layer in value.get("layers") or []):
                 raise gr.Error(f"Support image {i} has paint but no image; upload the image first, then paint.")
             continue
-        image = _to_rgb(value["background"], f"Support image {i}")
-        mask = painted_mask(value, image.size)
+        image = _to_rgb(value["background"], f"Support image {i}", loader)
+        mask = painted_mask(value, image.size, loader)
         if mask is None:
             raise gr.Error(
                 f"Support image {i} has no painted pixels: paint over the object of the new class with the brush "
                 "(or remove the image)."
             )
-        if mask.all():
-            raise gr.Error(f"Support image {i} is painted everywhere; paint only the object, so the model also sees "
-                           "what the new class is not.")
+        # A support painted everywhere is refused by the package's own check (one rule for every caller).
         images.append(image)
         masks.append(mask.astype(np.uint8))
     if not images:
@@ -372,10 +379,11 @@ def segment(segmenter: FewShotSegmenter, query, supports, class_name, mode="GFSS
         raise gr.Error(segmenter.message)
     if query is None:
         raise gr.Error("Upload or pick a query image.")
-    query = _to_rgb(query, "The query image")
+    loader = _image_loader(segmenter)
+    query = _to_rgb(query, "The query image", loader)
     background, base = segmenter.class_names()
     name = _check_class_name(class_name, [background, *base])
-    images, masks = _supports(supports)
+    images, masks = _supports(supports, loader)
     mode = str(mode).lower()
     if mode not in ("gfss", "fss"):
         raise gr.Error(f"Mode {mode!r} is unknown; choose GFSS or FSS.")
@@ -395,8 +403,14 @@ def segment(segmenter: FewShotSegmenter, query, supports, class_name, mode="GFSS
         kwargs["gamma"] = gamma
     try:
         segments = _segments(pipe(query, **kwargs))
-    except ValueError as err:  # the pipeline's messages name the bad input and the fix
-        raise gr.Error(str(err)) from err
+    except MemoryError as err:
+        raise gr.Error(
+            f"The server ran out of memory on the {query.width}x{query.height} query; upload a smaller image."
+        ) from err
+    except (ValueError, TypeError, RuntimeError) as err:
+        # The package's messages name the bad input and the fix; a RuntimeError (e.g. torch failing to allocate)
+        # is shown too rather than a raw traceback that the user never sees.
+        raise gr.Error(f"{type(err).__name__ if isinstance(err, RuntimeError) else 'Invalid input'}: {err}") from err
 
     colours = _colour_map(background, base, name)
     annotations, gallery, rows = [], [], []

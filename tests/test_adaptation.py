@@ -605,3 +605,32 @@ def test_normalize_features_fits_and_predicts_on_unit_feature_vectors():
     fss = adapt_fss(feats, labels, config=AdaptationConfig(method="fss", steps=5, normalize_features=True), seeds=1)
     fss_hand = adapt_fss(unit, labels, config=AdaptationConfig(method="fss", steps=5), seeds=1)
     torch.testing.assert_close(fss.weight, fss_hand.weight)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"lr": math.inf}, r"lr=inf .*finite"),
+        ({"lr": math.nan}, r"lr=nan .*finite"),
+        ({"gamma": math.nan}, r"gamma=nan .*finite"),
+        ({"gamma": math.inf}, r"gamma=inf .*finite"),
+        ({"init_std": math.nan}, r"init_std=nan .*finite"),
+        ({"transductive_weight": -math.inf}, r"transductive_weight=-inf .*finite"),
+        ({"lr": "0.1"}, r"lr='0.1' .*number"),
+        ({"steps": 2.7}, r"steps=2.7 .*integer"),
+        ({"steps": math.inf}, r"steps=inf .*integer"),
+        ({"seed": 0.5}, r"seed=0.5 .*integer"),
+        ({"steps": True}, r"steps=True .*integer"),
+        ({"steps": "10"}, r"steps='10' .*integer"),
+    ],
+    ids=["lr-inf", "lr-nan", "gamma-nan", "gamma-inf", "init_std-nan", "transductive_weight-inf", "lr-str",
+         "steps-fraction", "steps-inf", "seed-fraction", "steps-bool", "steps-str"],  # fmt: skip
+)
+def test_config_refuses_non_finite_and_non_integral_numbers(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        AdaptationConfig(**overrides)
+
+
+def test_config_accepts_integral_floats_and_numpy_numbers():
+    config = AdaptationConfig(steps=20.0, lr=np.float32(0.5), seed=np.int64(3))
+    assert (config.steps, config.seed) == (20, 3) and type(config.steps) is int and type(config.lr) is float

@@ -164,3 +164,16 @@ def test_gpu_suite_report_is_written_atomically(gpu_suite, tmp_path, monkeypatch
     # The previous report is whole, and no half-written file is left behind.
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_suite.json", "gpu_suite.md"]
+
+
+@pytest.mark.slow
+def test_postprocess_memory_benchmark_runs_both_paths():
+    cmd = [sys.executable, str(ROOT / "bench" / "postprocess_memory.py"), "--sizes", "300", "--cap_gb", "3"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert {r["path"] for r in report["results"]} == {"banded", "untiled"}
+    for result in report["results"]:
+        assert result["error"] is None and result["peak_rss_mb"] >= result["rss_before_mb"] > 0
+        assert result["present"] == ["base0", "base3", "novel4"]  # both paths find the same classes
+    assert {"command", "date", "machine"} <= set(report)

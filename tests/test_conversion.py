@@ -564,6 +564,42 @@ def test_read_legacy_safetensors_and_unsafe_pickle(tmp_path):
         read_checkpoint(tmp_path / "nope.pth")
 
 
+def _saved(obj, legacy=False) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer, _use_new_zipfile_serialization=not legacy)
+    return buffer.getvalue()
+
+
+_STATE = {"module.layer0.0.weight": torch.randn(64, 3, 3, 3), "module.layer1.0.conv1.weight": torch.randn(4, 4)}
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (b"", "empty \\(0 bytes\\).*incomplete download"),
+        (_saved(_STATE)[:-200], "truncated or corrupt.*incomplete download"),
+        (_saved(_STATE)[: len(_saved(_STATE)) // 2], "truncated or corrupt.*incomplete download"),
+        (_saved(_STATE, legacy=True)[:-200], "truncated or corrupt.*incomplete download"),
+        (b"<!DOCTYPE html><html>404 Not Found</html>", "not a PyTorch checkpoint"),
+    ],
+    ids=["empty", "zip-tail-cut", "zip-half", "legacy-pickle-cut", "html-page"],
+)
+@pytest.mark.parametrize("allow_unsafe_pickle", [False, True])
+def test_corrupt_checkpoint_files_are_not_blamed_on_pickling(tmp_path, content, match, allow_unsafe_pickle):
+    path = tmp_path / "best.pth"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=match) as err:
+        read_checkpoint(path, allow_unsafe_pickle=allow_unsafe_pickle)
+    assert "allow_unsafe_pickle" not in str(err.value)
+
+
+@pytest.mark.parametrize("image_size", [0, -1, 4, 2.5])
+def test_image_size_override_must_be_usable(canon, image_size):
+    src, _, _ = build_layout("imagenet-semseg", canon)
+    with pytest.raises(ValueError, match=f"image_size={image_size}"):
+        convert_state_dict(src, image_size=image_size)
+
+
 def test_unwrap_checkpoint_containers():
     t = torch.ones(1)
     assert unwrap_checkpoint({"model": {"module.a": t}, "epoch": 3}) == {"a": t}

@@ -70,6 +70,29 @@ def test_post_process_from_feature_resolution_logits(processor):
     assert torch.all(out == 2)
 
 
+@pytest.mark.parametrize("size", [(37, 53), (53, 37), (96, 96), (5, 300)])
+@pytest.mark.parametrize("resolution", [96, 12])
+def test_banded_post_processing_equals_one_band(processor, size, resolution):
+    """Banding (which bounds memory on huge images) changes nothing: every band height gives the values of one
+    band, and those agree with F.interpolate to float32 rounding."""
+    import torch.nn.functional as F
+
+    logits = torch.randn(7, resolution, resolution, generator=torch.Generator().manual_seed(0)) * 4
+    height, width = size
+    whole = torch.cat([b for _, b in processor.resized_logit_bands(logits, size, band_rows=height)], dim=1)
+    for rows in (1, 2, 7):
+        starts, bands = zip(*processor.resized_logit_bands(logits, size, band_rows=rows))
+        assert list(starts) == list(range(0, height, rows))
+        assert torch.equal(torch.cat(bands, dim=1), whole), rows
+    new_h, new_w = processor.resized_size(height, width)
+    crop = logits[None, :, : max(1, round(new_h * resolution / 96)), : max(1, round(new_w * resolution / 96))]
+    reference = F.interpolate(crop, size=size, mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(whole, reference, rtol=0, atol=1e-5)
+    assert torch.equal(processor.post_process_logits(logits[None], [size])[0], whole)
+    labels = processor.post_process_semantic_segmentation(logits[None], target_sizes=[size])[0]
+    assert torch.equal(labels, whole.argmax(dim=0))
+
+
 def test_input_kinds(processor, tmp_path):
     rgb = np.random.default_rng(2).integers(0, 256, (20, 30, 3), dtype=np.uint8)
     path = tmp_path / "img.png"
@@ -90,6 +113,50 @@ def test_input_kinds(processor, tmp_path):
     assert batch["pixel_values"].shape == (len(inputs), 3, 96, 96)
     np.testing.assert_allclose(batch["pixel_values"][0], batch["pixel_values"][2])
     assert load_image(Image.fromarray(np.full((4, 4), 65535, np.uint16))).getpixel((0, 0)) == (255, 255, 255)
+
+
+def _save_with_orientation(array, path, orientation, **kwargs):
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # the EXIF Orientation tag
+    Image.fromarray(array).save(path, exif=exif, **kwargs)
+
+
+# How a viewer shows stored pixels for each EXIF orientation (numpy, independent of PIL.ImageOps).
+DISPLAYED = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: np.rot90(a, 2),
+    4: lambda a: a[::-1],
+    5: lambda a: np.swapaxes(a, 0, 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: np.rot90(np.swapaxes(a, 0, 1), 2),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(DISPLAYED))
+def test_exif_orientation_is_applied_to_images_and_masks(tmp_path, orientation):
+    stored = np.random.default_rng(orientation).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    expected = DISPLAYED[orientation](stored)
+    path = tmp_path / "phone.png"
+    _save_with_orientation(stored, path, orientation)
+    for source in (path, str(path), Image.open(path)):
+        image = load_image(source)
+        assert np.array_equal(np.asarray(image), expected), source
+    # Loading twice (the pipeline's preprocess, then the processor) does not rotate twice.
+    assert np.array_equal(np.asarray(load_image(load_image(Image.open(path)))), expected)
+    labels = stored[..., 0] % 3
+    _save_with_orientation(labels, tmp_path / "mask.png", orientation)
+    assert np.array_equal(load_mask(tmp_path / "mask.png"), DISPLAYED[orientation](labels))
+    assert np.array_equal(load_mask(Image.open(tmp_path / "mask.png")), DISPLAYED[orientation](labels))
+
+
+def test_transparent_pixels_on_a_background_colour():
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[0, 0] = (10, 20, 30, 255)
+    image = load_image(Image.fromarray(rgba, "RGBA"), background="white")
+    assert image.getpixel((0, 0)) == (10, 20, 30) and image.getpixel((1, 1)) == (255, 255, 255)
+    assert load_image(Image.fromarray(rgba, "RGBA")).getpixel((1, 1)) == (0, 0, 0)
 
 
 def test_bad_inputs_have_clear_errors(processor, tmp_path):

@@ -88,6 +88,58 @@ def test_pipeline_end_to_end_with_pil_inputs(pipe, samples):
     assert samples["novel_name"] in [s["label"] for s in segments]
 
 
+def test_exif_rotated_phone_jpegs(pipe, samples, tmp_path):
+    """A phone JPEG stores its pixels sideways with EXIF orientation 6; the user sees (and draws on) the rotated
+    image. Masks drawn on the displayed image must be honoured and output masks come back at the displayed size."""
+    data, cid = samples["data"], samples["novel_id"]
+    support, query = data[samples["rich"][0]], data[samples["rich"][1]]
+
+    def phone_jpeg(sample, path):
+        displayed = np.pad(sample["image"], ((0, 0), (0, 32), (0, 0)), constant_values=128)  # 96 x 128: not square
+        exif = Image.Exif()
+        exif[0x0112] = 6  # stored rotated 90 degrees counter-clockwise; viewers rotate it back clockwise
+        Image.fromarray(np.ascontiguousarray(np.rot90(displayed, 1))).save(path, exif=exif, quality=95)
+        # What a viewer shows: the decoded stored pixels rotated clockwise (numpy, independent of the loader).
+        with Image.open(path) as stored:
+            return np.ascontiguousarray(np.rot90(np.asarray(stored), -1))
+
+    support_shown = phone_jpeg(support, tmp_path / "support.jpg")
+    query_shown = phone_jpeg(query, tmp_path / "query.jpg")
+    drawn = np.pad((support["label"] == cid).astype(np.uint8), ((0, 0), (0, 32)))  # drawn on the displayed image
+    assert support_shown.shape[:2] == drawn.shape == (96, 128)
+    kwargs = dict(support_masks=[drawn], class_names=[samples["novel_name"]], return_label_map=True, **FAST)
+    from_files = pipe([str(tmp_path / "query.jpg"), Image.open(tmp_path / "query.jpg")],
+                      support_images=[str(tmp_path / "support.jpg")], **kwargs)  # fmt: skip
+    shown = pipe(query_shown, support_images=[support_shown], **kwargs)
+    for out in from_files:
+        assert out["label_map"].shape == (96, 128)
+        assert all(segment["mask"].size == (128, 96) for segment in out["segments"])
+        np.testing.assert_array_equal(out["label_map"], shown["label_map"])
+
+
+@pytest.mark.parametrize("mode", ["gfss", "fss"])
+def test_banded_post_processing_gives_the_untiled_result(pipe, samples, mode):
+    """Post-processing in row bands (bounded memory on huge queries) returns what one band and the former untiled
+    path (all classes at full resolution) return: label maps, masks and scores."""
+    data, cid = samples["data"], samples["novel_id"]
+    support, query = data[samples["rich"][0]], data[samples["rich"][1]]
+    learned = pipe.learn([_pil(support)], [_mask(support, cid)], [samples["novel_name"]], mode=mode, steps=5)
+    queries = [_pil(query).resize((83, 61)), _pil(query).resize((150, 211))]
+    results = {}
+    for rows in (0, 1, 7, None):
+        pipe.postprocess_band_rows = rows
+        results[rows] = pipe(queries, _learned=learned, return_label_map=True)
+    pipe.postprocess_band_rows = None
+    for rows in (1, 7, 0):
+        for got, want in zip(results[rows], results[None]):
+            np.testing.assert_array_equal(got["label_map"], want["label_map"])
+            assert [(s["label"], s["score"]) for s in got["segments"]] == [
+                (s["label"], s["score"]) for s in want["segments"]
+            ]
+            for a, b in zip(got["segments"], want["segments"]):
+                assert a["mask"].mode == b["mask"].mode == "L" and np.array_equal(np.asarray(a["mask"]), b["mask"])
+
+
 def test_fss_mode_and_label_maps(pipe, samples):
     data, cid, oid = samples["data"], samples["novel_id"], samples["other_id"]
     a, b = data[samples["rich"][0]], data[samples["rich_other"][0]]
@@ -259,9 +311,29 @@ def _box_mask(h, w):
           "persist": True}, "persist"),
         ({"support_images": [_rgb(40, 40)], "support_masks": [_box_mask(40, 40)], "class_names": ["x"],
           "kd_scale": "printed"}, "kd_scale"),
+        ({"support_images": [_rgb(40, 40)], "support_masks": [_box_mask(40, 40)], "class_names": ["x"], "lr": np.inf},
+         "lr=inf .*finite"),
+        ({"support_images": [_rgb(40, 40)], "support_masks": [_box_mask(40, 40)], "class_names": ["x"],
+          "gamma": np.nan}, "gamma=nan .*finite"),
+        ({"support_images": [_rgb(40, 40)], "support_masks": [_box_mask(40, 40)], "class_names": ["x"], "steps": 2.7},
+         "steps=2.7 .*integer"),
+        ({"support_images": [_rgb(40, 40)], "support_masks": [np.ones((40, 40), np.uint8)], "class_names": ["x"]},
+         "no background pixel"),
+        ({"support_images": [_rgb(40, 40)], "support_masks": [np.full((40, 40), 255, np.uint8)], "class_names": ["x"]},
+         "no background pixel"),
+        ({"support_images": [_rgb(40, 40)] * 2, "support_masks": [np.ones((40, 40), np.uint8)] * 2,
+          "class_names": ["x", "x"]}, "no background pixel"),
+        ({"support_images": [_rgb(40, 40)], "support_masks": [np.ones((40, 40), np.uint8)], "class_names": ["x"],
+          "mask_type": "label_map"}, "no background pixel"),
+        ({"support_images": [_rgb(40, 40)], "support_masks": [_box_mask(40, 40)], "class_names": [None]},
+         "class_names.*string"),
+        ({"support_images": [_rgb(40, 40)], "support_masks": [_box_mask(40, 40)], "class_names": ["Star-Striped "]},
+         "already a class"),
     ],
     ids=["no-supports", "mask-count", "name-count", "mask-size", "empty-mask", "empty-after-resize", "non-binary",
-         "base-name", "repeated-name", "zero-size", "huge", "mode", "fss-persist", "bad-option"],  # fmt: skip
+         "base-name", "repeated-name", "zero-size", "huge", "mode", "fss-persist", "bad-option", "lr-inf", "gamma-nan",
+         "steps-fraction", "all-ones-mask", "all-255-mask", "all-foreground-k-shot", "all-foreground-label-map",
+         "none-name", "base-name-variant"],  # fmt: skip
 )
 def test_bad_inputs_raise_clear_errors(pipe, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -271,6 +343,32 @@ def test_bad_inputs_raise_clear_errors(pipe, kwargs, match):
 def test_unknown_argument_is_rejected(pipe):
     with pytest.raises(TypeError, match="unexpected arguments"):
         pipe(_rgb(40, 40), support_imgs=[_rgb(40, 40)])
+
+
+def test_unknown_argument_is_rejected_before_fine_tuning(pipe, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("fine-tuning ran before the arguments were checked")
+
+    monkeypatch.setattr(pipe, "learn", fail)
+    with pytest.raises(TypeError, match="unexpected arguments") as err:
+        pipe(_rgb(40, 40), support_images=[_rgb(40, 40)], support_masks=[_box_mask(40, 40)], class_names=["x"],
+             stpes=5)  # fmt: skip
+    assert str(err.value).count("'seed'") == 1 and "stpes" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "query,error,match",
+    [
+        ([], ValueError, "no query image"),
+        (np.full((40, 40, 3), np.nan, np.float32), ValueError, "NaN"),
+        (np.full((40, 40, 3), -5, np.int64), ValueError, r"\[0, 255\]"),
+        (np.full((40, 40, 3), 300, np.int32), ValueError, r"\[0, 255\]"),
+    ],
+    ids=["empty-list", "nan-floats", "negative-ints", "ints-above-255"],
+)
+def test_bad_queries_raise_clear_errors(pipe, query, error, match):
+    with pytest.raises(error, match=match):
+        pipe(query, support_images=[_rgb(40, 40)], support_masks=[_box_mask(40, 40)], class_names=["x"], steps=1)
 
 
 def test_grayscale_rgba_and_16_bit_images(pipe, samples):

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from transformers.utils import logging
 
+from ..image_processing_gfss import load_image
 from .episodes import compute_pixel_counts
 
 logger = logging.get_logger(__name__)
@@ -251,7 +252,8 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
                     f"mask {str(path)!r} has mode {im.mode!r}; masks must be single-channel label PNGs (mode P or L) "
                     "holding class ids, not colour images. Convert it to class ids."
                 )
-            arr = np.asarray(im)
+            # The package's one loader: oriented like its image (EXIF), in its stored mode.
+            arr = np.asarray(load_image(im, name=f"mask {str(path)!r}", mode=None))
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"mask {str(path)!r} cannot be read ({err}); replace or remove the file.") from err
     if arr.dtype != np.uint8:
@@ -269,7 +271,9 @@ def read_rgb(path: str | os.PathLike) -> Image.Image:
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert("RGB")
+            # The package's one loader: EXIF orientation applied, as `datasets` decodes the stored bytes, so the
+            # size returned here is the size of the decoded example and of its mask.
+            return load_image(im, name=f"image {str(path)!r}")
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"image {str(path)!r} cannot be read ({err}); replace or remove the file.") from err
 

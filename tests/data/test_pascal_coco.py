@@ -134,3 +134,20 @@ def test_coco_builder_views(tmp_path, sample_data):
     plain = CocoSemanticMasks(root, "train", cache_dir=tmp_path)
     assert crowd.mask_dir != plain.mask_dir
     assert len(split.novel_ids) == 20
+
+
+def test_phone_jpeg_size_matches_the_decoded_example(tmp_path):
+    """A JPEG stored sideways with EXIF orientation 6: the builders' reader and `datasets`' decoding of the stored
+    bytes agree on the displayed size, so its (displayed-size) mask fits."""
+    import datasets
+
+    from gfss_hf.data._builder import image_feature_value, read_rgb
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "phone.jpg", exif=exif)
+    assert read_rgb(tmp_path / "phone.jpg").size == (20, 30)
+    value, (height, width) = image_feature_value(tmp_path / "phone.jpg")
+    assert isinstance(value, dict)  # an RGB JPEG is stored as its original bytes, EXIF included
+    decoded = datasets.Image().decode_example(value)
+    assert (height, width) == (30, 20) == (decoded.height, decoded.width)

@@ -168,3 +168,10 @@ def test_script_refuses_resnet101_without_writing(tmp_path):
             ["--checkpoint", str(checkpoint), "--dataset", "pascal5i", "--fold", "0", "--output_dir", str(out)]
         )
     assert not out.exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "abc"])
+def test_script_refuses_an_unusable_image_size(tmp_path, value, capsys):
+    with pytest.raises(SystemExit):
+        load_script().parse_args(["--checkpoint", "x.pth", "--output_dir", str(tmp_path / "o"), "--image_size", value])
+    assert "--image_size" in capsys.readouterr().err

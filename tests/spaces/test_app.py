@@ -123,8 +123,44 @@ def test_inputs_are_validated_with_friendly_errors(app, segmenter, example):
             app.segment(segmenter, **kwargs)
     full = _editor(paths)
     full["layers"] = [Image.new("RGBA", full["background"].size, (0, 0, 0, 255))]
-    with pytest.raises(gr.Error, match="painted everywhere"):
+    with pytest.raises(gr.Error, match="no background pixel"):
         app.segment(segmenter, query, [full], name, steps=STEPS)
+
+
+def test_rotated_phone_photo_is_segmented_as_displayed(app, segmenter, example, tmp_path):
+    """A query stored sideways with EXIF orientation 6 (as phones do): overlay and masks have the displayed size."""
+    paths, name = example
+    displayed = np.pad(np.asarray(Image.open(paths["query"]).convert("RGB")), ((0, 0), (0, 40), (0, 0)))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.ascontiguousarray(np.rot90(displayed, 1))).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    height, width = displayed.shape[:2]
+    for query in (str(tmp_path / "phone.jpg"), Image.open(tmp_path / "phone.jpg")):
+        (image, annotations), _, _ = app.segment(segmenter, query, [_editor(paths)], name, "GFSS", 10, 5)
+        assert image.size == (width, height)
+        assert all(mask.shape == (height, width) for mask, _ in annotations)
+
+
+@pytest.mark.parametrize(
+    "error,match",
+    [
+        (MemoryError(), "out of memory"),
+        (RuntimeError("DefaultCPUAllocator: not enough memory"), "not enough memory"),
+        (ValueError("support_masks[0] has no foreground pixel"), "no foreground pixel"),
+    ],
+    ids=["memory-error", "runtime-error", "value-error"],
+)
+def test_package_failures_become_gradio_errors(app, segmenter, example, monkeypatch, error, match):
+    """A failure inside the pipeline (a huge query running out of memory, ...) reaches the user as a message."""
+    paths, name = example
+    segmenter.pipeline()
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(segmenter, "_pipe", fail)
+    with pytest.raises(gr.Error, match=match):
+        app.segment(segmenter, Image.open(paths["query"]), [_editor(paths)], name, "GFSS", 10, 5)
 
 
 def test_missing_model_gives_a_clear_message(app, example, tmp_path, monkeypatch):
