@@ -52,7 +52,8 @@ MODELS = (
 )
 DEFAULT_MODELS = ("model_ce", "model_contrastive")
 # The model of the figure, of `model_card.md` and of the Space's default: the better of the two in the measured
-# demo (validation base mIoU 20.9 % against 6.8 %, and every episodic number; see the README).
+# demo (validation base mIoU 20.3 % against 9.1 % for the contrastive model on 2026-12-01, and every episodic
+# number; see the README).
 SHOWCASE = "model_ce"
 # (key, row label, AdaptationConfig overrides). FSS numbers come with every `paper` evaluation.
 VARIANTS = (
