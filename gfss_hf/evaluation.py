@@ -785,9 +785,10 @@ def _run_unit(
         return
     # capl: scored at each query's original resolution.
     sizes = [cache.record("val", i).original_size for i in query_ids]
-    for image_id, upsampled in zip(query_ids, cache.processor.post_process_logits(logits, sizes)):
+    # Label maps band by band: all classes' logits at full resolution are never needed at once.
+    for image_id, label_map in zip(query_ids, cache.processor.post_process_semantic_segmentation(logits, sizes)):
         labels = ctx.gfss_labels(cache.original_label("val", image_id))
-        acc.update(upsampled.argmax(0).to(labels.device), labels)
+        acc.update(label_map.to(labels.device), labels)
 
 
 def _work_units(episodes: Sequence[EpisodeSpec], batch_size: int) -> list[list[int]]:
