@@ -233,6 +233,7 @@ BAD_EPISODE_FILES = [
         {k: v for k, v in e.items() if k != "query_id"} for e in data["episodes"]]}), r"lacks \['query_id'\]"),
     ("other dataset", _edit_first("dataset", "pascal5i"), "is from 'pascal5i' fold 0"),
     ("other fold", _edit_first("fold", 1), "fold 1, this evaluation is 'synthetic' fold 0"),
+    ("other protocol", _edit_first("protocol", "diam"), r"holds \['diam', 'paper'\] episodes.*matching --protocol"),
     ("novel is a base class", _edit_first("class_ids", [BASE_ID]), "a base class of the model"),
     ("query among its supports", _edit_first("query_id", lambda e: next(iter(e["support_ids"].values()))[0]),
      "among its supports"),
