@@ -1,27 +1,18 @@
 """Per-episode few-shot adaptation of the classifier on frozen features: the one place where a classifier is
-fine-tuned on a support set (evaluation, the `few-shot-segmentation` pipeline, [`learn_classes`] and the scripts all
-call [`adapt_classifier`]).
+fine-tuned on a support set.
 
 API summary (stable):
 
-- [`AdaptationConfig`]: hyper-parameters (`method` "fss"|"gfss", `steps` 100, `lr` 0.1, `gamma` 10.0, `kd_scale`,
-  `kd_skip_novel`, `novel_init`, `ce_weighting`, `kd_average_over_padding`, `loss_resolution` "input"|"feature",
-  `transductive`, `legacy_carry_over`, `seed`, `solver` "exact"|"autograd", ...).
-- [`adapt_classifier`]`(model, support_features, support_labels, config=None, *, support_classes=None,
-  num_novel_classes=None, annotated=None, num_teacher_rows=None, seeds=None, query_features=None, state=None)`:
-  the model-aware entry; reads the pre-trained rows, `logits_align_corners` and `ignore_index` from the model.
-- [`extract_support_features`]`(model, supports, loss_resolution)`: features of supports preprocessed by
-  [`GFSSImageProcessor.preprocess_supports`].
-- [`adapt_gfss`]`(support_features, support_labels, base_weight, base_bias=None, *, support_classes=None,
-  num_novel_classes=None, config=None, seeds=None, query_features=None, state=None, align_corners=True,
-  ignore_index=255)` -> [`AdaptedClassifier`] with the expanded `(T + N)`-way rows `[background, base..., novel...]`.
-- [`adapt_fss`]`(support_features, support_masks, *, config=None, seeds=None, bias=False, align_corners=True,
-  ignore_index=255)` -> a fresh 2-way [`AdaptedClassifier`] `[background, c*]`.
-- [`adapt`]: dispatches on `config.method`.
-- [`predict`]`(query_features, classifier, size=None, align_corners=True)` -> logits.
+- [`adapt_classifier`]: the model-aware entry used by evaluation, the `few-shot-segmentation` pipeline,
+  [`learn_classes`] and the scripts; it reads the pre-trained rows, `logits_align_corners` and `ignore_index` from
+  the model. [`extract_support_features`] computes the features of supports that
+  [`GFSSImageProcessor.preprocess_supports`] validated.
+- [`AdaptationConfig`]: hyper-parameters (method, steps, lr, gamma, the reference's switches, `solver`).
+- [`adapt_gfss`] (expanded `(T + N)`-way rows `[background, base..., novel...]`), [`adapt_fss`] (a fresh 2-way
+  classifier `[background, c*]`), [`adapt`] (dispatch on `config.method`): the model-free engine, which takes
+  `align_corners` / `ignore_index` as keyword arguments. [`predict`]: logits of an [`AdaptedClassifier`].
 - [`CarryOverState`]: the explicit state of `legacy_carry_over=True` (the reference's drift, for comparison).
-- [`learn_classes`]`(model, support_images, support_masks, class_names, ...)`: adapt novel rows from images and
-  write them into a [`GFSSModel`] with `expand_classifier`, so `save_pretrained` publishes them.
+- [`learn_classes`]: adapt novel rows from images and write them into a [`GFSSModel`] with `expand_classifier`.
 
 Shapes: `D` feature channels, `(h, w)` feature size, `(H, W)` label size (the image canvas), `K` supports per
 episode, `E` episodes adapted together. Every function accepts one episode (no `E` axis) or a batch of episodes
@@ -32,12 +23,10 @@ Labels of supports: 0 background ("none of the classes annotated in this image")
 class `n` is classifier row `T - 1 + n`), `ignore_index` (255) ignored. With `support_classes`, masks are binary
 (0/1/255) and `support_classes[k]` (0-based) names the novel class of support `k`.
 
-The loss is the one of `losses.few_shot_cross_entropy` + gamma * `losses.distillation_loss`; the solvers that
-minimise it (the exact one with analytic gradients, and the plain autograd reference the tests compare it with)
-live in `gfss_hf._solver`.
-
-This module imports only torch and its siblings `_solver` and `losses` at import time (the image processor lazily
-in `learn_classes`), so that it travels with a Hub export of the pipeline.
+The loss (`losses.few_shot_cross_entropy` + gamma * `losses.distillation_loss`) and the solvers that minimise it
+(the exact one with analytic gradients, and the plain autograd reference it is tested against) live in
+`gfss_hf._solver`. At import time this module needs only torch and its siblings `_solver` and `losses` (the image
+processor lazily, in `learn_classes`), so that it travels with a Hub export of the pipeline.
 """
 
 from __future__ import annotations
@@ -50,7 +39,7 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn.functional as F
 
-from ._solver import SOLVERS, LossSpec, solve
+from ._solver import SOLVERS, build_loss_spec, classifier_logits, entropy_term, solve, upsample_logits
 
 __all__ = [
     "AdaptationConfig",
@@ -344,53 +333,6 @@ def _downsample_labels(labels: torch.Tensor, size) -> torch.Tensor:
     return out[:, 0].long().view(e, k, *size)
 
 
-def _classifier_logits(weight: torch.Tensor, bias: torch.Tensor | None, features: torch.Tensor) -> torch.Tensor:
-    """(E, C, D) x (E, K, D, h, w) -> (E, K, C, h, w)."""
-    logits = torch.einsum("ecd,ekdhw->ekchw", weight, features)
-    if bias is not None:
-        logits = logits + bias[:, None, :, None, None]
-    return logits
-
-
-def _upsample(logits: torch.Tensor, size, align_corners: bool) -> torch.Tensor:
-    """(E, K, C, h, w) -> (E, K, C, H, W) bilinear, in channels-last memory: ATen's upsampling is ~2.5x faster there,
-    and so is what follows over the class dimension (`argmax(dim=class)` after `predict`: 8x, 92 -> 11 ms on a
-    473 x 473 x 17 map; the teacher's softmax)."""
-    e, k = logits.shape[:2]
-    if tuple(logits.shape[-2:]) == tuple(size):
-        return logits
-    low = logits.flatten(0, 1).contiguous(memory_format=torch.channels_last)
-    up = F.interpolate(low, size=tuple(size), mode="bilinear", align_corners=align_corners)
-    return up.view(e, k, *up.shape[1:])
-
-
-def _ce_weights(labels, valid, mode, dtype):
-    """Pixel weights of CE' (None, or the reference's [1, n_bg / n_fg] per episode) and the per-episode
-    denominators (sum of weights over labelled pixels). `labels`: (E, K, H, W), foreground = any label >= 1."""
-    if mode != "reference":
-        return None, valid.flatten(1).sum(1).to(dtype)
-    fg = valid & (labels != 0)
-    n_fg = fg.flatten(1).sum(1).to(dtype)
-    n_bg = (valid & (labels == 0)).flatten(1).sum(1).to(dtype)
-    # The reference divides by n_fg even when a resized mask lost its foreground: use weight 1 when a count is 0.
-    ratio = torch.where((n_fg > 0) & (n_bg > 0), n_bg / n_fg.clamp_min(1), torch.ones_like(n_fg))
-    weights = torch.where(fg, ratio[:, None, None, None], torch.ones((), dtype=dtype, device=labels.device))
-    return weights, (weights * valid).flatten(1).sum(1)
-
-
-def _entropy_term(weight, bias, query_features) -> torch.Tensor:
-    """Per-episode mean pixel entropy minus entropy of the mean prediction (DIaM-style, feature resolution)."""
-    logits = _classifier_logits(weight, bias, query_features)  # (E, Q, C, h, w)
-    log_p = torch.log_softmax(logits.float(), dim=2)
-    p = log_p.exp()
-    cond = -(p * log_p).sum(2).flatten(1).mean(1)
-    marginal = p.transpose(1, 2).flatten(2).mean(2)  # (E, C)
-    marg_entropy = -(marginal * torch.log(marginal.clamp_min(1e-12))).sum(1)
-    return cond - marg_entropy
-
-
-
-
 def _check_features_labels(features: torch.Tensor, labels: torch.Tensor, name: str = "support_labels") -> None:
     if labels.shape[:2] != features.shape[:2]:
         raise ValueError(
@@ -568,7 +510,6 @@ def adapt_gfss(
 
     if config.loss_resolution == "feature":
         labels = _downsample_labels(labels, features.shape[-2:])
-    size = labels.shape[-2:]
 
     # Initial rows: fresh copy of the pre-trained rows + novel rows.
     seed_list = _seeds(seeds, config.seed, num_episodes)
@@ -610,34 +551,15 @@ def adapt_gfss(
     if query is not None and query.shape[0] != num_episodes:
         raise ValueError(f"query_features has {query.shape[0]} episodes, the supports {num_episodes}.")
 
-    # Constant parts of the loss, computed once for all steps.
-    num_classes = num_teacher + num_novel
-    valid = labels != ignore
-    rows = torch.where(valid & (labels >= 1), labels + num_teacher - 1, torch.zeros_like(labels))
-    ce_weights, ce_denom = _ce_weights(labels, valid, config.ce_weighting, features.dtype)
-    if config.kd_average_over_padding:
-        kd_mask = torch.ones_like(valid)
-    elif config.kd_skip_novel:
-        kd_mask = valid & (labels == 0)
-    else:
-        kd_mask = valid
-    kd_denom = kd_mask.flatten(1).sum(1).to(features.dtype)
-    teacher = None
-    if config.gamma > 0:
-        with torch.no_grad():
-            teacher = _upsample(_classifier_logits(base_w, base_b, features), size, align_corners).flatten(0, 1)
-    num_shots = labels.shape[1]
-    per_support = lambda x: x.repeat_interleave(num_shots)  # noqa: E731  (episode denominators per support)
-    spec = LossSpec(
-        labels=rows.flatten(0, 1), valid=valid.flatten(0, 1), annotated=annotated.flatten(0, 1),
-        ce_weights=None if ce_weights is None else ce_weights.flatten(0, 1), ce_denom=per_support(ce_denom),
-        kd_mask=kd_mask.flatten(0, 1), kd_denom=per_support(kd_denom), teacher_logits=teacher, gamma=config.gamma,
-        kd_scale=config.kd_scale, num_teacher=num_teacher, num_classes=num_classes,
-        feature_size=tuple(features.shape[-2:]), align_corners=align_corners,
+    kd_pixels = "all" if config.kd_average_over_padding else "background" if config.kd_skip_novel else "labelled"
+    spec = build_loss_spec(
+        labels, annotated.flatten(0, 1), features, (base_w, base_b), ce_weighting=config.ce_weighting,
+        kd_pixels=kd_pixels, gamma=config.gamma, kd_scale=config.kd_scale, ignore_index=ignore,
+        align_corners=align_corners,
     )  # fmt: skip
     extra = None
     if query is not None:
-        extra = lambda w, b: config.transductive_weight * _entropy_term(w, b, query)  # noqa: E731
+        extra = lambda w, b: config.transductive_weight * entropy_term(w, b, query)  # noqa: E731
     weight, bias, history = solve(features, weight, bias, spec, config.steps, config.lr, extra, config.solver)
     if config.legacy_carry_over:
         state.weight, state.bias = weight[0].clone(), None if bias is None else bias[0].clone()
@@ -702,18 +624,10 @@ def adapt_fss(
         masks = _downsample_labels(masks, features.shape[-2:])
     weight = _random_rows(_seeds(seeds, config.seed, num_episodes), 2, dim, config.init_std, features)
     bias_t = features.new_zeros(num_episodes, 2) if bias else None
-    valid = masks != ignore
-    weights, denom = _ce_weights(masks, valid, config.ce_weighting, features.dtype)
-    num_shots = masks.shape[1]
-    annotated = torch.zeros(num_episodes * num_shots, 2, dtype=torch.bool, device=features.device)
-    annotated[:, 1] = True
-    spec = LossSpec(
-        labels=torch.where(valid, masks, torch.zeros_like(masks)).flatten(0, 1), valid=valid.flatten(0, 1),
-        annotated=annotated, ce_weights=None if weights is None else weights.flatten(0, 1),
-        ce_denom=denom.repeat_interleave(num_shots), kd_mask=None, kd_denom=None, teacher_logits=None, gamma=0.0,
-        kd_scale=config.kd_scale, num_teacher=1, num_classes=2, feature_size=tuple(features.shape[-2:]),
-        align_corners=align_corners,
-    )  # fmt: skip
+    annotated = torch.zeros(num_episodes * masks.shape[1], 2, dtype=torch.bool, device=features.device)
+    annotated[:, 1] = True  # every support annotates its class; background is "not c*"
+    spec = build_loss_spec(masks, annotated, features, None, ce_weighting=config.ce_weighting, gamma=0.0,
+                           ignore_index=ignore, align_corners=align_corners)  # fmt: skip
     weight, bias_t, history = solve(features, weight, bias_t, spec, config.steps, config.lr, solver=config.solver)
     result = AdaptedClassifier(weight, bias_t, 1, 1, history, config.normalize_features)
     return result if batched else result.episode(0)
@@ -780,9 +694,9 @@ def predict(
     weight = weight.to(features) if batched else weight.to(features)[None]
     if bias is not None:
         bias = bias.to(features) if batched else bias.to(features)[None]
-    logits = _classifier_logits(weight, bias, features)
+    logits = classifier_logits(weight, bias, features)
     if size is not None:
-        logits = _upsample(logits, size, align_corners)
+        logits = upsample_logits(logits, size, align_corners)
     return logits if batched else logits[0]
 
 
