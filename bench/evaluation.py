@@ -127,8 +127,9 @@ def reference_loop(model, processor, split, source, episodes, adaptation):
             pred = predict(q_feat[None], fss, size=size, align_corners=align).argmax(1)
             accs["fss"].update(torch.where(pred == 1, rows[c], 0), target)
 
+            classes = torch.zeros(len(support), dtype=torch.long)
             gfss = adapt_classifier(model, s_feat, s_mask, gfss_cfg, num_teacher_rows=base + 1, num_novel_classes=1,
-                                    support_classes=torch.zeros(len(support), dtype=torch.long), seeds=seed)  # fmt: skip
+                                    support_classes=classes, seeds=seed)  # fmt: skip
             pred = predict(q_feat[None], gfss, size=size, align_corners=align).argmax(1)
             accs["gfss_novel"].update(torch.where(pred == base + 1, rows[c], 0), target)
             if spec.base_query_id is not None:

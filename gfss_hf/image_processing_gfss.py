@@ -507,8 +507,8 @@ class GFSSImageProcessor(BaseImageProcessor):
                 array = _binary_mask(array, i)
                 if not (array == 1).any():
                     raise ValueError(
-                        f"support_masks[{i}] has no foreground pixel; mark the object of class {names[i]!r} with 1 (or "
-                        "255 on a black mask)."
+                        f"support_masks[{i}] has no foreground pixel; mark the object of class {names[i]!r} with 1 "
+                        "(or 255 on a black mask)."
                     )
             else:
                 bad = (array > len(names)) & (array != 255)

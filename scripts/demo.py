@@ -213,11 +213,13 @@ def qualitative_figure(model_dir: Path, split, val, path: Path, seed: int, steps
         s_label = batch["labels"][0]
         s_mask = torch.where(s_label == 255, 255, (s_label == novel).long())[None]
         align = model.config.logits_align_corners
-        fss = adapt_classifier(model, features[:1], s_mask, AdaptationConfig(method="fss", steps=steps, seed=spec.index))
+        fss_config = AdaptationConfig(method="fss", steps=steps, seed=spec.index)
+        fss = adapt_classifier(model, features[:1], s_mask, fss_config)
         preds = [predict(features[1:], fss, size=size, align_corners=align)[0].argmax(0).numpy()]
         preds[0] = np.where(preds[0] == 1, novel, 0)
         for gamma in (0.0, 10.0):
-            gfss = adapt_classifier(model, features[:1], s_mask, AdaptationConfig(gamma=gamma, steps=steps, seed=spec.index))
+            gfss_config = AdaptationConfig(gamma=gamma, steps=steps, seed=spec.index)
+            gfss = adapt_classifier(model, features[:1], s_mask, gfss_config)
             rows = predict(features[1:], gfss, size=size, align_corners=align)[0].argmax(0).numpy()
             shown = row_to_dataset[np.minimum(rows, base_rows)]
             preds.append(np.where(rows == base_rows, novel, shown))

@@ -246,7 +246,8 @@ def _objective_for(h, w, height, width, align_corners, classes=3):
     spec = LossSpec(labels=labels, valid=torch.ones_like(labels, dtype=torch.bool),
                     annotated=torch.zeros(1, classes, dtype=torch.bool), ce_weights=None, ce_denom=torch.ones(1),
                     kd_mask=None, kd_denom=None, teacher_logits=None, gamma=0.0, kd_scale="reference",
-                    num_teacher=classes, num_classes=classes, feature_size=(h, w), align_corners=align_corners)  # fmt: skip
+                    num_teacher=classes, num_classes=classes, feature_size=(h, w),
+                    align_corners=align_corners)  # fmt: skip
     return _build_objective(spec)
 
 
