@@ -3,8 +3,8 @@
 The model is the paper's PSPNet (ResNet-50 deep stem, output stride 8) with random weights (timing only), B = 15
 base classes, a 473x473 canvas. An episode = features of the support and the query (one forward each) + 100 SGD
 steps of the (B+2)-way classifier + the query prediction. Adaptation is timed with the exact loss (logits upsampled
-to 473x473) and with the feature-resolution loss; `--naive` also times the straightforward autograd implementation
-(losses.py on upsampled logits) for comparison.
+to 473x473) and with the feature-resolution loss; `--naive` also times the library's plain autograd reference
+(`AdaptationConfig(solver="autograd")`: losses.py on upsampled logits) for comparison.
 
 The random-weight model gets BatchNorm statistics measured on the two images (`bench/_calibration.py`): with the
 default statistics its features have a per-pixel L2 norm of ~4,700, fine-tuning at lr 0.1 diverges and every logit
@@ -23,12 +23,10 @@ import platform
 import time
 
 import torch
-import torch.nn.functional as F
 from _calibration import recalibrate_batchnorm  # bench/, on the path when run as a script
 
 from gfss_hf import GFSSConfig, GFSSModel
 from gfss_hf.adaptation import AdaptationConfig, adapt_gfss, predict
-from gfss_hf.losses import distillation_loss, few_shot_cross_entropy
 
 
 def _timed(fn, repeats):
@@ -38,24 +36,6 @@ def _timed(fn, repeats):
         out = fn()
         best = min(best, time.perf_counter() - start)
     return best, out
-
-
-def naive_adaptation(features, labels, base_weight, steps=100, lr=0.1, gamma=10.0):
-    """Autograd on losses.py with logits upsampled every step (what the engine replaces)."""
-    t, dim = base_weight.shape
-    generator = torch.Generator().manual_seed(0)
-    weight = torch.cat([base_weight, torch.randn(1, dim, generator=generator) * 0.01]).requires_grad_(True)
-    size = labels.shape[-2:]
-    up = lambda z: F.interpolate(z, size=size, mode="bilinear", align_corners=True)  # noqa: E731
-    teacher = up(torch.einsum("cd,kdhw->kchw", base_weight, features))
-    rows = torch.where((labels == 1), t, labels)
-    for _ in range(steps):
-        logits = up(torch.einsum("cd,kdhw->kchw", weight, features))
-        loss = few_shot_cross_entropy(logits, rows) + gamma * distillation_loss(logits, teacher, mask=labels != 255)
-        (grad,) = torch.autograd.grad(loss, weight)
-        with torch.no_grad():
-            weight -= lr * grad
-    return weight.detach()
 
 
 def main():
@@ -101,8 +81,9 @@ def main():
         print(f"{resolution}-resolution loss: {float(history[0]):.4f} before the first step, "
               f"{float(history[-1]):.4f} before the last")  # fmt: skip
     if args.naive:
+        naive = AdaptationConfig(steps=args.steps, solver="autograd")
         results["naive autograd (input)"], _ = _timed(
-            lambda: naive_adaptation(support, labels, base_weight, steps=args.steps), 1
+            lambda: adapt_gfss(support, labels, base_weight, support_classes=[0], config=naive), 1
         )
 
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {args.threads}, "

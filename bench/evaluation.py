@@ -34,7 +34,7 @@ import torch
 from _calibration import recalibrate_batchnorm  # bench/, on the path when run as a script
 
 from gfss_hf import GFSSConfig, GFSSImageProcessor, GFSSModel
-from gfss_hf.adaptation import AdaptationConfig, adapt_fss, adapt_gfss, predict
+from gfss_hf.adaptation import AdaptationConfig, adapt_classifier, predict
 from gfss_hf.data.episodes import class_index_from_pixel_counts, sample_paper_episodes, scaled_pixel_threshold
 from gfss_hf.data.splits import IGNORE_INDEX, get_split
 from gfss_hf.data.synthetic import SyntheticSegmentation
@@ -100,10 +100,9 @@ def reference_loop(model, processor, split, source, episodes, adaptation):
     rows.update({cid: base + 1 + r for r, cid in enumerate(split.novel_ids)})
     num_rows = base + 1 + len(split.novel_ids)
     accs = {name: PooledIoU(num_rows) for name in ("fss", "gfss_novel", "gfss_base")}
-    weight = model.classifier.weight.detach()[: base + 1].flatten(1)
     align = model.config.logits_align_corners
-    fss_cfg = adaptation.replace(method="fss", align_corners=align)
-    gfss_cfg = adaptation.replace(method="gfss", align_corners=align)
+    fss_cfg = adaptation.replace(method="fss")
+    gfss_cfg = adaptation.replace(method="gfss")
 
     def encode(image_id):
         sample = source.get_by_id(image_id)
@@ -124,12 +123,13 @@ def reference_loop(model, processor, split, source, episodes, adaptation):
             seed = episode_seed(adaptation.seed, spec)
             target = binary(q_label, c, rows[c])[None]
 
-            fss = adapt_fss(s_feat, s_mask, config=fss_cfg, seeds=seed)
+            fss = adapt_classifier(model, s_feat, s_mask, fss_cfg, seeds=seed)
             pred = predict(q_feat[None], fss, size=size, align_corners=align).argmax(1)
             accs["fss"].update(torch.where(pred == 1, rows[c], 0), target)
 
-            gfss = adapt_gfss(s_feat, s_mask, weight, support_classes=torch.zeros(len(support), dtype=torch.long),
-                              num_novel_classes=1, config=gfss_cfg, seeds=seed)  # fmt: skip
+            classes = torch.zeros(len(support), dtype=torch.long)
+            gfss = adapt_classifier(model, s_feat, s_mask, gfss_cfg, num_teacher_rows=base + 1, num_novel_classes=1,
+                                    support_classes=classes, seeds=seed)  # fmt: skip
             pred = predict(q_feat[None], gfss, size=size, align_corners=align).argmax(1)
             accs["gfss_novel"].update(torch.where(pred == base + 1, rows[c], 0), target)
             if spec.base_query_id is not None:

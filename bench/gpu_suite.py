@@ -11,8 +11,9 @@ when any part failed):
 3. `protocol`: the `paper` protocol through `gfss_hf.evaluation.evaluate_episodes` (feature cache, batched
    episodes) on procedural images rendered at 473 px with a random-weight model whose BatchNorm statistics are
    measured on those images (`bench/_calibration.py`, as `bench/evaluation.py` does): episodes/s for both loss
-   resolutions, several episode batch sizes, the exact solver of `gfss_hf.adaptation` against plain autograd
-   (`bench/_autograd.py`; their metric sums are compared), and the projection of a 20,000-episode fold.
+   resolutions, several episode batch sizes, the exact solver against the plain autograd reference (both in
+   `gfss_hf._solver`, chosen by `AdaptationConfig.solver`; their metric sums are compared; this measurement is what
+   the GPU default of `solver` awaits), and the projection of a 20,000-episode fold.
 
 A global budget (`--budget_s`, from process start) skips what would not fit: a part, or a measurement whose
 warm-up says it would overrun, is recorded as skipped. The report is rewritten (atomically) after every part, so a
@@ -31,7 +32,6 @@ import time
 
 _STARTED = time.perf_counter()  # the budget counts from here, imports included
 
-import contextlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
@@ -46,8 +46,7 @@ from pathlib import Path  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
 import torch  # noqa: E402
-from _autograd import autograd_solver  # noqa: E402  (bench/, on the path when run as a script)
-from _calibration import recalibrate_batchnorm  # noqa: E402
+from _calibration import recalibrate_batchnorm  # noqa: E402  (bench/, on the path when run as a script)
 from evaluation import PoolSource, image_pool, min_pixels  # noqa: E402
 from pretrain_step import build as build_pretraining_batch  # noqa: E402
 from pretrain_step import contrastive_term  # noqa: E402
@@ -406,17 +405,13 @@ def part_protocol(args: SuiteArguments, device: torch.device, budget: Budget, re
 
     def evaluate(solver: str, resolution: str, batch_size: int, subset):
         options = EvaluationOptions(adaptation=AdaptationConfig(steps=args.adaptation_steps,
-                                                                loss_resolution=resolution),
+                                                                loss_resolution=resolution, solver=solver),
                                     episode_batch_size=batch_size, progress=False)  # fmt: skip
-        calls = {}
-        with autograd_solver(calls) if solver == "autograd" else contextlib.nullcontext():
-            _sync(device)
-            start = time.perf_counter()
-            result = evaluate_episodes(model, subset, split=split, val_source=source, processor=processor,
-                                       options=options)  # fmt: skip
-            _sync(device)
-        if solver == "autograd" and not calls["gfss"]:
-            raise RuntimeError("evaluate_episodes did not call the autograd solver; update bench/_autograd.py.")
+        _sync(device)
+        start = time.perf_counter()
+        result = evaluate_episodes(model, subset, split=split, val_source=source, processor=processor,
+                                   options=options)  # fmt: skip
+        _sync(device)
         return result, time.perf_counter() - start
 
     results["runs"] = []

@@ -1,21 +1,18 @@
-"""Per-episode few-shot adaptation of the classifier on cached features: the one place where a classifier is
-fine-tuned on a support set (evaluation and the `few-shot-segmentation` pipeline both call it).
+"""Per-episode few-shot adaptation of the classifier on frozen features: the one place where a classifier is
+fine-tuned on a support set.
 
 API summary (stable):
 
-- [`AdaptationConfig`]: hyper-parameters (`method` "fss"|"gfss", `steps` 100, `lr` 0.1, `gamma` 10.0, `kd_scale`,
-  `kd_skip_novel`, `novel_init`, `ce_weighting`, `kd_average_over_padding`, `loss_resolution` "input"|"feature",
-  `transductive`, `legacy_carry_over`, `seed`, ...).
-- [`adapt_gfss`]`(support_features, support_labels, base_weight, base_bias=None, *, support_classes=None,
-  num_novel_classes=None, config=None, seeds=None, query_features=None, state=None)` -> [`AdaptedClassifier`]
-  with the expanded `(T + N)`-way rows `[background, base..., novel...]`.
-- [`adapt_fss`]`(support_features, support_masks, *, config=None, seeds=None, bias=False)` -> a fresh 2-way
-  [`AdaptedClassifier`] `[background, c*]`.
-- [`adapt`]: dispatches on `config.method`.
-- [`predict`]`(query_features, classifier, size=None, align_corners=True)` -> logits.
+- [`adapt_classifier`]: the model-aware entry used by evaluation, the `few-shot-segmentation` pipeline,
+  [`learn_classes`] and the scripts; it reads the pre-trained rows, `logits_align_corners` and `ignore_index` from
+  the model. [`extract_support_features`] computes the features of supports that
+  [`GFSSImageProcessor.preprocess_supports`] validated.
+- [`AdaptationConfig`]: hyper-parameters (method, steps, lr, gamma, the reference's switches, `solver`).
+- [`adapt_gfss`] (expanded `(T + N)`-way rows `[background, base..., novel...]`), [`adapt_fss`] (a fresh 2-way
+  classifier `[background, c*]`), [`adapt`] (dispatch on `config.method`): the model-free engine, which takes
+  `align_corners` / `ignore_index` as keyword arguments. [`predict`]: logits of an [`AdaptedClassifier`].
 - [`CarryOverState`]: the explicit state of `legacy_carry_over=True` (the reference's drift, for comparison).
-- [`learn_classes`]`(model, support_images, support_masks, class_names, ...)`: adapt novel rows from images and
-  write them into a [`GFSSModel`] with `expand_classifier`, so `save_pretrained` publishes them.
+- [`learn_classes`]: adapt novel rows from images and write them into a [`GFSSModel`] with `expand_classifier`.
 
 Shapes: `D` feature channels, `(h, w)` feature size, `(H, W)` label size (the image canvas), `K` supports per
 episode, `E` episodes adapted together. Every function accepts one episode (no `E` axis) or a batch of episodes
@@ -26,13 +23,10 @@ Labels of supports: 0 background ("none of the classes annotated in this image")
 class `n` is classifier row `T - 1 + n`), `ignore_index` (255) ignored. With `support_classes`, masks are binary
 (0/1/255) and `support_classes[k]` (0-based) names the novel class of support `k`.
 
-The loss is the one of `losses.few_shot_cross_entropy` + gamma * `losses.distillation_loss` (tests check values and
-gradients against them), evaluated with analytic gradients so that the exact input-resolution loss stays cheap: the
-logits are upsampled once per step and everything constant across steps (teacher, labels, weights, the linear part
-of the loss) is precomputed once.
-
-This module imports only torch at import time (numpy, PIL and the image processor lazily in `encode_supports`), so
-that it travels with a Hub export of the pipeline.
+The loss (`losses.few_shot_cross_entropy` + gamma * `losses.distillation_loss`) and the solvers that minimise it
+(the exact one with analytic gradients, and the plain autograd reference it is tested against) live in
+`gfss_hf._solver`. At import time this module needs only torch and its siblings `_solver` and `losses` (the image
+processor lazily, in `learn_classes`), so that it travels with a Hub export of the pipeline.
 """
 
 from __future__ import annotations
@@ -45,17 +39,17 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn.functional as F
 
+from ._solver import SOLVERS, build_loss_spec, classifier_logits, entropy_term, solve, upsample_logits
+
 __all__ = [
     "AdaptationConfig",
     "AdaptedClassifier",
     "CarryOverState",
-    "EncodedSupports",
     "adapt",
-    "adapt_encoded",
+    "adapt_classifier",
     "adapt_fss",
     "adapt_gfss",
-    "check_support_background",
-    "encode_supports",
+    "extract_support_features",
     "learn_classes",
     "predict",
 ]
@@ -101,8 +95,6 @@ class AdaptationConfig:
             shrink by the feature norm.
         loss_resolution (`str`, *optional*, defaults to `"input"`): `"input"` computes the loss on logits upsampled
             to the label size (exact); `"feature"` downsamples the labels (nearest) to the feature size (faster).
-        align_corners (`bool`, *optional*, defaults to `True`): of the bilinear logit upsampling; use the model's
-            `config.logits_align_corners`.
         transductive (`bool`, *optional*, defaults to `False`): add a DIaM-style query term (mean per-pixel entropy
             minus entropy of the mean prediction, on the query features at feature resolution); needs
             `query_features`.
@@ -110,7 +102,14 @@ class AdaptationConfig:
         legacy_carry_over (`bool`, *optional*, defaults to `False`): reproduce the reference's drift: each episode
             starts from the previous episode's adapted classifier, carried in an explicit [`CarryOverState`].
         seed (`int`, *optional*, defaults to 0): seed of the random initialisation (per episode, `seeds` overrides).
-        ignore_index (`int`, *optional*, defaults to 255): label of ignored pixels.
+        solver (`str`, *optional*, defaults to `"exact"`): how the SGD steps are computed, the same trajectory up to
+            float rounding: `"exact"` (analytic gradients with every constant precomputed; much faster on CPU) or
+            `"autograd"` (the plain `gfss_hf.losses` reference differentiated by autograd). The default on GPU
+            awaits a measurement of both by `bench/gpu_suite.py`.
+
+    The bilinear upsampling's `align_corners` and the ignored label are facts of the model
+    (`config.logits_align_corners`, `config.ignore_index`), not hyper-parameters: [`adapt_classifier`] reads them
+    from the model; the low-level functions take them as keyword arguments.
 
     Example:
 
@@ -134,12 +133,11 @@ class AdaptationConfig:
     ce_weighting: str | None = None
     normalize_features: bool = False
     loss_resolution: str = "input"
-    align_corners: bool = True
     transductive: bool = False
     transductive_weight: float = 1.0
     legacy_carry_over: bool = False
     seed: int = 0
-    ignore_index: int = 255
+    solver: str = "exact"
 
     def __post_init__(self):
         def bad(name, value, rule):
@@ -184,6 +182,8 @@ class AdaptationConfig:
             bad("loss_resolution", self.loss_resolution, f"allowed values are {_RESOLUTIONS}")
         if float(self.init_std) < 0:
             bad("init_std", self.init_std, "must be >= 0")
+        if self.solver not in SOLVERS:
+            bad("solver", self.solver, f"allowed values are {SOLVERS}")
 
     def replace(self, **changes) -> AdaptationConfig:
         """A copy with some fields changed (unknown names raise)."""
@@ -333,480 +333,6 @@ def _downsample_labels(labels: torch.Tensor, size) -> torch.Tensor:
     return out[:, 0].long().view(e, k, *size)
 
 
-def _classifier_logits(weight: torch.Tensor, bias: torch.Tensor | None, features: torch.Tensor) -> torch.Tensor:
-    """(E, C, D) x (E, K, D, h, w) -> (E, K, C, h, w)."""
-    logits = torch.einsum("ecd,ekdhw->ekchw", weight, features)
-    if bias is not None:
-        logits = logits + bias[:, None, :, None, None]
-    return logits
-
-
-def _upsample(logits: torch.Tensor, size, align_corners: bool) -> torch.Tensor:
-    """(E, K, C, h, w) -> (E, K, C, H, W) bilinear, in channels-last memory: ATen's upsampling is ~2.5x faster there,
-    and so is what follows over the class dimension (`argmax(dim=class)` after `predict`: 8x, 92 -> 11 ms on a
-    473 x 473 x 17 map; the teacher's softmax)."""
-    e, k = logits.shape[:2]
-    if tuple(logits.shape[-2:]) == tuple(size):
-        return logits
-    low = logits.flatten(0, 1).contiguous(memory_format=torch.channels_last)
-    up = F.interpolate(low, size=tuple(size), mode="bilinear", align_corners=align_corners)
-    return up.view(e, k, *up.shape[1:])
-
-
-def _per_episode_mean(loss_map: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
-    """(E, K, H, W) map (0 where not counted) -> (E,) sums / denom (0 when nothing counted)."""
-    return loss_map.flatten(1).sum(1) / denom.clamp_min(1e-12)
-
-
-def _ce_weights(labels, valid, mode, dtype):
-    """Pixel weights of CE' (None, or the reference's [1, n_bg / n_fg] per episode) and the per-episode
-    denominators (sum of weights over labelled pixels). `labels`: (E, K, H, W), foreground = any label >= 1."""
-    if mode != "reference":
-        return None, valid.flatten(1).sum(1).to(dtype)
-    fg = valid & (labels != 0)
-    n_fg = fg.flatten(1).sum(1).to(dtype)
-    n_bg = (valid & (labels == 0)).flatten(1).sum(1).to(dtype)
-    # The reference divides by n_fg even when a resized mask lost its foreground: use weight 1 when a count is 0.
-    ratio = torch.where((n_fg > 0) & (n_bg > 0), n_bg / n_fg.clamp_min(1), torch.ones_like(n_fg))
-    weights = torch.where(fg, ratio[:, None, None, None], torch.ones((), dtype=dtype, device=labels.device))
-    return weights, (weights * valid).flatten(1).sum(1)
-
-
-def _entropy_term(weight, bias, query_features) -> torch.Tensor:
-    """Per-episode mean pixel entropy minus entropy of the mean prediction (DIaM-style, feature resolution)."""
-    logits = _classifier_logits(weight, bias, query_features)  # (E, Q, C, h, w)
-    log_p = torch.log_softmax(logits.float(), dim=2)
-    p = log_p.exp()
-    cond = -(p * log_p).sum(2).flatten(1).mean(1)
-    marginal = p.transpose(1, 2).flatten(2).mean(2)  # (E, C)
-    marg_entropy = -(marginal * torch.log(marginal.clamp_min(1e-12))).sum(1)
-    return cond - marg_entropy
-
-
-@dataclass
-class _Objective:
-    """The fine-tuning loss of one call, precomputed once for all SGD steps.
-
-    Every loss here (CE', KD, plain CE) has the per-pixel form
-    `a_i * lse(z_i) - b_i * lse(z_i over rows M1) - g_i * lse(z_i over rows M2) - <r_i, z_i>` with `z_i` the logits of
-    pixel `i` at the loss resolution and constants `a, b, g, r` (labels, pixel weights, 1/denominators and teacher
-    probabilities folded in). The linear part is moved to the feature resolution once (`R = U^T r`, `U` the
-    bilinear upsampling), so a step costs one upsampling of the logits, one exp and one adjoint upsampling, and
-    nothing that does not change across steps is recomputed.
-
-    Shapes (class-major): `N = E * K` supports; at the loss resolution, logits and gradients are `(1, N, C, S)`
-    and `a, b, g` and the class sums `(1, N, 1, S)`, `S` the pixels (in `bands` layout when upsampling, see
-    `_RowBands`); `R` `(N, C, P)` with `P` pixels at the feature resolution;
-    `shift_coef` `(N, 1, P)` = `U^T (a - b - g)` when `bands` is used; M1 = rows not annotated in the support
-    (`not_annotated` `(N, num_novel, 1)` marks the novel ones; base rows always are), M2 = row 0 + the novel rows
-    (the teacher's background folded back, Eq. 7).
-    """
-
-    a: torch.Tensor
-    b: torch.Tensor
-    g: torch.Tensor
-    R: torch.Tensor
-    num_teacher: int
-    not_annotated: torch.Tensor
-    size: tuple
-    upsample: bool
-    align_corners: bool
-    bands: _RowBands | None = None
-    shift_coef: torch.Tensor | None = None
-
-
-# exp() of anything below this is a float32 denormal: slow on x86 (tens of cycles each) and, at most 17 x 1.6e-38,
-# invisible in the class sums, which are >= 1 (the per-pixel maximum is subtracted) unless they underflow, a case
-# `_fit` detects (sums < 1e-30) and redoes with the exact per-pixel maximum.
-_EXP_FLOOR = -87.0
-# The exact path runs over the whole map when more than 1 / this of the pixels need it, else pixel by pixel.
-_DENSE_EXACT_FACTOR = 8
-
-
-def _source_coordinates(out_size: int, in_size: int, align_corners: bool):
-    """ATen's `upsample_bilinear2d` source coordinates (float32) of the `out_size` outputs, unclamped and clamped,
-    and the scale between consecutive outputs."""
-    y = torch.arange(out_size, dtype=torch.float32)
-    if align_corners:
-        scale = torch.tensor((in_size - 1) / (out_size - 1) if out_size > 1 else 0.0, dtype=torch.float32)
-        unclamped = y * scale
-    else:
-        scale = torch.tensor(in_size / out_size, dtype=torch.float32)
-        unclamped = scale * (y + 0.5) - 0.5
-    return unclamped, unclamped.clamp_min(0), float(scale)
-
-
-# Up to this many feature columns, the column interpolation is a dense matrix product (it reads and writes the
-# class-major layout directly); beyond, its cost grows with the width and ATen's kernel is used.
-_DENSE_COLUMNS = 96
-
-
-def _column_matrix(in_w: int, out_w: int, align_corners: bool, dtype, device) -> torch.Tensor:
-    """(out_w, in_w) matrix of ATen's bilinear interpolation along one axis."""
-    _, src, _ = _source_coordinates(out_w, in_w, align_corners)
-    left = src.long().clamp(max=in_w - 1)
-    right = (left + 1).clamp(max=in_w - 1)
-    lam = (src - left.to(torch.float32)).double()
-    matrix = torch.zeros(out_w, in_w, dtype=torch.float64)
-    rows = torch.arange(out_w)
-    matrix.index_put_((rows, left), 1 - lam, accumulate=True)
-    matrix.index_put_((rows, right), lam, accumulate=True)
-    return matrix.to(device=device, dtype=dtype)
-
-
-class _RowBands:
-    """Bilinear upsampling along the rows, `h -> H`, in a band layout where it is one broadcast `lerp` and its
-    adjoint a sum and a matrix-vector product, instead of a gather and a scatter over the big tensor.
-
-    Output row `y` is `(1 - l_y) * row[k_y] + l_y * row[k_y + 1]`; band `k` holds the output rows with `k_y = k`
-    (`k <= h - 1`: the input rows are extended by a copy of the last one, where ATen puts the rows past the last
-    input row), and the `j`-th rows of all bands are stored together: a map in band layout is
-    `(..., rows_per_band, h, W)`, padded to the longest band. `gather` puts an `(N, H, W)` map into it with 0 at the
-    padding (the padding rows of `up` repeat a real row; every per-pixel weight of the loss is 0 there, so they
-    add nothing). Source coordinates follow ATen's `upsample_bilinear2d` (float32, either `align_corners`), so
-    `up(F.interpolate(z, (h, W)))` equals `F.interpolate(z, (H, W))` up to float rounding.
-
-    The adjoint uses that the source coordinate is affine in `y`: within band `k`, `l = c_k + j * s` (`s` the row
-    scale), so `sum_j l g_j = c_k sum_j g_j + s sum_j j g_j`, a sum and a weighted sum over `j` for all bands and
-    maps at once; the rows clamped to the first input row (`align_corners=False`) are corrected one by one.
-    """
-
-    def __init__(self, h: int, out_h: int, align_corners: bool, dtype, device, w: int = 0, out_w: int = 0):
-        unclamped, src, scale = _source_coordinates(out_h, h, align_corners)
-        key = src.long().clamp(max=h - 1)
-        lam = src - key.to(torch.float32)  # in band h - 1 both ends are the last row: any weight gives ATen's value
-        counts = torch.bincount(key, minlength=h)
-        per_band = int(counts.max())
-        self.num_bands, self.rows_per_band = h, per_band
-        first = torch.cumsum(counts, 0) - counts  # first output row of each band (keys are non-decreasing in y)
-        j = torch.arange(out_h) - first[key]
-        slot = j * h + key
-        lam_grid = torch.zeros(per_band * h, dtype=torch.float64)
-        lam_grid[slot] = lam.double()
-        index = torch.zeros(per_band * h, dtype=torch.long)
-        index[slot] = torch.arange(out_h)
-        valid = torch.zeros(per_band * h, dtype=torch.bool)
-        valid[slot] = True
-        # Affine weights l = c_k + j * s (c_k from the band's first row; empty bands get 0), and the rows where
-        # ATen's clamping at the top departs from them.
-        offset = torch.zeros(h, dtype=torch.float64)
-        used = counts > 0
-        offset[used] = unclamped.double()[first[used]] - torch.arange(h, dtype=torch.float64)[used]
-        delta = lam.double() - (offset[key] + j.double() * scale)
-        exceptional = delta.abs() > 1e-6
-        self.lam = lam_grid.view(per_band, h, 1).to(device=device, dtype=dtype)
-        self.row_numbers = torch.arange(per_band, device=device, dtype=dtype)
-        self.offset, self.step = offset.to(device=device, dtype=dtype)[:, None], scale
-        # Columns (w -> out_w): a dense (w, out_w) interpolation matrix when narrow enough, else None (ATen).
-        self.columns_t = None
-        if 0 < w <= _DENSE_COLUMNS:
-            self.columns_t = _column_matrix(w, out_w, align_corners, dtype, device).t().contiguous()
-        self.fix_rows, self.fix_bands = j[exceptional].to(device), key[exceptional].to(device)
-        self.fix_delta = delta[exceptional].to(device=device, dtype=dtype)[:, None]
-        self.geometric = not bool(exceptional.any()) and bool((offset >= 0).all())  # `exp_up` applies
-        self.index, self.valid = index.to(device), valid.to(device)
-
-    def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, H, W) -> (N, rows_per_band, h, W), 0 at the padding rows."""
-        out = x.index_select(1, self.index) * self.valid.view(1, -1, 1).to(x.dtype)
-        return out.view(x.shape[0], self.rows_per_band, self.num_bands, x.shape[2])
-
-    def up(self, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """(M, h + 1, W) (the last row a copy of row h - 1) -> `out` (M, rows_per_band, h, W)."""
-        return torch.lerp(rows[:, None, :-1], rows[:, None, 1:], self.lam, out=out)
-
-    def exp_up(self, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """`exp(up(rows))` without an exp per output value: within a band, `l = c_k + j * s`, so
-        `exp((1 - l) A + l B) = exp(A + c_k D) * exp(s D) ** j` with `D = B - A`: two exps per band and column, then
-        one product per row. Only when `geometric` (no clamped rows) and every value of `rows` is at least
-        `_EXP_FLOOR`: each partial product is then itself one of the exps, in [exp(_EXP_FLOOR), 1], so nothing
-        overflows or underflows (at the padding rows, where the loss weights are 0, the progression runs on)."""
-        a = rows[:, :-1]
-        diff = rows[:, 1:] - a
-        ratio = (diff * self.step).exp_()
-        out[:, 0] = torch.addcmul(a, diff, self.offset).exp_()
-        for j in range(1, self.rows_per_band):
-            torch.mul(out[:, j - 1], ratio, out=out[:, j])
-        return out
-
-    def adjoint(self, grad: torch.Tensor) -> torch.Tensor:
-        """(M, rows_per_band, h, W) -> (M, h, W), the transpose of `up` with the copied row folded back (`grad` must
-        be 0 at the padding)."""
-        m, width = grad.shape[0], grad.shape[-1]
-        total = grad.sum(dim=1)  # (M, h, W)
-        weighted = self.row_numbers @ grad.reshape(m, self.rows_per_band, -1)  # sum_j j g_j, (M, h * W)
-        upper = weighted.view(m, self.num_bands, width).mul_(self.step).addcmul_(total, self.offset)  # sum_j l g_j
-        if len(self.fix_rows):
-            upper.index_add_(1, self.fix_bands, grad[:, self.fix_rows, self.fix_bands] * self.fix_delta)
-        out = total.sub_(upper)  # sum_j (1 - l) g_j
-        out[:, 1:] += upper[:, :-1]
-        out[:, -1] += upper[:, -1]
-        return out
-
-
-def _build_objective(
-    labels_rows, valid, annotated_rows, ce_weights, ce_denom, kd_mask, kd_denom, kd_coef, teacher_probs,
-    num_teacher, num_classes, feature_size, align_corners,
-) -> _Objective:  # fmt: skip
-    """Coefficients of `_Objective` from labels (N, H, W) in row space (0 background, ignore elsewhere `valid`
-    false), annotated rows (N, C), per-support denominators (N,) and teacher probabilities (N, T, H, W) or None."""
-    n, height, width = labels_rows.shape
-    dtype = ce_denom.dtype
-    inv_ce = torch.where(ce_denom > 0, 1.0 / ce_denom.clamp_min(1e-12), torch.zeros_like(ce_denom))
-    alpha = valid.to(dtype) * inv_ce[:, None, None]
-    if ce_weights is not None:
-        alpha = alpha * ce_weights
-    fg = valid & (labels_rows > 0)
-    bg = valid & (labels_rows == 0)
-    r = torch.zeros(n, num_classes, height, width, dtype=dtype, device=labels_rows.device)
-    r.scatter_(1, torch.where(fg, labels_rows, torch.zeros_like(labels_rows))[:, None], (alpha * fg)[:, None])
-    a = alpha.clone()
-    b = alpha * bg
-    g = torch.zeros_like(alpha)
-    if teacher_probs is not None:
-        inv_kd = torch.where(kd_denom > 0, kd_coef / kd_denom.clamp_min(1e-12), torch.zeros_like(kd_denom))
-        beta = kd_mask.to(dtype) * inv_kd[:, None, None]
-        a = a + beta
-        g = beta * teacher_probs[:, 0]
-        r[:, 1:num_teacher] += beta[:, None] * teacher_probs[:, 1:]
-    not_annotated = (~annotated_rows[:, num_teacher:]).to(dtype)[:, :, None]  # (N, num_novel, 1)
-    upsample = (height, width) != tuple(feature_size)
-    if upsample:
-        r = torch.ops.aten.upsample_bilinear2d_backward(r, [height, width], [n, num_classes, *feature_size], align_corners)
-    bands = shift_coef = None
-    if upsample:
-        # The per-pixel shift of `_fit` is the upsampled feature-resolution maximum, so its term in the loss,
-        # sum_i (a - b - g)_i shift_i, is moved to the feature resolution once, like the linear part.
-        shift_coef = torch.ops.aten.upsample_bilinear2d_backward(
-            (a - b - g)[:, None], [height, width], [n, 1, *feature_size], align_corners
-        ).reshape(n, 1, -1)
-        bands = _RowBands(feature_size[0], height, align_corners, dtype, labels_rows.device, feature_size[1], width)
-        flat = lambda x: bands.gather(x).reshape(1, n, 1, -1)  # noqa: E731
-    else:
-        flat = lambda x: x.reshape(1, n, 1, -1)  # noqa: E731
-    return _Objective(
-        flat(a), flat(b), flat(g), r.reshape(n, num_classes, -1), num_teacher, not_annotated, (height, width),
-        upsample, align_corners, bands, shift_coef,
-    )  # fmt: skip
-
-
-def _shifted_logits(z_low, low_max, h: int, w: int, objective: _Objective, out=None, exp: bool = False,
-                    clamp: bool = True):  # fmt: skip
-    """Logits (N, C, h*w) minus their per-pixel maximum `low_max` (N, 1, h*w), at the loss resolution, clamped
-    below at `_EXP_FLOOR` (unless `clamp=False`): (1, N, C, S); their exp with `exp=True`. Written into `out`
-    (reused across steps: a fresh tensor this size costs as much as the arithmetic, in page faults) when given."""
-    n, channels = z_low.shape[:2]
-    low = z_low - low_max
-    if not objective.upsample:
-        low = low[None].clamp_(min=_EXP_FLOOR) if clamp else low[None]
-        return low.exp_() if exp else low
-    bands, width = objective.bands, objective.size[1]
-    # Columns first, at (h, W): small. The row interpolation reads h + 1 rows, the last a copy of row h - 1.
-    if bands.columns_t is not None:
-        low = low.view(n * channels, h, w)
-        low = torch.cat([low, low[:, -1:]], dim=1)
-        rows = torch.matmul(low, bands.columns_t)  # (N*C, h + 1, W)
-    else:  # ATen's kernel is ~4x faster on channels-last memory
-        low = low.view(n, channels, h, w).contiguous(memory_format=torch.channels_last)
-        cols = F.interpolate(low, size=(h, width), mode="bilinear", align_corners=objective.align_corners)
-        rows = cols.new_empty(n * channels, h + 1, width)
-        rows.view(n, channels, h + 1, width)[:, :, :h] = cols
-        rows[:, h] = rows[:, h - 1]
-    if out is None:
-        out = rows.new_empty(1, n, channels, bands.rows_per_band * bands.num_bands * width)
-    banded = out.view(n * channels, bands.rows_per_band, h, width)
-    above_floor = float(rows.amin()) >= _EXP_FLOOR  # then so is every lerp of them: no clamping pass
-    if exp and above_floor and bands.geometric:
-        bands.exp_up(rows, banded)
-        return out
-    bands.up(rows, banded)
-    if clamp and not above_floor:
-        out.clamp_(min=_EXP_FLOOR)
-    return out.exp_() if exp else out
-
-
-def _adjoint(grad: torch.Tensor, h: int, w: int, objective: _Objective) -> torch.Tensor:
-    """The transpose of `_shifted_logits`' upsampling: (B, N, C, X) -> (N, C, h*w)."""
-    if not objective.upsample:
-        return grad[0]
-    n, channels = grad.shape[1:3]
-    bands, width = objective.bands, objective.size[1]
-    rows = bands.adjoint(grad.view(n * channels, bands.rows_per_band, bands.num_bands, width))
-    if bands.columns_t is not None:
-        return torch.matmul(rows, bands.columns_t.t()).view(n, channels, h * w)
-    # The column adjoint reads channels-last memory, where ATen's kernel is ~4x faster.
-    rows = rows.view(n, channels, h, width).contiguous(memory_format=torch.channels_last)
-    low = torch.ops.aten.upsample_bilinear2d_backward(rows, [h, width], [n, channels, h, w], objective.align_corners)
-    return low.reshape(n, channels, h * w)
-
-
-def _class_sums(exp: torch.Tensor, num_teacher: int, not_annotated: torch.Tensor):
-    """Sums of `exp` (B, N, C, X) over all rows, over M1 (rows not annotated) and over M2 (row 0 + novel rows), each
-    (B, N, 1, X). Rows below `num_teacher` are never annotated, so M1 = base rows + the non-annotated novel rows:
-    each sum is direct (no subtraction, no cancellation)."""
-    exp_novel = exp[:, :, num_teacher:]
-    s_base = exp[:, :, :num_teacher].sum(dim=2, keepdim=True)
-    s_novel = exp_novel.sum(dim=2, keepdim=True)
-    s_m1 = s_base + (exp_novel * not_annotated).sum(dim=2, keepdim=True)
-    return s_base + s_novel, s_m1, exp[:, :, :1] + s_novel
-
-
-def _vecdot(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Per-support sums of weights * values, both (1, N, 1, S) -> (N,)."""
-    n = weights.shape[1]
-    return torch.linalg.vecdot(weights.view(n, -1), values.view(n, -1))
-
-
-def _underflowing_pixels(objective: _Objective, s_all, s_m1, s_m2, has_kd: bool) -> torch.Tensor | None:
-    """(pixel indices, support indices) where a class sum with a non-zero weight fell below 1e-30 (where the exp
-    floor starts to matter), or None."""
-    if float(s_m1.amin()) >= 1e-30 and (not has_kd or float(s_m2.amin()) >= 1e-30):
-        return None  # s_all >= s_m1: every sum is fine (the common case: two reductions)
-    bad = ((s_all < 1e-30) & (objective.a > 0)) | ((s_m1 < 1e-30) & (objective.b > 0))
-    if has_kd:
-        bad |= (s_m2 < 1e-30) & (objective.g > 0)
-    support, pixel = bad.view(bad.shape[1], -1).nonzero(as_tuple=True)
-    return (pixel, support) if len(pixel) else None
-
-
-def _exact_terms(z: torch.Tensor, objective: _Objective, has_kd: bool, a, b, g, not_annotated):
-    """Per-pixel log-sum-exp terms `a*lse(z) - b*lse(z over M1) - g*lse(z over M2)` (..., 1, X) and their gradient
-    (..., C, X) for logits `z` (..., N, C, X) (unclamped), each log-sum-exp with its own maximum: exact where the
-    shared shift of `_fit` underflows. `a, b, g` broadcast against (..., N, 1, X), `not_annotated` is (N, num_novel,
-    1)."""
-    num_teacher, num_classes = objective.num_teacher, z.shape[-2]
-    in_m1 = torch.ones(*not_annotated.shape[:-2], num_classes, 1, dtype=torch.bool, device=z.device)
-    in_m1[..., num_teacher:, :] = not_annotated.bool()
-    in_m2 = torch.zeros(num_classes, 1, dtype=torch.bool, device=z.device)
-    in_m2[0] = True
-    in_m2[num_teacher:] = True
-    sets = [(None, a, 1.0), (in_m1, b, -1.0)] + ([(in_m2, g, -1.0)] if has_kd else [])
-    terms, grad = 0.0, torch.zeros_like(z)
-    for in_set, weight, sign in sets:
-        masked = z if in_set is None else z.masked_fill(~in_set, float("-inf"))
-        lse = torch.logsumexp(masked, dim=-2, keepdim=True)
-        terms = terms + sign * weight * lse
-        probs = (masked - lse).clamp_(min=_EXP_FLOOR).exp_()  # no denormals; below the floor is below rounding
-        if in_set is not None:
-            probs *= in_set
-        grad.addcmul_(probs, weight, value=sign)
-    return terms, grad
-
-
-def _exact_pixels(z: torch.Tensor, pixel, support, objective: _Objective, has_kd: bool):
-    """`_exact_terms` at K pixels of `z` (1, N, C, S): terms (K,) and gradient (K, C)."""
-    at = lambda x: x[0, support, 0, pixel][:, None, None]  # noqa: E731  (K, 1, 1)
-    logits = z[0, support, :, pixel][:, :, None]  # (K, C, 1)
-    terms, grad = _exact_terms(logits, objective, has_kd, at(objective.a), at(objective.b), at(objective.g),
-                               objective.not_annotated[support])  # fmt: skip
-    return terms[:, 0, 0], grad[:, :, 0]
-
-
-def _exact_map(z: torch.Tensor, objective: _Objective, has_kd: bool):
-    """`_exact_terms` at every pixel of `z` (1, N, C, S): per-support sums of the terms (N,) and the gradient."""
-    terms, grad = _exact_terms(z, objective, has_kd, objective.a, objective.b, objective.g, objective.not_annotated)
-    return terms.sum(dim=(0, 2, 3)), grad
-
-
-def _fit(features, weight, bias, objective: _Objective, steps: int, lr: float, extra=None):
-    """Plain SGD on (weight, bias) for `objective` with analytic gradients (see `_Objective`); `extra(w, b)` is an
-    optional additional per-episode loss differentiated by autograd. Returns detached parameters and the (E, steps)
-    loss history (the loss before each step).
-
-    At the loss resolution, logits are `(B, N, C, X)`: the per-class slices of the sums and of the gradient are
-    contiguous runs of `X` values, the row upsampling is a broadcast `lerp` into a buffer reused across steps and
-    its adjoint one matrix product per band (see `_RowBands`)."""
-    num_episodes, num_shots, dim = features.shape[:3]
-    h, w = features.shape[-2:]
-    n = num_episodes * num_shots
-    flat_features = features.reshape(num_episodes, num_shots, dim, h * w)  # (E, K, D, P)
-    weight = weight.detach().clone()
-    bias = bias.detach().clone() if bias is not None else None
-    num_classes, num_teacher = weight.shape[1], objective.num_teacher
-    features_t = flat_features.transpose(2, 3)  # (E, K, P, D), a view: MKL reads it transposed faster than a copy
-    shift_weight = None if objective.upsample else objective.a - objective.b - objective.g
-    has_kd = bool(objective.g.any())
-    buffer = None
-    history = []
-    for _ in range(steps):
-        z_low = torch.matmul(weight[:, None], flat_features)  # (E, K, C, P)
-        if bias is not None:
-            z_low = z_low + bias[:, None, :, None]
-        z_low = z_low.reshape(n, num_classes, h * w)
-        # Stable exp without a pass over the big tensor: subtract the per-pixel maximum over classes at the feature
-        # resolution BEFORE upsampling. Upsampling is linear and the same for every class, so the result is the
-        # upsampled logits minus the upsampled maximum, a per-pixel shift that bounds every upsampled logit from
-        # above (non-negative weights); the exact maximum is used if a sum underflows.
-        low_max = z_low.amax(dim=1, keepdim=True)
-        if objective.upsample:
-            shift_sum = (objective.shift_coef * low_max).sum(dim=(1, 2))
-        else:
-            shift_sum = (shift_weight * low_max[None]).sum(dim=(0, 2, 3))
-        exp = _shifted_logits(z_low, low_max, h, w, objective, buffer, exp=True)
-        buffer = exp if objective.upsample else None
-        s_all, s_m1, s_m2 = _class_sums(exp, num_teacher, objective.not_annotated)
-        underflowing = _underflowing_pixels(objective, s_all, s_m1, s_m2, has_kd)
-        s_m1, s_m2 = s_m1.clamp_min_(1e-30), s_m2.clamp_min_(1e-30)
-        # d loss / d z = a softmax - b softmax over M1 - g softmax over M2, written into `exp` in place, one
-        # contiguous class slice at a time: row 0 is in M1 and M2, base rows in M1, novel rows in M2 and in M1
-        # unless annotated.
-        u = objective.a / s_all
-        v = objective.b / s_m1
-        u_v = u - v
-        if has_kd:
-            wg = objective.g / s_m2
-            exp[:, :, :1].mul_(u_v - wg)
-            exp[:, :, num_teacher:].mul_(u.sub_(wg) - v * objective.not_annotated)
-        else:
-            exp[:, :, :1].mul_(u_v)
-            exp[:, :, num_teacher:].mul_(u - v * objective.not_annotated)
-        exp[:, :, 1:num_teacher].mul_(u_v)
-        grad = exp
-        # The loss (its history is returned): per-pixel log-sum-exps as dot products with their weights.
-        log_s = [s_all.log_(), s_m1.log_()] + ([s_m2.log_()] if has_kd else [])
-        log_terms = _vecdot(objective.a, log_s[0]) - _vecdot(objective.b, log_s[1])
-        if has_kd:
-            log_terms -= _vecdot(objective.g, log_s[2])
-        if underflowing is not None:
-            # At a few pixels every class of a log-sum-exp that counts is far below the shared shift (logits that
-            # cross between feature pixels, or a class set far below the maximum): redo those pixels exactly, each
-            # class set with its own maximum.
-            pixel, support = underflowing
-            z = _shifted_logits(z_low, low_max, h, w, objective, clamp=False)
-            if _DENSE_EXACT_FACTOR * len(pixel) > z.shape[1] * z.shape[3]:
-                # Many pixels (saturated logits): vectorised over the whole map, not gathered pixel by pixel.
-                log_terms, grad = _exact_map(z, objective, has_kd)
-            else:
-                exact, exact_grad = _exact_pixels(z, pixel, support, objective, has_kd)
-                weights = (objective.a, -objective.b, -objective.g)
-                shared = sum(wt[0, support, 0, pixel] * log[0, support, 0, pixel] for wt, log in zip(weights, log_s))
-                log_terms = log_terms.index_add(0, support, exact - shared)
-                grad[0, support, :, pixel] = exact_grad
-        linear = (objective.R * z_low).sum(dim=(1, 2))
-        loss = (log_terms + shift_sum - linear).view(num_episodes, num_shots).sum(1)
-        grad = _adjoint(grad, h, w, objective)
-        grad = (grad - objective.R).view(num_episodes, num_shots, num_classes, h * w)
-        grad_weight = torch.matmul(grad, features_t).sum(dim=1)
-        grad_bias = grad.sum(dim=(1, 3)) if bias is not None else None
-        if extra is not None:
-            with torch.enable_grad():
-                params = [weight.clone().requires_grad_(True)]
-                if bias is not None:
-                    params.append(bias.clone().requires_grad_(True))
-                extra_loss = extra(params[0], params[1] if bias is not None else None)
-                extra_grads = torch.autograd.grad(extra_loss.sum(), params)
-            loss = loss + extra_loss.detach()
-            grad_weight = grad_weight + extra_grads[0]
-            if bias is not None:
-                grad_bias = grad_bias + extra_grads[1]
-        history.append(loss)
-        weight = weight - lr * grad_weight
-        if bias is not None:
-            bias = bias - lr * grad_bias
-    hist = torch.stack(history, dim=1) if history else weight.new_zeros(num_episodes, 0)
-    return weight, bias, hist
-
-
 def _check_features_labels(features: torch.Tensor, labels: torch.Tensor, name: str = "support_labels") -> None:
     if labels.shape[:2] != features.shape[:2]:
         raise ValueError(
@@ -851,6 +377,8 @@ def adapt_gfss(
     seeds: int | Sequence[int] | None = None,
     query_features: torch.Tensor | None = None,
     state: CarryOverState | None = None,
+    align_corners: bool = True,
+    ignore_index: int = 255,
 ) -> AdaptedClassifier:
     r"""
     GFSS fine-tuning (Eq. 4-8): expand the pre-trained classifier by one row per novel class and train all rows
@@ -880,6 +408,10 @@ def adapt_gfss(
         query_features (`torch.Tensor` of shape `(Q, D, h, w)` or `(E, Q, D, h, w)`, *optional*):
             Only with `config.transductive`.
         state ([`CarryOverState`], *optional*): only with `config.legacy_carry_over` (single episodes).
+        align_corners (`bool`, *optional*, defaults to `True`): of the bilinear logit upsampling; the model's
+            `config.logits_align_corners` ([`adapt_classifier`] reads it).
+        ignore_index (`int`, *optional*, defaults to 255): label of ignored pixels (the model's
+            `config.ignore_index`).
 
     Returns:
         [`AdaptedClassifier`] with `T + N` rows (batched iff the inputs were).
@@ -908,7 +440,7 @@ def adapt_gfss(
         )
     _check_features_labels(features, labels)
     num_episodes, _, dim = features.shape[:3]
-    ignore = config.ignore_index
+    ignore = ignore_index
     labels = labels.to(features.device).long()
 
     if support_classes is not None:
@@ -978,7 +510,6 @@ def adapt_gfss(
 
     if config.loss_resolution == "feature":
         labels = _downsample_labels(labels, features.shape[-2:])
-    size = labels.shape[-2:]
 
     # Initial rows: fresh copy of the pre-trained rows + novel rows.
     seed_list = _seeds(seeds, config.seed, num_episodes)
@@ -1020,36 +551,16 @@ def adapt_gfss(
     if query is not None and query.shape[0] != num_episodes:
         raise ValueError(f"query_features has {query.shape[0]} episodes, the supports {num_episodes}.")
 
-    # Constant parts of the loss, computed once for all steps.
-    num_classes = num_teacher + num_novel
-    valid = labels != ignore
-    rows = torch.where(valid & (labels >= 1), labels + num_teacher - 1, torch.zeros_like(labels))
-    ce_weights, ce_denom = _ce_weights(labels, valid, config.ce_weighting, features.dtype)
-    if config.kd_average_over_padding:
-        kd_mask = torch.ones_like(valid)
-    elif config.kd_skip_novel:
-        kd_mask = valid & (labels == 0)
-    else:
-        kd_mask = valid
-    kd_denom = kd_mask.flatten(1).sum(1).to(features.dtype)
-    teacher_probs = None
-    if config.gamma > 0:
-        with torch.no_grad():
-            teacher = _upsample(_classifier_logits(base_w, base_b, features), size, config.align_corners)
-            teacher_probs = torch.softmax(teacher.flatten(0, 1).float(), dim=1).to(features.dtype)
-    kd_coef = config.gamma / (num_teacher if config.kd_scale == "reference" else 1.0)
-    num_shots = labels.shape[1]
-    per_support = lambda x: x.repeat_interleave(num_shots)  # noqa: E731  (episode denominators per support)
-    objective = _build_objective(
-        rows.flatten(0, 1), valid.flatten(0, 1), annotated.flatten(0, 1),
-        None if ce_weights is None else ce_weights.flatten(0, 1), per_support(ce_denom),
-        kd_mask.flatten(0, 1), per_support(kd_denom), kd_coef, teacher_probs,
-        num_teacher, num_classes, features.shape[-2:], config.align_corners,
+    kd_pixels = "all" if config.kd_average_over_padding else "background" if config.kd_skip_novel else "labelled"
+    spec = build_loss_spec(
+        labels, annotated.flatten(0, 1), features, (base_w, base_b), ce_weighting=config.ce_weighting,
+        kd_pixels=kd_pixels, gamma=config.gamma, kd_scale=config.kd_scale, ignore_index=ignore,
+        align_corners=align_corners,
     )  # fmt: skip
     extra = None
     if query is not None:
-        extra = lambda w, b: config.transductive_weight * _entropy_term(w, b, query)  # noqa: E731
-    weight, bias, history = _fit(features, weight, bias, objective, config.steps, config.lr, extra)
+        extra = lambda w, b: config.transductive_weight * entropy_term(w, b, query)  # noqa: E731
+    weight, bias, history = solve(features, weight, bias, spec, config.steps, config.lr, extra, config.solver)
     if config.legacy_carry_over:
         state.weight, state.bias = weight[0].clone(), None if bias is None else bias[0].clone()
         state.episodes += 1
@@ -1065,6 +576,8 @@ def adapt_fss(
     config: AdaptationConfig | None = None,
     seeds: int | Sequence[int] | None = None,
     bias: bool = False,
+    align_corners: bool = True,
+    ignore_index: int = 255,
 ) -> AdaptedClassifier:
     r"""
     FSS fine-tuning: a fresh 2-way classifier `[background, c*]` trained with cross-entropy (Eq. 1) on the support
@@ -1075,9 +588,11 @@ def adapt_fss(
         support_masks (`torch.Tensor` of shape `(K, H, W)` or `(E, K, H, W)`): binary masks, 0 background,
             1 foreground, `ignore_index` ignored.
         config ([`AdaptationConfig`], *optional*): `steps`, `lr`, `init_std`, `ce_weighting`, `loss_resolution`,
-            `align_corners`, `seed` apply; the GFSS-only fields are not used.
+            `normalize_features`, `seed`, `solver` apply; the GFSS-only fields are not used.
         seeds (`int` or `list[int]`, *optional*): per-episode seeds of the random initialisation.
         bias (`bool`, *optional*, defaults to `False`): give the 2-way classifier a bias (initialised to 0).
+        align_corners (`bool`, *optional*, defaults to `True`): of the bilinear logit upsampling.
+        ignore_index (`int`, *optional*, defaults to 255): label of ignored pixels.
 
     Returns:
         [`AdaptedClassifier`] with 2 rows.
@@ -1099,7 +614,7 @@ def adapt_fss(
     if masks_batched != batched:
         raise ValueError("support_features and support_masks disagree about the episode axis.")
     _check_features_labels(features, masks, "support_masks")
-    ignore = config.ignore_index
+    ignore = ignore_index
     masks = masks.to(features.device).long()
     bad = (masks != 0) & (masks != 1) & (masks != ignore)
     if bool(bad.any()):
@@ -1109,17 +624,11 @@ def adapt_fss(
         masks = _downsample_labels(masks, features.shape[-2:])
     weight = _random_rows(_seeds(seeds, config.seed, num_episodes), 2, dim, config.init_std, features)
     bias_t = features.new_zeros(num_episodes, 2) if bias else None
-    valid = masks != ignore
-    weights, denom = _ce_weights(masks, valid, config.ce_weighting, features.dtype)
-    num_shots = masks.shape[1]
-    annotated = torch.zeros(num_episodes * num_shots, 2, dtype=torch.bool, device=features.device)
-    annotated[:, 1] = True
-    objective = _build_objective(
-        torch.where(valid, masks, torch.zeros_like(masks)).flatten(0, 1), valid.flatten(0, 1), annotated,
-        None if weights is None else weights.flatten(0, 1), denom.repeat_interleave(num_shots),
-        None, None, 0.0, None, 1, 2, features.shape[-2:], config.align_corners,
-    )  # fmt: skip
-    weight, bias_t, history = _fit(features, weight, bias_t, objective, config.steps, config.lr)
+    annotated = torch.zeros(num_episodes * masks.shape[1], 2, dtype=torch.bool, device=features.device)
+    annotated[:, 1] = True  # every support annotates its class; background is "not c*"
+    spec = build_loss_spec(masks, annotated, features, None, ce_weighting=config.ce_weighting, gamma=0.0,
+                           ignore_index=ignore, align_corners=align_corners)  # fmt: skip
+    weight, bias_t, history = solve(features, weight, bias_t, spec, config.steps, config.lr, solver=config.solver)
     result = AdaptedClassifier(weight, bias_t, 1, 1, history, config.normalize_features)
     return result if batched else result.episode(0)
 
@@ -1185,267 +694,116 @@ def predict(
     weight = weight.to(features) if batched else weight.to(features)[None]
     if bias is not None:
         bias = bias.to(features) if batched else bias.to(features)[None]
-    logits = _classifier_logits(weight, bias, features)
+    logits = classifier_logits(weight, bias, features)
     if size is not None:
-        logits = _upsample(logits, size, align_corners)
+        logits = upsample_logits(logits, size, align_corners)
     return logits if batched else logits[0]
 
 
-# -- supports given as images --------------------------------------------------------------------------------------
-@dataclass
-class EncodedSupports:
+# -- the model-aware entry ------------------------------------------------------------------------------------
+def extract_support_features(model, supports, loss_resolution: str = "input") -> torch.Tensor:
     r"""
-    Supports turned into what [`adapt_gfss`] / [`adapt_fss`] read (see [`encode_supports`]).
+    Frozen features of preprocessed supports (the model must be in eval mode).
 
     Args:
-        features (`torch.Tensor` of shape `(K, D, h, w)`): frozen features.
-        labels (`torch.Tensor` of shape `(K, S, S)`): 0 background, `1..N` novel class, 255 ignored (padding too).
-        annotated (`torch.Tensor` of shape `(K, N)`, bool): classes each support is annotated for.
-        class_names (`list[str]`): the `N` classes, in row order.
-    """
-
-    features: torch.Tensor
-    labels: torch.Tensor
-    annotated: torch.Tensor
-    class_names: list
-
-
-def _binary_mask(mask, index: int):
-    """0/1/255 (1 foreground) or 0/255 (white-on-black, 255 foreground) or bool -> int64 0/1/255."""
-    import numpy as np
-
-    values = set(np.unique(mask).tolist())
-    if values <= {0, 1, 255}:
-        if 1 not in values and 255 in values:
-            return np.where(mask == 255, 1, 0).astype(np.int64)  # a white-on-black PNG
-        return mask.astype(np.int64)
-    shown = sorted(values - {0, 1, 255})[:6]
-    raise ValueError(
-        f"support_masks[{index}] has values {shown} besides 0/1/255; a binary mask holds 0 background and 1 "
-        "foreground (255 = ignore), or 0 and 255 (a white-on-black PNG). Threshold soft or anti-aliased masks "
-        "first, or pass mask_type='label_map' for maps of several classes."
-    )
-
-
-def _fold_name(name: str) -> str:
-    return " ".join(name.split()).casefold()
-
-
-def check_support_background(masks, class_names, support_class=None, ignore_index: int = 255, size=None) -> None:
-    """
-    Refuse a class whose supports hold no pixel of anything else: with only positive pixels, the fine-tuned row
-    learns "everything is this class" and the whole query is labelled with it.
-
-    Args:
-        masks (`list[np.ndarray]`): one `HxW` integer mask per support: binary (0 background, 1 object,
-            `ignore_index` ignored) when `support_class` is given, else label maps (0 background, `k` =
-            `class_names[k - 1]`, `ignore_index` ignored).
-        class_names (`list[str]`): the classes, for the message.
-        support_class (`list[int]`, *optional*): the 0-based class of each binary mask; `None` for label maps.
-        ignore_index (`int`, *optional*, defaults to 255): the ignored label.
-        size (`tuple[int, int]`, *optional*): the canvas size when the masks have been resized (for the message).
-
-    Raises:
-        `ValueError`: naming the class, its supports and what a support mask must contain.
-    """
-    import numpy as np
-
-    for n, name in enumerate(class_names):
-        rows = [k for k in range(len(masks)) if support_class is None or support_class[k] == n]
-        # Another class's pixels are negatives too in a label map; in a binary mask only 0 is.
-        other = 1 if support_class is not None else n + 1
-        if any(((np.asarray(masks[k]) != other) & (np.asarray(masks[k]) != ignore_index)).any() for k in rows):
-            continue
-        where = "" if size is None else f" after resizing to {size[1]}x{size[0]}"
-        shown = ", ".join(f"support_masks[{k}]" for k in rows)
-        raise ValueError(
-            f"class {name!r}: no background pixel in any of its supports ({shown}){where}; every pixel is the object "
-            "or ignored. A support mask must contain background (0; in a label map, 0 or another class) as well as "
-            "the object (1, or 255 on a black mask): mark only the object, so the model also sees what the class "
-            "is not."
-        )
-
-
-def encode_supports(
-    model,
-    support_images,
-    support_masks,
-    class_names,
-    image_processor=None,
-    mask_type: str = "binary",
-    loss_resolution: str = "input",
-) -> EncodedSupports:
-    r"""
-    Validate user supports, preprocess them with the model's image processor and compute their frozen features
-    (the model must be in eval mode). Every check raises an error that names the argument and the fix.
-
-    Args:
-        model ([`GFSSModel`]): gives the features and the existing class names.
-        support_images (`list`): PIL images, numpy arrays, tensors or paths (any mode; see `load_image`).
-        support_masks (`list`): one mask per image (PIL, numpy, tensor or path).
-        class_names (`str` or `list[str]`): see [`learn_classes`].
-        image_processor ([`GFSSImageProcessor`], *optional*): defaults to `GFSSImageProcessor.from_config`.
-        mask_type (`str`, *optional*, defaults to `"binary"`): `"binary"` or `"label_map"` (see [`learn_classes`]).
-        loss_resolution (`str`, *optional*, defaults to `"input"`): with `"feature"`, also checks that every
-            support keeps a foreground pixel at the feature size.
+        model ([`GFSSModel`]): gives the features.
+        supports ([`EncodedSupports`]): from [`GFSSImageProcessor.preprocess_supports`].
+        loss_resolution (`str`, *optional*, defaults to `"input"`): with `"feature"`, also checks that every support
+            keeps a foreground pixel at the feature size (the labels are downsampled there).
 
     Returns:
-        [`EncodedSupports`].
+        `torch.Tensor` of shape `(K, D, h, w)`, on the model's device.
     """
-    import numpy as np
-
-    from .image_processing_gfss import GFSSImageProcessor, load_image, load_mask
-
-    if mask_type not in ("binary", "label_map"):
-        raise ValueError(f"mask_type={mask_type!r} is invalid; use 'binary' or 'label_map'.")
-    if support_images is None or (isinstance(support_images, (list, tuple)) and len(support_images) == 0):
-        raise ValueError(
-            "no support images: pass support_images=[...] and support_masks=[...] (at least one annotated image)."
-        )
-    images = list(support_images) if isinstance(support_images, (list, tuple)) else [support_images]
-    if support_masks is None:
-        raise ValueError("support_masks is missing; give one mask per support image.")
-    masks = list(support_masks) if isinstance(support_masks, (list, tuple)) else [support_masks]
-    if len(masks) != len(images):
-        raise ValueError(
-            f"got {len(images)} support_images but {len(masks)} support_masks; give exactly one mask per image."
-        )
-    if class_names is None:
-        raise ValueError("class_names is missing; name the class of each support (binary) or of each label value.")
-    names = [class_names] if isinstance(class_names, str) else list(class_names)
-    if mask_type == "binary" and isinstance(class_names, str):
-        names = names * len(images)
-    for name in names:
-        # str(None) would become a class called "None": a name must be given as text.
-        if not isinstance(name, str):
-            raise ValueError(
-                f"class_names holds {name!r} ({type(name).__name__}); every class name must be a non-empty string."
-            )
-    existing = list(model.config.class_names)
-    folded = {_fold_name(n): n for n in existing}
-    for name in names:
-        if not name.strip():
-            raise ValueError(f"class_names holds an empty name {name!r}; give every class a non-empty name.")
-        # "Dog " and "dog" would be two rows for one concept, and the new row would fight the pre-trained one.
-        if _fold_name(name) in folded:
-            raise ValueError(
-                f"class name {name!r} is already a class of the model ({folded[_fold_name(name)]!r}; names are "
-                f"compared ignoring case and surrounding spaces; classes: {existing}); the model segments it "
-                "already. Use another name for a new class."
-            )
-    if mask_type == "binary":
-        if len(names) != len(images):
-            raise ValueError(
-                f"got {len(images)} support_images but {len(names)} class_names; with binary masks give one class "
-                "name per support image (repeat a name for several shots of one class) or a single string."
-            )
-        unique = list(dict.fromkeys(names))  # first-appearance order
-        support_class = [unique.index(n) for n in names]
-    else:
-        if len(set(names)) != len(names):
-            repeated = sorted({n for n in names if names.count(n) > 1})
-            raise ValueError(
-                f"class_names repeats {repeated}; with label maps each name is one label value (1..N), so names "
-                "must be unique."
-            )
-        if not names:
-            raise ValueError("class_names is empty; name the classes of label values 1..N.")
-        unique = names
-        support_class = None
-    pils, arrays = [], []
-    for i, (image, mask) in enumerate(zip(images, masks)):
-        pil = load_image(image, name=f"support_images[{i}]")
-        array = load_mask(mask, name=f"support_masks[{i}]")
-        if array.shape != (pil.height, pil.width):
-            raise ValueError(
-                f"support_masks[{i}] has size {array.shape[1]}x{array.shape[0]} but support_images[{i}] is "
-                f"{pil.width}x{pil.height}; a mask must have the size of its image."
-            )
-        if mask_type == "binary":
-            array = _binary_mask(array, i)
-            if not (array == 1).any():
-                raise ValueError(
-                    f"support_masks[{i}] has no foreground pixel; mark the object of class {names[i]!r} with 1 (or "
-                    "255 on a black mask)."
-                )
-        else:
-            bad = (array > len(names)) & (array != 255)
-            if bad.any():
-                raise ValueError(
-                    f"support_masks[{i}] holds label {int(array[bad][0])} but class_names has {len(names)} "
-                    f"classes; label maps hold 0 background, 1..{len(names)} and 255 (ignore)."
-                )
-            if not ((array >= 1) & (array != 255)).any():
-                raise ValueError(f"support_masks[{i}] has no foreground pixel (no label in 1..{len(names)}).")
-        pils.append(pil)
-        arrays.append(array)
-    check_support_background(arrays, unique, support_class, ignore_index=255)
-    processor = image_processor if image_processor is not None else GFSSImageProcessor.from_config(model.config)
-    batch = processor(pils, segmentation_maps=arrays, return_tensors="pt")
-    labels = batch["labels"].long()
-    ignore = processor.ignore_index
-    size = tuple(labels.shape[-2:])
-    for i in range(labels.shape[0]):
-        if not ((labels[i] >= 1) & (labels[i] != ignore)).any():
-            raise ValueError(
-                f"support_masks[{i}] has no foreground pixel left after resizing to {size[1]}x{size[0]}; give a "
-                "larger object (or a larger image_size)."
-            )
     param = next(model.parameters())
     with torch.no_grad():
-        features = model.extract_features(batch["pixel_values"].to(device=param.device, dtype=param.dtype))
+        features = model.extract_features(supports.pixel_values.to(device=param.device, dtype=param.dtype))
     if loss_resolution == "feature":
-        small = _downsample_labels(labels[None], features.shape[-2:])[0]
+        ignore = model.config.ignore_index
+        small = _downsample_labels(supports.labels[None], features.shape[-2:])[0]
         for i in range(small.shape[0]):
             if not ((small[i] >= 1) & (small[i] != ignore)).any():
                 raise ValueError(
                     f"support_masks[{i}] keeps no foreground pixel at the feature size {features.shape[-1]}x"
                     f"{features.shape[-2]}; use loss_resolution='input' or a larger object."
                 )
-    # Nearest resizing can drop the last background pixels of a nearly full mask: check again at the canvas size.
-    check_support_background(list(labels.numpy()), unique, support_class, ignore_index=ignore, size=size)
-    if support_class is not None:
-        cls = torch.tensor(support_class)
-        labels = torch.where(labels == 1, cls[:, None, None] + 1, labels)
-        annotated = torch.nn.functional.one_hot(cls, len(unique)).bool()
-    else:
-        annotated = torch.ones(labels.shape[0], len(unique), dtype=torch.bool)
-        present = {int(v) for v in np.unique(labels.numpy())} - {0, ignore}
-        missing = [unique[k - 1] for k in range(1, len(unique) + 1) if k not in present]
-        if missing:
-            raise ValueError(
-                f"class_names {missing} have no pixel in any support label map; annotate them or drop the names."
-            )
-    return EncodedSupports(features, labels.to(features.device), annotated.to(features.device), unique)
+    return features
 
 
-def adapt_encoded(model, encoded: EncodedSupports, config: AdaptationConfig, seeds=None) -> AdaptedClassifier:
-    """Run [`adapt_gfss`] (expanding `model.classifier`) or [`adapt_fss`] on encoded supports (one episode).
+def adapt_classifier(
+    model,
+    support_features: torch.Tensor,
+    support_labels: torch.Tensor,
+    config: AdaptationConfig | None = None,
+    *,
+    support_classes: torch.Tensor | Sequence | None = None,
+    num_novel_classes: int | None = None,
+    annotated: torch.Tensor | None = None,
+    num_teacher_rows: int | None = None,
+    seeds: int | Sequence[int] | None = None,
+    query_features: torch.Tensor | None = None,
+    state: CarryOverState | None = None,
+) -> AdaptedClassifier:
+    r"""
+    Fine-tune a classifier for `model` on support features: the one entry used by evaluation, the pipeline,
+    [`learn_classes`] and the scripts. It reads from the model, once, what is a fact of the model rather than a
+    hyper-parameter: the pre-trained rows of `model.classifier` (GFSS), `config.logits_align_corners` and
+    `config.ignore_index`; then runs [`adapt_gfss`] or [`adapt_fss`] according to `config.method`.
 
-    For FSS with several classes, one 2-way classifier per class is adapted on that class's supports (other
-    supports are not used) and the result is batched with one episode per class.
+    Args:
+        model ([`GFSSModel`]): the model whose frozen features `support_features` are; left unchanged.
+        support_features (`torch.Tensor` of shape `(K, D, h, w)` or `(E, K, D, h, w)`): frozen support features.
+        support_labels (`torch.Tensor` of shape `(K, H, W)` or `(E, K, H, W)`, integer): as for [`adapt_gfss`]
+            (GFSS) or binary masks (FSS without `annotated`).
+        config ([`AdaptationConfig`], *optional*): hyper-parameters (defaults: the paper's GFSS).
+        support_classes (`torch.Tensor` of shape `(K,)` or `(E, K)`, *optional*): GFSS: 0-based novel class of
+            each binary mask.
+        num_novel_classes (`int`, *optional*): `N`, see [`adapt_gfss`].
+        annotated (`torch.Tensor` of shape `(K, N)`, bool, *optional*): novel classes each support is annotated
+            for. With FSS it means label maps of `N` classes: one 2-way classifier is adapted per class, on the
+            supports annotated for it, and the result is batched with one episode per class.
+        num_teacher_rows (`int`, *optional*): GFSS: the first rows of `model.classifier` that act as the pre-trained
+            rows and the teacher (default: all rows, learned classes included).
+        seeds (`int` or `list[int]`, *optional*): per-episode seeds of the random initialisation.
+        query_features (`torch.Tensor`, *optional*): GFSS with `config.transductive` only.
+        state ([`CarryOverState`], *optional*): GFSS with `config.legacy_carry_over` only.
+
+    Returns:
+        [`AdaptedClassifier`]; predict with [`predict`]`(..., align_corners=model.config.logits_align_corners)`.
+
+    Example:
+
+    ```python
+    >>> supports = processor.preprocess_supports([image], [mask], "my-object")  # doctest: +SKIP
+    >>> features = extract_support_features(model, supports)  # doctest: +SKIP
+    >>> clf = adapt_classifier(model, features, supports.labels, AdaptationConfig(steps=50),
+    ...                        annotated=supports.annotated)  # doctest: +SKIP
+    ```
     """
-    config = config.replace(align_corners=model.config.logits_align_corners, ignore_index=model.config.ignore_index)
+    config = config if config is not None else AdaptationConfig()
+    facts = {"align_corners": bool(model.config.logits_align_corners), "ignore_index": int(model.config.ignore_index)}
     if config.method == "gfss":
-        weight = model.classifier.weight.detach()
-        bias = None if model.classifier.bias is None else model.classifier.bias.detach()
+        rows = slice(None) if num_teacher_rows is None else slice(0, int(num_teacher_rows))
+        weight = model.classifier.weight.detach()[rows]
+        bias = None if model.classifier.bias is None else model.classifier.bias.detach()[rows]
         return adapt_gfss(
-            encoded.features,
-            encoded.labels,
-            weight.reshape(weight.shape[0], -1),
-            bias,
-            num_novel_classes=len(encoded.class_names),
-            annotated=encoded.annotated,
-            config=config,
-            seeds=seeds,
-        )
+            support_features, support_labels, weight.reshape(weight.shape[0], -1), bias,
+            support_classes=support_classes, num_novel_classes=num_novel_classes, annotated=annotated, config=config,
+            seeds=seeds, query_features=query_features, state=state, **facts,
+        )  # fmt: skip
+    unused = {"support_classes": support_classes, "num_teacher_rows": num_teacher_rows,
+              "query_features": query_features, "state": state}  # fmt: skip
+    given = sorted(name for name, value in unused.items() if value is not None)
+    if given:
+        raise ValueError(f"{given} only apply to method='gfss'; method='fss' trains a fresh 2-way classifier.")
+    if annotated is None:
+        return adapt_fss(support_features, support_labels, config=config, seeds=seeds, **facts)
+    ignore = facts["ignore_index"]
     results = []
-    ignore = config.ignore_index
-    for n in range(len(encoded.class_names)):
-        rows = encoded.annotated[:, n]
-        labels = encoded.labels[rows]
+    for n in range(annotated.shape[-1]):
+        rows = annotated[:, n]
+        labels = support_labels[rows]
         binary = torch.where(labels == ignore, labels, (labels == n + 1).long())
-        results.append(adapt_fss(encoded.features[rows], binary, config=config, seeds=seeds))
+        results.append(adapt_fss(support_features[rows], binary, config=config, seeds=seeds, **facts))
     return AdaptedClassifier(
         torch.stack([r.weight for r in results]),
         None,
@@ -1508,11 +866,19 @@ def learn_classes(
     was_training = model.training
     model.eval()
     try:
-        encoded = encode_supports(
-            model, support_images, support_masks, class_names, image_processor, mask_type, config.loss_resolution
+        if image_processor is None:
+            from .image_processing_gfss import GFSSImageProcessor  # lazy: only when no processor is given
+
+            image_processor = GFSSImageProcessor.from_config(model.config)
+        supports = image_processor.preprocess_supports(
+            support_images, support_masks, class_names, mask_type, existing_class_names=model.config.class_names
         )
-        clf = adapt_encoded(model, encoded, config)
+        features = extract_support_features(model, supports, config.loss_resolution)
+        clf = adapt_classifier(
+            model, features, supports.labels.to(features.device), config,
+            num_novel_classes=len(supports.class_names), annotated=supports.annotated.to(features.device),
+        )  # fmt: skip
     finally:
         model.train(was_training)
-    model.expand_classifier(encoded.class_names, weights=clf.novel_weight, bias=clf.novel_bias)
-    return list(encoded.class_names)
+    model.expand_classifier(supports.class_names, weights=clf.novel_weight, bias=clf.novel_bias)
+    return list(supports.class_names)

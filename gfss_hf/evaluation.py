@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
-from .adaptation import AdaptationConfig, CarryOverState, adapt_fss, adapt_gfss, predict
+from .adaptation import AdaptationConfig, CarryOverState, adapt_classifier, predict
 from .data._builder import atomic_write_text
 from .data.episodes import (
     EpisodeSpec,
@@ -570,16 +570,11 @@ class _Context:
         base = len(split.base_ids)
         self.num_base_rows = base + 1
         self.num_rows = base + 1 + len(split.novel_ids)
-        weight = model.classifier.weight.detach()
-        self.base_weight = weight[: base + 1].reshape(base + 1, -1).float()
-        bias = model.classifier.bias
-        self.base_bias = None if bias is None else bias.detach()[: base + 1].float()
         self.row = {cid: r + 1 for r, cid in enumerate(split.base_ids)}
         self.row.update({cid: base + 1 + r for r, cid in enumerate(split.novel_ids)})
         self.novel_rank = {cid: r for r, cid in enumerate(split.novel_ids)}
-        adaptation = options.adaptation.replace(align_corners=self.align_corners)
-        self.fss_config = adaptation.replace(method="fss")
-        self.gfss_config = adaptation.replace(method="gfss")
+        self.fss_config = options.adaptation.replace(method="fss")
+        self.gfss_config = options.adaptation.replace(method="gfss")
         self.device = cache.device
 
     def binary(self, labels: np.ndarray, class_id: int, value: int = 1) -> torch.Tensor:
@@ -707,13 +702,13 @@ def _paper_unit(ctx: _Context, specs: list[EpisodeSpec], accs: dict[str, PooledI
     novel_rows = torch.tensor([ctx.row[c] for c in classes], device=ctx.device)[:, None, None]
     seeds = [episode_seed(ctx.options.adaptation.seed, s) for s in specs]
 
-    fss = adapt_fss(sup_feat, sup_masks, config=ctx.fss_config, seeds=seeds)
+    fss = adapt_classifier(ctx.model, sup_feat, sup_masks, ctx.fss_config, seeds=seeds)
     fss_pred = predict(q_feat, fss, size=ctx.size, align_corners=ctx.align_corners)[:, 0].argmax(1)
     score_binary_episodes(accs["fss"], fss_pred == 1, q_rows, novel_rows)
 
-    gfss = adapt_gfss(
-        sup_feat, sup_masks, ctx.base_weight, ctx.base_bias,
-        support_classes=torch.zeros(e, k, dtype=torch.long), num_novel_classes=1, config=ctx.gfss_config,
+    gfss = adapt_classifier(
+        ctx.model, sup_feat, sup_masks, ctx.gfss_config, num_teacher_rows=ctx.num_base_rows,
+        support_classes=torch.zeros(e, k, dtype=torch.long), num_novel_classes=1,
         seeds=seeds, query_features=q_feat if ctx.gfss_config.transductive else None, state=carry,
     )  # fmt: skip
     g_pred = predict(q_feat, gfss, size=ctx.size, align_corners=ctx.align_corners)[:, 0].argmax(1)
@@ -763,19 +758,18 @@ def _run_unit(
     if config.transductive:
         # DIaM-style transduction adapts on each query: one episode per query, the run's supports shared.
         e = len(specs)
-        clf = adapt_gfss(
-            support.features.expand(e, *support.features.shape),
-            support.masks.expand(e, *support.masks.shape),
-            ctx.base_weight, ctx.base_bias, support_classes=support.classes.expand(e, -1),
-            num_novel_classes=num_novel, config=config, query_features=q_feat[:, None],
+        clf = adapt_classifier(
+            ctx.model, support.features.expand(e, *support.features.shape),
+            support.masks.expand(e, *support.masks.shape), config, num_teacher_rows=ctx.num_base_rows,
+            support_classes=support.classes.expand(e, -1), num_novel_classes=num_novel, query_features=q_feat[:, None],
             seeds=[episode_seed(ctx.options.adaptation.seed, s) for s in specs],
         )  # fmt: skip
         logits = predict(q_feat[:, None], clf, size=ctx.size, align_corners=ctx.align_corners)[:, 0]
     else:
         if support.classifier is None:
-            support.classifier = adapt_gfss(
-                support.features, support.masks, ctx.base_weight, ctx.base_bias, support_classes=support.classes,
-                num_novel_classes=num_novel, config=config, state=carry,
+            support.classifier = adapt_classifier(
+                ctx.model, support.features, support.masks, config, num_teacher_rows=ctx.num_base_rows,
+                support_classes=support.classes, num_novel_classes=num_novel, state=carry,
                 seeds=episode_seed(ctx.options.adaptation.seed, specs[0], per_query=False),
             )  # fmt: skip
         logits = predict(q_feat, support.classifier, size=ctx.size, align_corners=ctx.align_corners)
@@ -985,7 +979,7 @@ def estimate_evaluation_seconds(
     protocol = episodes[0].protocol
     images = {(("train" if protocol == "capl" else "val"), i) for e in episodes for i in e.all_support_ids()}
     images |= {("val", e.query_id) for e in episodes} | {("val", e.base_query_id) for e in episodes if e.base_query_id}
-    config = options.adaptation.replace(align_corners=bool(model.config.logits_align_corners))
+    config = options.adaptation
     shots = len(episodes[0].support_ids[episodes[0].class_ids[0]])
     num_classes = len(episodes[0].class_ids)
     with torch.no_grad():
@@ -997,14 +991,14 @@ def estimate_evaluation_seconds(
     sup = feats.expand(shots * num_classes, *feats.shape[1:]).contiguous()
     masks = torch.zeros(shots * num_classes, size, size, dtype=torch.long, device=param.device)
     masks[:, : size // 2, : size // 2] = 1
-    base = model.classifier.weight.detach().flatten(1)[: len(model.config.base_class_names) + 1]
+    base_rows = len(model.config.base_class_names) + 1
     classes = torch.arange(num_classes).repeat_interleave(shots)
     start = time.perf_counter()
     for _ in range(repeats):
-        adapt_gfss(sup, masks, base, support_classes=classes, num_novel_classes=num_classes,
-                   config=config.replace(method="gfss", transductive=False), seeds=0)  # fmt: skip
+        adapt_classifier(model, sup, masks, config.replace(method="gfss", transductive=False), support_classes=classes,
+                         num_novel_classes=num_classes, num_teacher_rows=base_rows, seeds=0)  # fmt: skip
         if protocol == "paper":
-            adapt_fss(sup[:shots], masks[:shots], config=config.replace(method="fss"), seeds=0)
+            adapt_classifier(model, sup[:shots], masks[:shots], config.replace(method="fss"), seeds=0)
     t_adapt = (time.perf_counter() - start) / repeats
     if protocol == "paper" or config.transductive:
         adaptations = len(episodes)

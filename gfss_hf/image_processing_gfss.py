@@ -7,6 +7,7 @@ Pure PIL + numpy (no torchvision): results are the same on every machine.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,14 @@ from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
 from transformers.utils import logging
 
-__all__ = ["POSTPROCESS_BAND_BYTES", "GFSSImageProcessor", "load_image", "load_mask"]
+__all__ = [
+    "POSTPROCESS_BAND_BYTES",
+    "EncodedSupports",
+    "GFSSImageProcessor",
+    "check_support_background",
+    "load_image",
+    "load_mask",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -30,6 +38,79 @@ _EXIF_ORIENTATION = 0x0112
 POSTPROCESS_BAND_BYTES = 32 * 2**20
 
 logger = logging.get_logger(__name__)
+
+
+
+@dataclass
+class EncodedSupports:
+    r"""
+    Support images and masks validated and preprocessed for adaptation (see
+    [`GFSSImageProcessor.preprocess_supports`]); their features are the caller's to compute.
+
+    Args:
+        pixel_values (`torch.Tensor` of shape `(K, 3, S, S)`): the preprocessed support images.
+        labels (`torch.Tensor` of shape `(K, S, S)`, int64): 0 background, `1..N` novel class, `ignore_index`
+            ignored (padding too).
+        annotated (`torch.Tensor` of shape `(K, N)`, bool): classes each support is annotated for.
+        class_names (`list[str]`): the `N` classes, in row order.
+    """
+
+    pixel_values: torch.Tensor
+    labels: torch.Tensor
+    annotated: torch.Tensor
+    class_names: list
+
+
+def _binary_mask(mask: np.ndarray, index: int) -> np.ndarray:
+    """0/1/255 (1 foreground) or 0/255 (white-on-black, 255 foreground) or bool -> int64 0/1/255."""
+    values = set(np.unique(mask).tolist())
+    if values <= {0, 1, 255}:
+        if 1 not in values and 255 in values:
+            return np.where(mask == 255, 1, 0).astype(np.int64)  # a white-on-black PNG
+        return mask.astype(np.int64)
+    shown = sorted(values - {0, 1, 255})[:6]
+    raise ValueError(
+        f"support_masks[{index}] has values {shown} besides 0/1/255; a binary mask holds 0 background and 1 "
+        "foreground (255 = ignore), or 0 and 255 (a white-on-black PNG). Threshold soft or anti-aliased masks "
+        "first, or pass mask_type='label_map' for maps of several classes."
+    )
+
+
+def _fold_name(name: str) -> str:
+    return " ".join(name.split()).casefold()
+
+
+def check_support_background(masks, class_names, support_class=None, ignore_index: int = 255, size=None) -> None:
+    """
+    Refuse a class whose supports hold no pixel of anything else: with only positive pixels, the fine-tuned row
+    learns "everything is this class" and the whole query is labelled with it.
+
+    Args:
+        masks (`list[np.ndarray]`): one `HxW` integer mask per support: binary (0 background, 1 object,
+            `ignore_index` ignored) when `support_class` is given, else label maps (0 background, `k` =
+            `class_names[k - 1]`, `ignore_index` ignored).
+        class_names (`list[str]`): the classes, for the message.
+        support_class (`list[int]`, *optional*): the 0-based class of each binary mask; `None` for label maps.
+        ignore_index (`int`, *optional*, defaults to 255): the ignored label.
+        size (`tuple[int, int]`, *optional*): the canvas size when the masks have been resized (for the message).
+
+    Raises:
+        `ValueError`: naming the class, its supports and what a support mask must contain.
+    """
+    for n, name in enumerate(class_names):
+        rows = [k for k in range(len(masks)) if support_class is None or support_class[k] == n]
+        # Another class's pixels are negatives too in a label map; in a binary mask only 0 is.
+        other = 1 if support_class is not None else n + 1
+        if any(((np.asarray(masks[k]) != other) & (np.asarray(masks[k]) != ignore_index)).any() for k in rows):
+            continue
+        where = "" if size is None else f" after resizing to {size[1]}x{size[0]}"
+        shown = ", ".join(f"support_masks[{k}]" for k in rows)
+        raise ValueError(
+            f"class {name!r}: no background pixel in any of its supports ({shown}){where}; every pixel is the object "
+            "or ignored. A support mask must contain background (0; in a label map, 0 or another class) as well as "
+            "the object (1, or 255 on a black mask): mark only the object, so the model also sees what the class "
+            "is not."
+        )
 
 
 class GFSSImageProcessorKwargs(ImagesKwargs, total=False):
@@ -317,6 +398,155 @@ class GFSSImageProcessor(BaseImageProcessor):
         canvas = np.full((self.image_size, self.image_size), self.ignore_index, np.int64)
         canvas[:new_h, :new_w] = mask
         return canvas
+
+    # -- supports of few-shot adaptation -----------------------------------------------------------------------
+    def preprocess_supports(
+        self,
+        support_images,
+        support_masks,
+        class_names,
+        mask_type: str = "binary",
+        existing_class_names=(),
+    ) -> EncodedSupports:
+        r"""
+        Validate user supports and preprocess them for adaptation. Every check raises an error that names the
+        argument and the fix.
+
+        Args:
+            support_images (`list`): PIL images, numpy arrays, tensors or paths (any mode; see `load_image`).
+            support_masks (`list`): one mask per image (PIL, numpy, tensor or path).
+            class_names (`str` or `list[str]`): with `mask_type="binary"`, the class of each support (one name per
+                image; a name may repeat for K shots of one class, a single string applies to all); with
+                `mask_type="label_map"`, the classes of values `1..N` of the label maps.
+            mask_type (`str`, *optional*, defaults to `"binary"`): `"binary"`: values {0, 1, 255} (1 foreground,
+                255 ignored) or {0, 255} (a white-on-black PNG: 255 foreground), or bool; `"label_map"`:
+                0 background, `k` = `class_names[k - 1]`, 255 ignored.
+            existing_class_names (`list[str]`, *optional*): the model's classes; a new class may not repeat one
+                (compared ignoring case and surrounding spaces).
+
+        Returns:
+            [`EncodedSupports`].
+
+        Example:
+
+        ```python
+        >>> processor = GFSSImageProcessor(image_size=32)
+        >>> mask = np.zeros((40, 40), np.uint8)
+        >>> mask[10:20, 10:20] = 1
+        >>> supports = processor.preprocess_supports([Image.new("RGB", (40, 40))], [mask], "my-object")
+        >>> supports.labels.shape, supports.class_names
+        (torch.Size([1, 32, 32]), ['my-object'])
+        ```
+        """
+        if mask_type not in ("binary", "label_map"):
+            raise ValueError(f"mask_type={mask_type!r} is invalid; use 'binary' or 'label_map'.")
+        if support_images is None or (isinstance(support_images, (list, tuple)) and len(support_images) == 0):
+            raise ValueError(
+                "no support images: pass support_images=[...] and support_masks=[...] (at least one annotated image)."
+            )
+        images = list(support_images) if isinstance(support_images, (list, tuple)) else [support_images]
+        if support_masks is None:
+            raise ValueError("support_masks is missing; give one mask per support image.")
+        masks = list(support_masks) if isinstance(support_masks, (list, tuple)) else [support_masks]
+        if len(masks) != len(images):
+            raise ValueError(
+                f"got {len(images)} support_images but {len(masks)} support_masks; give exactly one mask per image."
+            )
+        if class_names is None:
+            raise ValueError("class_names is missing; name the class of each support (binary) or of each label value.")
+        names = [class_names] if isinstance(class_names, str) else list(class_names)
+        if mask_type == "binary" and isinstance(class_names, str):
+            names = names * len(images)
+        for name in names:
+            # str(None) would become a class called "None": a name must be given as text.
+            if not isinstance(name, str):
+                raise ValueError(
+                    f"class_names holds {name!r} ({type(name).__name__}); every class name must be a non-empty string."
+                )
+        existing = list(existing_class_names)
+        folded = {_fold_name(n): n for n in existing}
+        for name in names:
+            if not name.strip():
+                raise ValueError(f"class_names holds an empty name {name!r}; give every class a non-empty name.")
+            # "Dog " and "dog" would be two rows for one concept, and the new row would fight the pre-trained one.
+            if _fold_name(name) in folded:
+                raise ValueError(
+                    f"class name {name!r} is already a class of the model ({folded[_fold_name(name)]!r}; names are "
+                    f"compared ignoring case and surrounding spaces; classes: {existing}); the model segments it "
+                    "already. Use another name for a new class."
+                )
+        if mask_type == "binary":
+            if len(names) != len(images):
+                raise ValueError(
+                    f"got {len(images)} support_images but {len(names)} class_names; with binary masks give one class "
+                    "name per support image (repeat a name for several shots of one class) or a single string."
+                )
+            unique = list(dict.fromkeys(names))  # first-appearance order
+            support_class = [unique.index(n) for n in names]
+        else:
+            if len(set(names)) != len(names):
+                repeated = sorted({n for n in names if names.count(n) > 1})
+                raise ValueError(
+                    f"class_names repeats {repeated}; with label maps each name is one label value (1..N), so names "
+                    "must be unique."
+                )
+            if not names:
+                raise ValueError("class_names is empty; name the classes of label values 1..N.")
+            unique = names
+            support_class = None
+        pils, arrays = [], []
+        for i, (image, mask) in enumerate(zip(images, masks)):
+            pil = load_image(image, name=f"support_images[{i}]")
+            array = load_mask(mask, name=f"support_masks[{i}]")
+            if array.shape != (pil.height, pil.width):
+                raise ValueError(
+                    f"support_masks[{i}] has size {array.shape[1]}x{array.shape[0]} but support_images[{i}] is "
+                    f"{pil.width}x{pil.height}; a mask must have the size of its image."
+                )
+            if mask_type == "binary":
+                array = _binary_mask(array, i)
+                if not (array == 1).any():
+                    raise ValueError(
+                        f"support_masks[{i}] has no foreground pixel; mark the object of class {names[i]!r} with 1 "
+                        "(or 255 on a black mask)."
+                    )
+            else:
+                bad = (array > len(names)) & (array != 255)
+                if bad.any():
+                    raise ValueError(
+                        f"support_masks[{i}] holds label {int(array[bad][0])} but class_names has {len(names)} "
+                        f"classes; label maps hold 0 background, 1..{len(names)} and 255 (ignore)."
+                    )
+                if not ((array >= 1) & (array != 255)).any():
+                    raise ValueError(f"support_masks[{i}] has no foreground pixel (no label in 1..{len(names)}).")
+            pils.append(pil)
+            arrays.append(array)
+        check_support_background(arrays, unique, support_class, ignore_index=255)
+        batch = self(pils, segmentation_maps=arrays, return_tensors="pt")
+        labels = batch["labels"].long()
+        ignore = self.ignore_index
+        size = tuple(labels.shape[-2:])
+        for i in range(labels.shape[0]):
+            if not ((labels[i] >= 1) & (labels[i] != ignore)).any():
+                raise ValueError(
+                    f"support_masks[{i}] has no foreground pixel left after resizing to {size[1]}x{size[0]}; give a "
+                    "larger object (or a larger image_size)."
+                )
+        # Nearest resizing can drop the last background pixels of a nearly full mask: check again at the canvas size.
+        check_support_background(list(labels.numpy()), unique, support_class, ignore_index=ignore, size=size)
+        if support_class is not None:
+            cls = torch.tensor(support_class)
+            labels = torch.where(labels == 1, cls[:, None, None] + 1, labels)
+            annotated = torch.nn.functional.one_hot(cls, len(unique)).bool()
+        else:
+            annotated = torch.ones(labels.shape[0], len(unique), dtype=torch.bool)
+            present = {int(v) for v in np.unique(labels.numpy())} - {0, ignore}
+            missing = [unique[k - 1] for k in range(1, len(unique) + 1) if k not in present]
+            if missing:
+                raise ValueError(
+                    f"class_names {missing} have no pixel in any support label map; annotate them or drop the names."
+                )
+        return EncodedSupports(batch["pixel_values"], labels, annotated, unique)
 
     # -- main entry --------------------------------------------------------------------------------------------
     def __call__(self, images, segmentation_maps=None, **kwargs) -> BatchFeature:

@@ -231,6 +231,10 @@ class GFSSModel(GFSSPreTrainedModel):
     `[background, base..., novel...]` (`config.id2label`). An optional projection head gives L2-normalised pixel
     embeddings for contrastive pre-training.
 
+    The model does not fine-tune itself: few-shot adaptation lives in `gfss_hf.adaptation`, which reads the
+    classifier rows from the model; `gfss_hf.adaptation.learn_classes(model, images, masks, names)` writes learned
+    rows back with [`~GFSSModel.expand_classifier`], so that `save_pretrained` publishes them.
+
     Example:
 
     ```python
@@ -428,13 +432,6 @@ class GFSSModel(GFSSPreTrainedModel):
         self.classifier = new
         self.config.set_class_names(novel_class_names=(*self.config.novel_class_names, *names))
         return self
-
-    def learn_classes(self, support_images, support_masks, class_names, image_processor=None, **kwargs) -> list[str]:
-        """Learn new classes from a few annotated images and keep them as classifier rows (see
-        `gfss_hf.adaptation.learn_classes`); `save_pretrained` then publishes them."""
-        from .adaptation import learn_classes  # lazy: the model file does not depend on the adaptation engine
-
-        return learn_classes(self, support_images, support_masks, class_names, image_processor=image_processor, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # The Hub export maps AutoModel (registered in gfss_hf/__init__.py); the segmenting Auto class points to the

@@ -14,7 +14,7 @@ from PIL import Image
 from transformers import Pipeline
 from transformers.utils import logging
 
-from .adaptation import AdaptationConfig, adapt_encoded, encode_supports, predict
+from .adaptation import AdaptationConfig, adapt_classifier, extract_support_features, predict
 from .image_processing_gfss import GFSSImageProcessor, load_image
 
 __all__ = ["FewShotSegmentationPipeline", "register_pipeline"]
@@ -26,7 +26,7 @@ _SUPPORT_KEYS = ("support_images", "support_masks", "class_names", "mask_type", 
 _ADAPTATION_KEYS = tuple(
     name
     for name in AdaptationConfig.__dataclass_fields__
-    if name not in ("method", "align_corners", "ignore_index") and name not in _SUPPORT_KEYS
+    if name != "method" and name not in _SUPPORT_KEYS
 )
 # Arguments of the call itself, read by `_sanitize_parameters` and `Pipeline.__call__`.
 _CALL_KEYS = ("return_label_map", "batch_size", "num_workers")
@@ -180,16 +180,21 @@ class FewShotSegmentationPipeline(Pipeline):
             )
         model = self.model
         model.eval()
-        encoded = encode_supports(
-            model, support_images, support_masks, class_names, self.image_processor, mask_type, config.loss_resolution
+        supports = self.image_processor.preprocess_supports(
+            support_images, support_masks, class_names, mask_type, existing_class_names=model.config.class_names
         )
-        with torch.enable_grad():  # Pipeline.forward runs under no_grad; the engine's optional autograd term needs it
-            classifier = adapt_encoded(model, encoded, config)
+        features = extract_support_features(model, supports, config.loss_resolution)
+        with torch.enable_grad():  # Pipeline.forward runs under no_grad; the engine's autograd parts need it
+            classifier = adapt_classifier(
+                model, features, supports.labels.to(features.device), config,
+                num_novel_classes=len(supports.class_names), annotated=supports.annotated.to(features.device),
+            )  # fmt: skip
         base_names = list(model.config.class_names)
+        names = supports.class_names
         if persist:
-            model.expand_classifier(encoded.class_names, weights=classifier.novel_weight, bias=classifier.novel_bias)
-            logger.info(f"persisted classes {encoded.class_names} into the model")
-        return {"mode": mode, "classifier": classifier, "base_names": base_names, "class_names": encoded.class_names}
+            model.expand_classifier(names, weights=classifier.novel_weight, bias=classifier.novel_bias)
+            logger.info(f"persisted classes {names} into the model")
+        return {"mode": mode, "classifier": classifier, "base_names": base_names, "class_names": names}
 
     # -- the three stages ------------------------------------------------------------------------------------------
     def preprocess(self, image):

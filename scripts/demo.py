@@ -34,7 +34,7 @@ import torch
 
 import gfss_hf
 from gfss_hf import GFSSImageProcessor, GFSSModel
-from gfss_hf.adaptation import AdaptationConfig, adapt_fss, adapt_gfss, predict
+from gfss_hf.adaptation import AdaptationConfig, adapt_classifier, predict
 from gfss_hf.cards import render_model_card, save_model_card
 from gfss_hf.data._builder import atomic_write_text
 from gfss_hf.data.splits import get_split
@@ -212,13 +212,15 @@ def qualitative_figure(model_dir: Path, split, val, path: Path, seed: int, steps
             features = model.extract_features(batch["pixel_values"])
         s_label = batch["labels"][0]
         s_mask = torch.where(s_label == 255, 255, (s_label == novel).long())[None]
-        fss = adapt_fss(features[:1], s_mask, config=AdaptationConfig(method="fss", steps=steps, seed=spec.index))
-        preds = [predict(features[1:], fss, size=size)[0].argmax(0).numpy()]
+        align = model.config.logits_align_corners
+        fss_config = AdaptationConfig(method="fss", steps=steps, seed=spec.index)
+        fss = adapt_classifier(model, features[:1], s_mask, fss_config)
+        preds = [predict(features[1:], fss, size=size, align_corners=align)[0].argmax(0).numpy()]
         preds[0] = np.where(preds[0] == 1, novel, 0)
         for gamma in (0.0, 10.0):
-            gfss = adapt_gfss(features[:1], s_mask, model.classifier.weight[:, :, 0, 0].detach(),
-                              config=AdaptationConfig(gamma=gamma, steps=steps, seed=spec.index))
-            rows = predict(features[1:], gfss, size=size)[0].argmax(0).numpy()
+            gfss_config = AdaptationConfig(gamma=gamma, steps=steps, seed=spec.index)
+            gfss = adapt_classifier(model, features[:1], s_mask, gfss_config)
+            rows = predict(features[1:], gfss, size=size, align_corners=align)[0].argmax(0).numpy()
             shown = row_to_dataset[np.minimum(rows, base_rows)]
             preds.append(np.where(rows == base_rows, novel, shown))
         h, w = (int(v) for v in batch["resized_sizes"][1])

@@ -38,8 +38,8 @@ from gfss_hf.data.folder import IMAGE_EXTENSIONS
 from gfss_hf.image_processing_gfss import load_image
 from gfss_hf.visualization import draw_legend, overlay, palette_image
 
-# Fields of AdaptationConfig that are not fine-tuning choices: the method is --mode, the other two come from the model.
-_NOT_OPTIONS = ("method", "align_corners", "ignore_index")
+# The field of AdaptationConfig that is not a fine-tuning option: the method is --mode.
+_NOT_OPTIONS = ("method",)
 _GLOB_CHARS = set("*?[")
 
 

@@ -8,14 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gfss_hf import adaptation
+from gfss_hf import _solver
+from gfss_hf._solver import _DENSE_COLUMNS, LossSpec, _adjoint, _build_objective, _shifted_logits
 from gfss_hf.adaptation import (
-    _DENSE_COLUMNS,
     AdaptationConfig,
     CarryOverState,
-    _adjoint,
-    _build_objective,
-    _shifted_logits,
     adapt,
     adapt_fss,
     adapt_gfss,
@@ -152,43 +149,35 @@ def _toy_episode(seed=0, shots=2, num_novel=1, dim=6, feat=5, size=17, teacher_r
     return features, labels, classes, base_weight, base_bias
 
 
-def _reference_loss(weight, bias, features, novel_labels, annotated_novel, base_weight, base_bias, config):
-    """CE' + gamma * KD of one episode with losses.py and autograd (the definition the engine must match)."""
+def _autograd_step(features, labels, base_weight, base_bias, classes, config, align_corners=True):
+    """One step of the library's plain autograd reference (`gfss_hf._solver.reference_loss` + autograd)."""
+    return adapt_gfss(features, labels, base_weight, base_bias, support_classes=classes,
+                      config=config.replace(steps=1, solver="autograd"), align_corners=align_corners)  # fmt: skip
+
+
+def test_reference_solver_is_the_mean_of_the_losses():
+    """The autograd reference's loss of one episode is `few_shot_cross_entropy + gamma * distillation_loss` of
+    losses.py on upsampled logits, with labels mapped to rows by hand: the definition every solver must match."""
+    features, labels, classes, base_weight, _ = _toy_episode(shots=1)
+    config = AdaptationConfig(lr=0.5)
+    init = adapt_gfss(features, labels, base_weight, support_classes=classes, config=config.replace(steps=0))
+    ref = _autograd_step(features, labels, base_weight, None, classes, config)
     t = base_weight.shape[0]
-    size = novel_labels.shape[-2:]
-    if config.loss_resolution == "feature":
-        novel_labels = F.interpolate(novel_labels[:, None].float(), size=features.shape[-2:], mode="nearest")
-        novel_labels = novel_labels[:, 0].long()
-        size = features.shape[-2:]
 
-    def logits_of(w, b):
+    def logits_of(w):
         z = torch.einsum("cd,kdhw->kchw", w, features)
-        if b is not None:
-            z = z + b[None, :, None, None]
-        return F.interpolate(z, size=tuple(size), mode="bilinear", align_corners=config.align_corners)
+        return F.interpolate(z, size=labels.shape[-2:], mode="bilinear", align_corners=True)
 
-    ignore = config.ignore_index
-    valid = novel_labels != ignore
-    rows = torch.where(valid & (novel_labels > 0), novel_labels + t - 1, novel_labels)
-    annotated = torch.zeros(features.shape[0], weight.shape[0], dtype=torch.bool)
-    annotated[:, t:] = annotated_novel
-    weights = None
-    if config.ce_weighting == "reference":
-        fg, bg = valid & (novel_labels > 0), valid & (novel_labels == 0)
-        ratio = bg.sum() / fg.sum() if fg.sum() > 0 and bg.sum() > 0 else torch.tensor(1.0)
-        weights = torch.where(fg, ratio, torch.tensor(1.0))
-    logits = logits_of(weight, bias)
-    loss = few_shot_cross_entropy(logits, rows, annotated=annotated, pixel_weights=weights)
-    if config.method == "gfss" and config.gamma > 0:
-        teacher = logits_of(base_weight, base_bias).detach()
-        if config.kd_average_over_padding:
-            mask = torch.ones_like(valid)
-        elif config.kd_skip_novel:
-            mask = valid & (novel_labels == 0)
-        else:
-            mask = valid
-        loss = loss + config.gamma * distillation_loss(logits, teacher, mask=mask, scale=config.kd_scale)
-    return loss
+    rows = torch.where(labels == 1, t, labels)  # the novel class is the row after the teacher's
+    annotated = torch.zeros(1, t + 1, dtype=torch.bool)
+    annotated[:, t] = True
+    w = init.weight.clone().requires_grad_(True)
+    loss = few_shot_cross_entropy(logits_of(w), rows, annotated=annotated) + config.gamma * distillation_loss(
+        logits_of(w), logits_of(base_weight), mask=labels != 255
+    )
+    torch.testing.assert_close(ref.loss_history[0], loss.detach(), rtol=1e-5, atol=1e-6)
+    (grad,) = torch.autograd.grad(loss, [w])
+    torch.testing.assert_close(ref.weight, init.weight - config.lr * grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -200,6 +189,7 @@ def _reference_loss(weight, bias, features, novel_labels, annotated_novel, base_
         {"kd_average_over_padding": True},
         {"loss_resolution": "feature"},
         {"align_corners": False, "novel_init": "prototype"},
+        {"normalize_features": True, "novel_init": "kaiming_uniform"},
         {"gamma": 0.0},
     ],
     ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default",
@@ -207,21 +197,19 @@ def _reference_loss(weight, bias, features, novel_labels, annotated_novel, base_
 @pytest.mark.parametrize("num_novel,bias", [(1, False), (2, True)])
 def test_gfss_engine_matches_reference_losses(overrides, num_novel, bias):
     features, labels, classes, base_weight, base_bias = _toy_episode(num_novel=num_novel, bias=bias, shots=2)
+    overrides = dict(overrides)
+    align_corners = overrides.pop("align_corners", True)
     config = AdaptationConfig(**{"lr": 0.5, **overrides})
-    init = adapt_gfss(features, labels, base_weight, base_bias, support_classes=classes, config=config.replace(steps=0))
-    one = adapt_gfss(features, labels, base_weight, base_bias, support_classes=classes, config=config.replace(steps=1))
+    kwargs = {"support_classes": classes, "align_corners": align_corners}
+    init = adapt_gfss(features, labels, base_weight, base_bias, config=config.replace(steps=0), **kwargs)
+    one = adapt_gfss(features, labels, base_weight, base_bias, config=config.replace(steps=1), **kwargs)
     assert init.weight.shape == (base_weight.shape[0] + num_novel, features.shape[1])
     torch.testing.assert_close(init.weight[:4], base_weight)  # a fresh copy of the pre-trained rows
-    novel_labels = torch.where(labels == 1, classes[:, None, None] + 1, labels)
-    annotated = F.one_hot(classes, num_novel).bool()
-    w = init.weight.clone().requires_grad_(True)
-    b = init.bias.clone().requires_grad_(True) if bias else None
-    ref = _reference_loss(w, b, features, novel_labels, annotated, base_weight, base_bias, config)
-    torch.testing.assert_close(one.loss_history[0], ref.detach(), rtol=1e-5, atol=1e-6)
-    grads = torch.autograd.grad(ref, [w] + ([b] if bias else []))
-    torch.testing.assert_close(one.weight, init.weight - config.lr * grads[0], rtol=1e-5, atol=1e-6)
+    ref = _autograd_step(features, labels, base_weight, base_bias, classes, config, align_corners)
+    torch.testing.assert_close(one.loss_history, ref.loss_history, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(one.weight, ref.weight, rtol=1e-5, atol=1e-6)
     if bias:
-        torch.testing.assert_close(one.bias, init.bias - config.lr * grads[1], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(one.bias, ref.bias, rtol=1e-5, atol=1e-6)
         assert torch.all(init.bias[4:] == 0)
 
 
@@ -255,10 +243,12 @@ def test_reference_weighting_survives_an_empty_foreground():
 # ---------------------------------------------------------------------------------------------------------------------
 def _objective_for(h, w, height, width, align_corners, classes=3):
     labels = torch.zeros(1, height, width, dtype=torch.long)
-    valid = torch.ones_like(labels, dtype=torch.bool)
-    annotated = torch.zeros(1, classes, dtype=torch.bool)
-    return _build_objective(labels, valid, annotated, None, torch.ones(1), None, None, 0.0, None, classes, classes,
-                            (h, w), align_corners)  # fmt: skip
+    spec = LossSpec(labels=labels, valid=torch.ones_like(labels, dtype=torch.bool),
+                    annotated=torch.zeros(1, classes, dtype=torch.bool), ce_weights=None, ce_denom=torch.ones(1),
+                    kd_mask=None, kd_denom=None, teacher_logits=None, gamma=0.0, kd_scale="reference",
+                    num_teacher=classes, num_classes=classes, feature_size=(h, w),
+                    align_corners=align_corners)  # fmt: skip
+    return _build_objective(spec)
 
 
 def _unband(banded, bands, n, c, height, width):
@@ -310,39 +300,27 @@ def test_band_exp_without_the_progression_when_logits_are_extreme(exact_path, mo
     low_max = z_low.amax(dim=1, keepdim=True)
     exp = _shifted_logits(z_low, low_max, h, w, objective, exp=True)
     assert torch.isfinite(exp).all() and float(exp[exp > 0].min()) >= math.exp(-87.0) * 0.999
-    monkeypatch.setattr(adaptation, "_DENSE_EXACT_FACTOR", 10**9 if exact_path == "whole map" else 0)
+    monkeypatch.setattr(_solver, "_DENSE_EXACT_FACTOR", 10**9 if exact_path == "whole map" else 0)
     features, labels, classes, base_weight, _ = _toy_episode(seed=4, feat=5, size=17)
     config = AdaptationConfig(lr=0.5)
     big = base_weight * 300.0
-    init = adapt_gfss(features, labels, big, support_classes=classes, config=config.replace(steps=0))
     one = adapt_gfss(features, labels, big, support_classes=classes, config=config.replace(steps=1))
-    w_ref = init.weight.clone().requires_grad_(True)
-    novel_labels = torch.where(labels == 1, classes[:, None, None] + 1, labels)
-    ref = _reference_loss(w_ref, None, features, novel_labels, F.one_hot(classes, 1).bool(), big, None, config)
-    torch.testing.assert_close(one.loss_history[0], ref.detach(), rtol=1e-5, atol=1e-4)
-    (grad,) = torch.autograd.grad(ref, [w_ref])
-    torch.testing.assert_close(one.weight, init.weight - config.lr * grad, rtol=1e-5, atol=1e-4)
+    ref = _autograd_step(features, labels, big, None, classes, config)
+    torch.testing.assert_close(one.loss_history, ref.loss_history, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(one.weight, ref.weight, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("align_corners", [True, False])
 def test_many_steps_equal_plain_autograd_sgd(align_corners):
     """100 steps of the engine (bands, progression, folded constants) against plain autograd SGD on losses.py."""
     features, labels, classes, base_weight, _ = _toy_episode(seed=5, feat=7, size=50)
-    config = AdaptationConfig(steps=100, align_corners=align_corners)
-    init = adapt_gfss(features, labels, base_weight, support_classes=classes, config=config.replace(steps=0))
-    engine = adapt_gfss(features, labels, base_weight, support_classes=classes, config=config)
-    weight = init.weight.clone()
-    novel_labels = torch.where(labels == 1, classes[:, None, None] + 1, labels)
-    losses = []
-    for _ in range(config.steps):
-        weight.requires_grad_(True)
-        loss = _reference_loss(weight, None, features, novel_labels, F.one_hot(classes, 1).bool(), base_weight, None,
-                               config)  # fmt: skip
-        (grad,) = torch.autograd.grad(loss, [weight])
-        losses.append(loss.detach())
-        weight = (weight - config.lr * grad).detach()
-    torch.testing.assert_close(engine.loss_history, torch.stack(losses), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(engine.weight, weight, rtol=1e-4, atol=1e-5)
+    config = AdaptationConfig(steps=100)
+    kwargs = {"support_classes": classes, "align_corners": align_corners}
+    engine = adapt_gfss(features, labels, base_weight, config=config, **kwargs)
+    reference = adapt_gfss(features, labels, base_weight, config=config.replace(solver="autograd"), **kwargs)
+    assert config.solver == "exact"  # the default
+    torch.testing.assert_close(engine.loss_history, reference.loss_history, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(engine.weight, reference.weight, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

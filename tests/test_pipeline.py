@@ -245,7 +245,7 @@ def test_trust_remote_code_in_a_fresh_process(pipe, samples, tmp_path):
     export = tmp_path / "export"
     pipe.save_pretrained(export)
     assert (export / "pipeline_few_shot_segmentation.py").is_file()
-    assert (export / "adaptation.py").is_file()
+    assert (export / "adaptation.py").is_file() and (export / "_solver.py").is_file()
     _pil(support).save(tmp_path / "support.png")
     _mask(support, cid).save(tmp_path / "mask.png")
     script = textwrap.dedent(
