@@ -61,7 +61,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers.utils import logging
 
 from .configuration_gfss import GFSSConfig
-from .data._builder import apply_umask
+from ._io import apply_umask
 
 __all__ = [
     "CITATION",

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
+from ._io import atomic_write_text
 from .adaptation import AdaptationConfig, CarryOverState, adapt_fss, adapt_gfss, predict
-from .data._builder import atomic_write_text
 from .data.episodes import (
     EpisodeSpec,
     class_index_from_pixel_counts,

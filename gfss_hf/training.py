@@ -40,8 +40,9 @@ from huggingface_hub import HfApi
 from torch.utils.data import DataLoader, Dataset
 from transformers.utils import logging
 
+from ._io import apply_umask, atomic_write_text
 from .configuration_gfss import GFSSConfig
-from .data._builder import apply_umask, atomic_write_text
+from .conversion import load_backbone_weights
 from .image_processing_gfss import GFSSImageProcessor
 from .losses import contrastive_loss_from_samples, count_contrastive_pairs, sample_contrastive_pixels
 from .modeling_gfss import GFSSModel
@@ -99,7 +100,7 @@ class TrainingConfig:
         dropout (`float`, 0.1), image_size (`int`, 473), pad_mode (`str`, `"mean"`), projection_dim (`int`, 256),
         projection_source (`str`, `"decoder"`): the model (see [`GFSSConfig`]).
         backbone_weights (`str`, *optional*): local file of ImageNet backbone weights
-            ([`GFSSModel.load_backbone_weights`]).
+            ([`gfss_hf.conversion.load_backbone_weights`]).
         num_epochs (`int`, defaults to 100), max_steps (`int`, *optional*): length of the run in epochs, or in
             optimizer steps when `max_steps` is given.
         batch_size (`int`, defaults to 12): images per process per forward pass.
@@ -591,7 +592,7 @@ def build_model(config: TrainingConfig, split=None) -> GFSSModel:
         torch.manual_seed(config.seed)
         model = GFSSModel(model_config)
     if config.backbone_weights:
-        model.load_backbone_weights(config.backbone_weights)
+        load_backbone_weights(model, config.backbone_weights)
     return model
 
 

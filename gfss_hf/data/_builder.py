@@ -1,16 +1,11 @@
-"""Shared plumbing of the dataset builders: configs, list files, image/mask reading, atomic JSON caches."""
+"""Shared plumbing of the dataset builders: configs, the view template, list files, image/mask reading, index caches."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import errno
 import hashlib
 import json
 import os
-import secrets
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +16,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from transformers.utils import logging
 
+from .._io import atomic_write_json
 from ..image_processing_gfss import load_image
 from .episodes import compute_pixel_counts
 
@@ -31,12 +27,6 @@ __all__ = [
     "GFSSBuilderConfig",
     "GFSSBuilderMixin",
     "config_kwargs",
-    "atomic_write_json",
-    "atomic_write_bytes",
-    "atomic_write_text",
-    "atomic_folder",
-    "current_umask",
-    "apply_umask",
     "read_list_file",
     "read_mask",
     "read_rgb",
@@ -119,100 +109,6 @@ def config_kwargs(config: datasets.BuilderConfig) -> dict[str, Any]:
 def segmentation_features() -> datasets.Features:
     """`{"id": string, "image": Image (RGB), "label": Image (mode L)}`."""
     return datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(), "label": datasets.Image()})
-
-
-def current_umask() -> int:
-    """The process's umask, read without changing it where the platform allows (Linux: `/proc/self/status`)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    # Elsewhere: set and restore (not atomic with respect to other threads, hence the fallback only).
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def apply_umask(path: str | os.PathLike, directory: bool = False) -> None:
-    """Give `path` the mode a plain `open()` / `mkdir()` would have: `0o666 & ~umask` for a file, `0o777 & ~umask`
-    for a folder. `tempfile.mkstemp` / `mkdtemp` create 0600 / 0700 (private) entries, which an atomic write would
-    otherwise hand on to the final file, unreadable to the group the umask allows."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and `os.replace`, so readers never see a
-    half-written file. The file gets the mode of a plain write (`0o666 & ~umask`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        apply_umask(tmp)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException as err:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            raise OSError(
-                errno.ENOSPC, f"no space left on device while writing {str(path)!r}; free disk space and run again"
-            ) from err
-        raise
-
-
-@contextlib.contextmanager
-def atomic_folder(path: str | os.PathLike, overwrite: bool = False):
-    """
-    Build a folder in a temporary sibling and rename it into place on success, so that readers never see a half
-    folder and a failure leaves nothing behind.
-
-    Args:
-        path (`str` or `os.PathLike`): the folder to create; it must not exist, or be empty, unless `overwrite`.
-        overwrite (`bool`, *optional*, defaults to `False`): replace an existing non-empty folder (only once the
-            new one is complete).
-
-    Example:
-
-    ```python
-    >>> with atomic_folder("out/model") as tmp:
-    ...     model.save_pretrained(tmp)
-    ```
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{str(path)!r} is an existing file; give a folder path.")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"folder {str(path)!r} is not empty; give a new folder, or allow overwriting it.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # os.mkdir (not mkdtemp, which makes a private folder) so that the result has the umask's mode.
-    tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{secrets.token_hex(4)}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write UTF-8 `text` to `path` atomically (temporary file + `os.replace`)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """`json.dump` to `path` atomically (temporary file + `os.replace`)."""
-    atomic_write_bytes(path, json.dumps(obj, sort_keys=True).encode("utf-8"))
 
 
 def read_list_file(path: str | os.PathLike) -> list[tuple[str, str]]:

@@ -30,11 +30,10 @@ import numpy as np
 from PIL import Image
 from transformers.utils import logging
 
+from .._io import atomic_write_bytes, atomic_write_json
 from ._builder import (
     GFSSBuilderConfig,
     GFSSBuilderMixin,
-    atomic_write_bytes,
-    atomic_write_json,
     default_index_cache_dir,
     image_feature_value,
     read_list_file,

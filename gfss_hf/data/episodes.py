@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 from transformers.utils import logging
 
+from .._io import atomic_write_bytes
+
 logger = logging.get_logger(__name__)
 
 __all__ = [
@@ -452,8 +454,6 @@ def save_episodes(path: str | os.PathLike, episodes: Iterable[EpisodeSpec]) -> N
         path (`str` or `os.PathLike`): output file.
         episodes (`Iterable[EpisodeSpec]`): the episodes.
     """
-    from ._builder import atomic_write_bytes
-
     payload = {"format": _FORMAT, "version": _FORMAT_VERSION, "episodes": [e.to_dict() for e in episodes]}
     atomic_write_bytes(path, json.dumps(payload).encode("utf-8"))
 
