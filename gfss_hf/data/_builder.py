@@ -6,7 +6,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,8 @@ __all__ = [
     "VIEWS",
     "GFSSBuilderConfig",
     "GFSSBuilderMixin",
+    "ListSource",
+    "base_training_entries",
     "config_kwargs",
     "read_list_file",
     "read_mask",
@@ -66,8 +68,40 @@ class GFSSBuilderConfig(datasets.BuilderConfig):
             raise ValueError(f"min_pixels={self.min_pixels} must be >= 0.")
 
 
+@dataclass
+class ListSource:
+    """What a builder supplies to the view template of [`GFSSBuilderMixin`] for one list (`"train"` or `"val"`).
+
+    Args:
+        entries (`list[tuple[str, Path, Any]]`): (image id, image path, label handle) per image, in list order.
+        read_label (`Callable[[Any], np.ndarray]`): label handle -> `uint8` array `(H, W)` of dataset ids (a mask
+            path for files on disk, an image id for COCO's annotation-built masks). It travels to
+            `_generate_examples`, so it must pickle (a module-level function or a bound method).
+        pixel_counts (`Callable[[], Mapping[str, Mapping[int, int]]]`): per image id, the pixel count of every class
+            present; called only by the `"base_train"` view (it may read every mask once, or a cache).
+    """
+
+    entries: list[tuple[str, Path, Any]]
+    read_label: Callable[[Any], np.ndarray]
+    pixel_counts: Callable[[], Mapping[str, Mapping[int, int]]]
+
+
+def base_training_entries(
+    entries: Sequence[tuple], pixel_counts: Mapping[str, Mapping[int, int]], base_ids: Iterable[int], min_pixels: int
+) -> list[tuple]:
+    """The entries (image id first) whose image has a base class covering >= `min_pixels` pixels."""
+    base = set(base_ids)
+    return [e for e in entries if any(n >= min_pixels and c in base for c, n in pixel_counts[e[0]].items())]
+
+
 class GFSSBuilderMixin:
-    """Shared builder behaviour: `from_config`, and data errors surfaced as themselves.
+    """Shared builder behaviour: `from_config`, data errors surfaced as themselves, and the three views.
+
+    The views (`"base_train"`, `"train"`, `"val"`, see [`GFSSBuilderConfig`]) are one template: a builder supplies
+    its `fold_split` and `_list_source(split)` (a [`ListSource`]: the list's entries, a label reader, the pixel
+    counts); the template picks the list, filters the base-training images, checks each mask against its image and
+    the fold's classes, and remaps base-training labels. A builder with its own generation (the procedural one)
+    overrides `_split_generators` / `_generate_examples`.
 
     `datasets` wraps any error raised while generating examples in a generic `DatasetGenerationError`; the errors
     raised here name the bad file and the fix, so they are re-raised unwrapped (the partial cache is removed by
@@ -87,6 +121,53 @@ class GFSSBuilderMixin:
             if isinstance(cause, (ValueError, OSError, KeyError)):
                 raise cause.with_traceback(cause.__traceback__) from None
             raise
+
+    def _list_source(self, split: str) -> ListSource:
+        """The entries, label reader and pixel counts of the `split` list (`"train"` or `"val"`)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _list_source(split) for the view template.")
+
+    def _split_generators(self, dl_manager):
+        cfg = self.config
+        split = "val" if cfg.view == "val" else "train"
+        source = self._list_source(split)
+        fold_split = self.fold_split
+        entries = source.entries
+        if cfg.view == "base_train":
+            entries = base_training_entries(entries, source.pixel_counts(), fold_split.base_ids, cfg.min_pixels)
+            if not entries:
+                # `datasets` would fail later with "Instruction train corresponds to no data", naming nothing.
+                names = ", ".join(fold_split.base_names)
+                raise ValueError(
+                    f"no image of the {split} list of {cfg.data_dir!r} has a base class ({names}) covering >= "
+                    f"{cfg.min_pixels} px, so fold {cfg.fold} has nothing to pre-train on; lower min_pixels (e.g. "
+                    "--set min_pixels=256 for small images) or check the masks' values."
+                )
+            logger.info(
+                f"{self.name} base_train fold {cfg.fold}: {len(entries)} images with a base class >= {cfg.min_pixels} px"
+            )
+        name = datasets.Split.VALIDATION if cfg.view == "val" else datasets.Split.TRAIN
+        gen_kwargs = {"entries": entries, "read_label": source.read_label, "fold_split": fold_split}
+        return [datasets.SplitGenerator(name=name, gen_kwargs=gen_kwargs)]
+
+    def _generate_examples(self, entries, read_label, fold_split):
+        cfg = self.config
+        for k, (image_id, image_path, handle) in enumerate(entries):
+            image, (height, width) = image_feature_value(image_path)
+            label = read_label(handle)
+            if label.shape != (height, width):
+                raise ValueError(
+                    f"mask {str(handle)!r} is {label.shape[1]}x{label.shape[0]} but image {str(image_path)!r} is "
+                    f"{width}x{height}; masks must have their image's size: fix the list or the files."
+                )
+            if cfg.view == "base_train":
+                label = fold_split.to_base_training(label, novel_to_background=cfg.novel_to_background)
+            else:
+                label = fold_split.check_label(label)
+            yield k, {"id": image_id, "image": image, "label": Image.fromarray(np.ascontiguousarray(label), "L")}
+
+    def _list_file(self, split: str) -> str | None:
+        """The config's custom list of `split` (`train_list` / `val_list`), or None for the builder's default."""
+        return getattr(self.config, f"{split}_list", None)
 
 
 def config_kwargs(config: datasets.BuilderConfig) -> dict[str, Any]:
