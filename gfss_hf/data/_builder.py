@@ -122,6 +122,12 @@ class GFSSBuilderMixin:
                 raise cause.with_traceback(cause.__traceback__) from None
             raise
 
+    # A builder's one-line description; the features are the same for every builder.
+    DESCRIPTION = ""
+
+    def _info(self) -> datasets.DatasetInfo:
+        return datasets.DatasetInfo(description=self.DESCRIPTION, features=segmentation_features())
+
     def _list_source(self, split: str) -> ListSource:
         """The entries, label reader and pixel counts of the `split` list (`"train"` or `"val"`)."""
         raise NotImplementedError(f"{type(self).__name__} must implement _list_source(split) for the view template.")

@@ -38,7 +38,6 @@ from ._builder import (
     default_index_cache_dir,
     read_list_file,
     read_mask,
-    segmentation_features,
 )
 from .episodes import class_index_from_pixel_counts, compute_pixel_counts
 from .pascal import standard_list_path
@@ -305,13 +304,11 @@ class Coco20i(GFSSBuilderMixin, datasets.GeneratorBasedBuilder):
 
     BUILDER_CONFIG_CLASS = Coco20iConfig
     VERSION = datasets.Version("1.0.0")
+    DESCRIPTION = "COCO-20i for GFSS"
 
     @property
     def fold_split(self) -> FoldSplit:
         return get_split("coco20i", self.config.fold, self.config.split_kind)
-
-    def _info(self) -> datasets.DatasetInfo:
-        return datasets.DatasetInfo(description="COCO-20i for GFSS", features=segmentation_features())
 
     def _list_source(self, split: str) -> ListSource:
         cfg = self.config

@@ -38,7 +38,6 @@ from ._builder import (
     ListSource,
     cached_pixel_counts,
     read_mask,
-    segmentation_features,
 )
 from .episodes import class_index_from_pixel_counts
 from .splits import IGNORE_INDEX, FoldSplit
@@ -316,6 +315,7 @@ class FolderSegmentation(GFSSBuilderMixin, datasets.GeneratorBasedBuilder):
 
     BUILDER_CONFIG_CLASS = FolderSegmentationConfig
     VERSION = datasets.Version("1.0.0")
+    DESCRIPTION = "User folder dataset for GFSS"
 
     def __init__(self, *args, **kwargs):
         # datasets reuses a prepared cache whose config kwargs hash the same; with the path alone an edited mask or
@@ -330,9 +330,6 @@ class FolderSegmentation(GFSSBuilderMixin, datasets.GeneratorBasedBuilder):
     @property
     def fold_split(self) -> FoldSplit:
         return folder_split(self.config.data_dir, self.config.fold)
-
-    def _info(self) -> datasets.DatasetInfo:
-        return datasets.DatasetInfo(description="User folder dataset for GFSS", features=segmentation_features())
 
     def _list_source(self, split: str) -> ListSource:
         cfg = self.config

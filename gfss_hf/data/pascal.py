@@ -29,7 +29,6 @@ from ._builder import (
     cached_pixel_counts,
     read_list_file,
     read_mask,
-    segmentation_features,
 )
 from .episodes import class_index_from_pixel_counts
 from .splits import VOC_CLASSES, FoldSplit, get_split
@@ -181,13 +180,11 @@ class Pascal5i(GFSSBuilderMixin, datasets.GeneratorBasedBuilder):
 
     BUILDER_CONFIG_CLASS = Pascal5iConfig
     VERSION = datasets.Version("1.0.0")
+    DESCRIPTION = "PASCAL-5i (VOC2012 + SBD) for GFSS"
 
     @property
     def fold_split(self) -> FoldSplit:
         return get_split(self.config.dataset, self.config.fold)
-
-    def _info(self) -> datasets.DatasetInfo:
-        return datasets.DatasetInfo(description="PASCAL-5i (VOC2012 + SBD) for GFSS", features=segmentation_features())
 
     def _list_source(self, split: str) -> ListSource:
         cfg = self.config
