@@ -56,8 +56,9 @@ from transformers import HfArgumentParser  # noqa: E402
 from gfss_hf import GFSSConfig, GFSSImageProcessor, GFSSModel  # noqa: E402
 from gfss_hf._io import atomic_write_text  # noqa: E402
 from gfss_hf.adaptation import AdaptationConfig  # noqa: E402
+from gfss_hf.data.episodes import build_episodes  # noqa: E402
 from gfss_hf.data.splits import get_split  # noqa: E402
-from gfss_hf.evaluation import EvaluationOptions, FeatureCache, build_episodes, evaluate_episodes  # noqa: E402
+from gfss_hf.evaluation import EvaluationOptions, FeatureCache, evaluate_episodes  # noqa: E402
 
 __all__ = ["PARTS", "Budget", "SuiteArguments", "main", "report_markdown", "run_suite", "write_report"]
 

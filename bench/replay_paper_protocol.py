@@ -35,8 +35,9 @@ import gfss_hf  # noqa: F401  (registers the few-shot-segmentation task)
 from gfss_hf._io import atomic_write_text
 from gfss_hf.adaptation import AdaptationConfig
 from gfss_hf.data.episodes import load_episodes
+from gfss_hf.data.sources import load_image_source
 from gfss_hf.data.splits import IGNORE_INDEX, get_split
-from gfss_hf.evaluation import episode_seed, load_image_source
+from gfss_hf.evaluation import episode_seed
 
 # results.json keys -> where the replay reads them
 _COMPARED = ("fss_novel_miou", "gfss_novel_miou", "gfss_base_miou")

@@ -60,8 +60,8 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers.utils import logging
 
-from .configuration_gfss import GFSSConfig
 from ._io import apply_umask
+from .configuration_gfss import GFSSConfig
 
 __all__ = [
     "CITATION",

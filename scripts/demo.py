@@ -38,9 +38,10 @@ from gfss_hf import GFSSImageProcessor, GFSSModel
 from gfss_hf._io import atomic_write_bytes, atomic_write_text
 from gfss_hf.adaptation import AdaptationConfig, adapt_fss, adapt_gfss, predict
 from gfss_hf.cards import render_model_card, save_model_card
+from gfss_hf.data.episodes import build_episodes
 from gfss_hf.data.splits import get_split
 from gfss_hf.data.synthetic import SyntheticSegmentation
-from gfss_hf.evaluation import EvaluationOptions, build_episodes, evaluate_episodes
+from gfss_hf.evaluation import EvaluationOptions, evaluate_episodes
 from gfss_hf.training import TrainingConfig, pretrain
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "synthetic.yaml"
