@@ -34,6 +34,7 @@ import torch
 from _calibration import recalibrate_batchnorm  # bench/, on the path when run as a script
 
 from gfss_hf import GFSSConfig, GFSSImageProcessor, GFSSModel
+from gfss_hf._io import atomic_write_text
 from gfss_hf.adaptation import AdaptationConfig, adapt_classifier, predict
 from gfss_hf.data.episodes import class_index_from_pixel_counts, sample_paper_episodes, scaled_pixel_threshold
 from gfss_hf.data.splits import IGNORE_INDEX, get_split
@@ -225,10 +226,7 @@ def main():
         entry["projected_reference_fold_hours"] = 20000 / entry["reference_episodes_per_second"] / 3600
     print(json.dumps(report, indent=2, default=float))
     if args.output:
-        tmp = f"{args.output}.tmp"
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=2, default=float)
-        os.replace(tmp, args.output)
+        atomic_write_text(args.output, json.dumps(report, indent=2, default=float))
 
 
 if __name__ == "__main__":

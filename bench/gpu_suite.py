@@ -53,10 +53,11 @@ from pretrain_step import contrastive_term  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 
 from gfss_hf import GFSSConfig, GFSSImageProcessor, GFSSModel  # noqa: E402
+from gfss_hf._io import atomic_write_text  # noqa: E402
 from gfss_hf.adaptation import AdaptationConfig  # noqa: E402
-from gfss_hf.data._builder import atomic_write_text  # noqa: E402
+from gfss_hf.data.episodes import build_episodes  # noqa: E402
 from gfss_hf.data.splits import get_split  # noqa: E402
-from gfss_hf.evaluation import EvaluationOptions, FeatureCache, build_episodes, evaluate_episodes  # noqa: E402
+from gfss_hf.evaluation import EvaluationOptions, FeatureCache, evaluate_episodes  # noqa: E402
 
 __all__ = ["PARTS", "Budget", "SuiteArguments", "main", "report_markdown", "run_suite", "write_report"]
 
@@ -549,8 +550,7 @@ def write_report(output_dir: str | os.PathLike, report: dict) -> None:
     text = json.dumps(report, indent=2, default=str)
     markdown = report_markdown(report)
     for name, content in ((REPORT_MD, markdown), (REPORT_JSON, text)):
-        atomic_write_text(output_dir / name, content)
-        os.chmod(output_dir / name, 0o644)  # the temporary file was private (mkstemp); a report is for reading
+        atomic_write_text(output_dir / name, content)  # the mode of a plain write, as the umask allows
 
 
 # -- driver -------------------------------------------------------------------------------------------------------

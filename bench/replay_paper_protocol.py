@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from collections import defaultdict
 
@@ -33,10 +32,12 @@ from tqdm.auto import tqdm
 from transformers import pipeline
 
 import gfss_hf  # noqa: F401  (registers the few-shot-segmentation task)
+from gfss_hf._io import atomic_write_text
 from gfss_hf.adaptation import AdaptationConfig
 from gfss_hf.data.episodes import load_episodes
+from gfss_hf.data.sources import load_image_source
 from gfss_hf.data.splits import IGNORE_INDEX, get_split
-from gfss_hf.evaluation import episode_seed, load_image_source
+from gfss_hf.evaluation import episode_seed
 
 # results.json keys -> where the replay reads them
 _COMPARED = ("fss_novel_miou", "gfss_novel_miou", "gfss_base_miou")
@@ -136,10 +137,7 @@ def main(argv=None) -> dict:
         print(f"{key:<18} {100 * reported:>11.2f}% {100 * report['replayed'][key]:>9.2f}%")
     print(f"largest difference: {100 * report['max_abs_difference']:.3f} points over {report['num_episodes']} episodes")
     if args.output:
-        tmp = f"{args.output}.tmp"
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=2)
-        os.replace(tmp, args.output)
+        atomic_write_text(args.output, json.dumps(report, indent=2))
     return report
 
 

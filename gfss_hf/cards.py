@@ -60,8 +60,8 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers.utils import logging
 
+from ._io import apply_umask
 from .configuration_gfss import GFSSConfig
-from .data._builder import apply_umask
 
 __all__ = [
     "CITATION",

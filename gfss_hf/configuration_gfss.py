@@ -64,7 +64,7 @@ class GFSSConfig(PreTrainedConfig):
         label_smoothing (`float`, *optional*, defaults to 0.1):
             Label smoothing of the pre-training cross-entropy returned as `loss` by `forward(labels=...)`.
         backbone_weights_path (`str`, *optional*):
-            A local file of ImageNet weights for the backbone, loaded by `GFSSModel.load_backbone_weights()`.
+            A local file of ImageNet weights for the backbone, loaded by `gfss_hf.conversion.load_backbone_weights()`.
         dataset (`str`, *optional*), fold (`int`, *optional*), split_kind (`str`, *optional*):
             Where the base classes come from; informative, used by model cards and evaluation.
         source_checkpoint (`str`, *optional*):

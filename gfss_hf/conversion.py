@@ -23,9 +23,7 @@ import hashlib
 import json
 import numbers
 import os
-import shutil
 import struct
-import tempfile
 import zipfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -37,10 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import logging
 
+from ._io import apply_umask, atomic_folder
 from .configuration_gfss import GFSSConfig
-from .data._builder import apply_umask
 from .image_processing_gfss import MIN_IMAGE_SIZE, GFSSImageProcessor
-from .modeling_gfss import _FLAT_STEM_TO_TIMM, GFSSModel
+from .modeling_gfss import GFSSModel
 
 __all__ = [
     "LAYOUTS",
@@ -51,6 +49,7 @@ __all__ = [
     "convert_checkpoint",
     "convert_state_dict",
     "detect_layout",
+    "load_backbone_weights",
     "read_checkpoint",
     "save_converted",
     "unwrap_checkpoint",
@@ -168,6 +167,15 @@ _RULE_S = (
     ("layer0.7.", "backbone.bn1."),
     *_LAYERS,
 )
+# Flat deep stem (semseg's ImageNet `resnet50_v2.pth`) -> timm deep stem. Applied in one pass from the original key.
+_FLAT_STEM_TO_TIMM = {
+    "conv1.": "conv1.0.",
+    "bn1.": "conv1.1.",
+    "conv2.": "conv1.3.",
+    "bn2.": "conv1.4.",
+    "conv3.": "conv1.6.",
+    "bn3.": "bn1.",
+}
 # Rule F: the flat deep stem (`conv1/bn1/conv2/bn2/conv3/bn3`) of semseg's ImageNet file and of POP's backbone.
 _RULE_F = (*((src, f"backbone.{dst}") for src, dst in _FLAT_STEM_TO_TIMM.items()), *_LAYERS)
 # timm's own deep stem: identity.
@@ -1070,6 +1078,102 @@ def convert_checkpoint(
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# ImageNet backbone weights (pre-training starts from them)
+# --------------------------------------------------------------------------------------------------------------------
+def _imagenet_to_timm_keys(
+    state_dict: dict[str, torch.Tensor], target_keys
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Map an ImageNet ResNet state dict to the timm `features_only` keys of a backbone whose keys are `target_keys`.
+
+    Same-layout files map by identity; the flat deep stem (semseg's `resnet50_v2.pth`) maps to timm's deep stem. A
+    7x7 stem or a 32-wide deep stem offered to a 64-64-128 deep-stem backbone is refused with the reason. Returns the
+    mapped dict and the list of dropped keys (the `fc` head)."""
+    if any(key.startswith(("layer0.", "ppm.", "learner_base.", "backbone.layer1.")) for key in state_dict):
+        # A segmentation checkpoint would otherwise fail with hundreds of missing/unexpected keys.
+        raise ValueError(
+            "this file is a PSPNet segmentation checkpoint (semseg / PFENet / RePRI / BAM / CAPL / POP layout), not "
+            "ImageNet backbone weights; convert it with gfss_hf.conversion.convert_checkpoint or "
+            "scripts/convert_checkpoint.py."
+        )
+    target_keys = set(target_keys)
+    target_deep = "conv1.0.weight" in target_keys
+    stem = state_dict.get("conv1.weight")
+    if target_deep and stem is not None and stem.shape[-1] == 7:
+        raise ValueError(
+            "this file has a single 7x7 stem conv (torchvision / timm plain ResNet-50), which cannot be loaded into "
+            "the 3-conv deep stem of resnet50s; use deep-stem weights (timm resnet50s.gluon_in1k or semseg's "
+            "resnet50_v2.pth)."
+        )
+    deep = state_dict.get("conv1.0.weight")
+    if target_deep and deep is not None and deep.shape[0] == 32:
+        raise ValueError(
+            "this file has a 32-wide deep stem (timm resnet50c/resnet50d), which does not fit resnet50s's 64-64-128 "
+            "stem; use resnet50s.gluon_in1k or semseg's resnet50_v2.pth."
+        )
+    flat = target_deep and "conv3.weight" in state_dict and "conv1.weight" in state_dict
+    mapped, dropped = {}, []
+    for key, value in state_dict.items():
+        if key.startswith("fc."):
+            dropped.append(key)
+            continue
+        new_key = key
+        if flat:
+            for src, dst in _FLAT_STEM_TO_TIMM.items():
+                if key.startswith(src):
+                    new_key = dst + key[len(src) :]
+                    break
+        mapped[new_key] = value
+    return mapped, dropped
+
+
+def load_backbone_weights(model: GFSSModel, path: str | os.PathLike | None = None, strict: bool = True) -> dict[str, list]:
+    """
+    Load ImageNet weights into `model.backbone` from a local file (never downloaded).
+
+    Accepts timm deep-stem weights (`resnet50s.gluon_in1k`, identity keys) and the flat deep-stem layout of semseg's
+    `resnet50_v2.pth` (`conv1/bn1/conv2/bn2/conv3/bn3`), as `.safetensors` or `.pth`, read by [`read_checkpoint`]
+    (`weights_only=True`). The `fc` head is dropped. Plain 7x7-stem and 32-wide-stem files are refused. It lives here,
+    not on the model, so that the model file exported for `trust_remote_code` reads no files.
+
+    Args:
+        model ([`GFSSModel`]): the model whose backbone receives the weights (in place).
+        path (`str` or `os.PathLike`, *optional*): the file; defaults to `model.config.backbone_weights_path`.
+        strict (`bool`, *optional*, defaults to `True`): raise if a backbone tensor is missing or unexpected.
+
+    Returns:
+        `dict` with lists `missing`, `unexpected`, `dropped` (keys).
+
+    Example:
+
+    ```python
+    >>> report = load_backbone_weights(model, "resnet50s.safetensors")  # doctest: +SKIP
+    ```
+    """
+    path = path if path is not None else model.config.backbone_weights_path
+    if path is None:
+        raise ValueError("no weights file: pass `path` or set `config.backbone_weights_path`.")
+    own = model.backbone.state_dict()
+    mapped, dropped = _imagenet_to_timm_keys(read_checkpoint(path), own.keys())
+    for key, value in mapped.items():
+        if key in own and own[key].shape != value.shape:
+            raise ValueError(
+                f"backbone tensor {key!r} has shape {tuple(value.shape)} in {os.fspath(path)!r} but "
+                f"{tuple(own[key].shape)} in {model.config.backbone!r}; the file is for another architecture."
+            )
+    result = model.backbone.load_state_dict(mapped, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+    report = {"missing": missing, "unexpected": list(result.unexpected_keys), "dropped": dropped}
+    if strict and (missing or result.unexpected_keys):
+        raise ValueError(
+            f"backbone weights from {os.fspath(path)!r} do not match {model.config.backbone!r}: missing "
+            f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {list(result.unexpected_keys)[:5]}; "
+            "pass strict=False to load the matching part."
+        )
+    logger.info(f"loaded backbone weights from {path}: {report}")
+    return report
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Saving
 # --------------------------------------------------------------------------------------------------------------------
 def build_model_card(report: ConversionReport, config: GFSSConfig):
@@ -1180,27 +1284,13 @@ def save_converted(
             f"output_dir {str(output_dir)!r} exists and is not empty; choose another folder or pass overwrite=True "
             "(--overwrite)."
         )
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
     processor = image_processor or GFSSImageProcessor.from_config(model.config)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
-        apply_umask(tmp, directory=True)  # mkdtemp creates 0700; the renamed folder gets the mode of a plain mkdir
+    with atomic_folder(output_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         for weights in tmp.glob("*.safetensors"):
             apply_umask(weights)  # safetensors (0.8) creates its files 0600
         processor.save_pretrained(tmp)
         build_model_card(report, model.config).save(str(tmp / "README.md"))
         (tmp / "conversion_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-        if output_dir.exists():
-            # Move the old folder aside first so that output_dir is never half-written.
-            backup = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-            os.replace(output_dir, backup / "old")
-            os.replace(tmp, output_dir)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, output_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     logger.info(f"saved the converted model to {output_dir}")
     return output_dir

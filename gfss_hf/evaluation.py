@@ -3,9 +3,9 @@
 The pieces, in the order an evaluation uses them:
 
 - an image source per list (`val`, and `train` for `capl`): anything with `ids`, `get_by_id(id) -> {"image",
-  "label"}` and `pixel_counts()` (the procedural `SyntheticSegmentation`, or [`DatasetImageSource`] over a
-  `datasets.Dataset` built by the PASCAL / COCO builders);
-- [`build_episodes`]: the seeded samplers of `gfss_hf.data.episodes` for a protocol, fold and shot count;
+  "label"}` and `pixel_counts()` (`gfss_hf.data.sources.load_image_source`: the procedural `SyntheticSegmentation`,
+  or a `DatasetImageSource` over a `datasets.Dataset` built by the PASCAL / COCO / folder builders);
+- `gfss_hf.data.episodes.build_episodes`: the seeded samplers for a protocol, fold and shot count;
 - [`FeatureCache`]: the frozen backbone + decoder features of every image, computed once per evaluation and kept on
   the device (optionally in half precision, under a memory bound beyond which features are recomputed);
 - [`evaluate_episodes`]: the episodes in fixed batches, split over the processes of an `accelerate` launch, adapted
@@ -19,7 +19,6 @@ are integers.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -32,37 +31,21 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
+from ._io import atomic_write_text
 from .adaptation import AdaptationConfig, CarryOverState, adapt_classifier, predict
-from .data._builder import atomic_write_text
-from .data.episodes import (
-    EpisodeSpec,
-    class_index_from_pixel_counts,
-    sample_capl_run,
-    sample_diam_run,
-    sample_paper_episodes,
-    scaled_pixel_threshold,
-)
-from .data.splits import IGNORE_INDEX, FoldSplit, get_split
+from .data.episodes import PROTOCOLS, EpisodeSpec, episodes_hash
+from .data.splits import IGNORE_INDEX, FoldSplit
 from .metrics import PooledIoU, harmonic_mean
 
 __all__ = [
-    "AREA_SHARES",
-    "EVALUATION_DATASETS",
-    "EVALUATION_PROTOCOLS",
-    "DatasetImageSource",
     "EvaluationOptions",
     "EvaluationResult",
     "FeatureCache",
-    "build_episodes",
     "check_episodes",
     "check_model_matches_split",
-    "default_min_pixels",
     "episode_seed",
-    "episodes_hash",
     "estimate_evaluation_seconds",
     "evaluate_episodes",
-    "load_fold_split",
-    "load_image_source",
     "metric_keys",
     "results_markdown",
     "save_results",
@@ -72,8 +55,6 @@ __all__ = [
 
 logger = logging.get_logger(__name__)
 
-EVALUATION_PROTOCOLS = ("paper", "diam", "capl")
-EVALUATION_DATASETS = ("synthetic", "pascal5i", "pascal10i", "coco20i", "folder")
 _FEATURE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _PAPER_KEYS = (
     "fss_novel_miou",
@@ -109,201 +90,8 @@ def metric_keys(protocol: str) -> tuple[str, ...]:
     elif protocol == "capl":
         keys = (*_RUN_KEYS, "total_miou")
     else:
-        raise ValueError(f"protocol={protocol!r} is not known; use one of {list(EVALUATION_PROTOCOLS)}.")
+        raise ValueError(f"protocol={protocol!r} is not known; use one of {list(PROTOCOLS)}.")
     return tuple(k for key in keys for k in (key, f"{key}_std"))
-
-
-# -- image sources --------------------------------------------------------------------------------------------------
-class DatasetImageSource:
-    """
-    Image access by id over a `datasets.Dataset` with columns `id`, `image` and `label` (dataset ids, 255 ignored),
-    as the PASCAL / COCO builders of `gfss_hf.data` produce.
-
-    Args:
-        dataset (`datasets.Dataset`): the split.
-        pixel_counts (`dict[str, dict[int, int]]`, *optional*): per image id, the pixel count of each class (e.g.
-            `gfss_hf.data.pascal.pascal_pixel_counts`, computed from the masks without decoding images); computed
-            from the `label` column when not given.
-        image_areas (`dict[str, int]`, *optional*): per image id, `height * width` (for [`default_min_pixels`] on
-            datasets without a published threshold); read from the `label` column when needed and not given.
-        description (`str`, *optional*): which images these are (printed by `scripts/evaluate.py`).
-
-    Example:
-
-    ```python
-    >>> source = DatasetImageSource(builder.as_dataset(split="validation"))  # doctest: +SKIP
-    >>> sample = source.get_by_id(source.ids[0])  # doctest: +SKIP
-    ```
-    """
-
-    def __init__(
-        self,
-        dataset,
-        pixel_counts: Mapping[str, Mapping[int, int]] | None = None,
-        image_areas: Mapping[str, int] | None = None,
-        description: str = "",
-    ):
-        missing = {"id", "image", "label"} - set(dataset.column_names)
-        if missing:
-            raise ValueError(
-                f"the dataset lacks column(s) {sorted(missing)}; an image source needs 'id', 'image' and 'label' "
-                "(build it with a gfss_hf.data builder)."
-            )
-        self.dataset = dataset
-        self.ids = [str(i) for i in dataset["id"]]
-        self._row = {image_id: k for k, image_id in enumerate(self.ids)}
-        if len(self._row) != len(self.ids):
-            raise ValueError("the dataset repeats image ids; every row needs a unique 'id'.")
-        self._pixel_counts = None if pixel_counts is None else {str(k): dict(v) for k, v in pixel_counts.items()}
-        self._image_areas = None if image_areas is None else {str(k): int(v) for k, v in image_areas.items()}
-        self.description = description
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def get_by_id(self, image_id: str) -> dict:
-        if image_id not in self._row:
-            raise KeyError(f"image id {image_id!r} is not in this dataset ({len(self.ids)} images).")
-        row = self.dataset[self._row[image_id]]
-        return {"id": image_id, "image": row["image"], "label": np.asarray(row["label"])}
-
-    def median_image_area(self) -> float:
-        """Median of the images' pixel areas (`height * width`), for area thresholds relative to the image size."""
-        if self._image_areas is None:
-            self._image_areas = {str(r["id"]): int(np.asarray(r["label"]).size)
-                                 for r in self.dataset.select_columns(["id", "label"])}  # fmt: skip
-        return float(np.median([self._image_areas[i] for i in self.ids]))
-
-    def pixel_counts(self) -> dict[str, dict[int, int]]:
-        if self._pixel_counts is None:
-            from .data.episodes import compute_pixel_counts
-
-            labels = self.dataset.select_columns(["id", "label"])
-            self._pixel_counts = compute_pixel_counts((str(r["id"]), np.asarray(r["label"])) for r in labels)
-        return self._pixel_counts
-
-
-# -- episodes -------------------------------------------------------------------------------------------------------
-# The literature's thresholds as a share of the canvas they were set for: 2,048 px of a 473 x 473 canvas (`paper`,
-# `capl`) and 16,384 px of a 417 x 417 one (`diam`). Datasets of other image sizes use the same share of their own
-# (median) image area, so that a class counts as "present" for the same reason.
-AREA_SHARES = {"paper": 2048 / 473**2, "capl": 2048 / 473**2, "diam": 16384 / 417**2}
-_STANDARD_THRESHOLD_DATASETS = ("pascal5i", "pascal10i", "coco20i")
-
-
-def default_min_pixels(
-    protocol: str, dataset: str, image_size: int | None = None, image_area: float | None = None
-) -> int:
-    """
-    Area threshold of a protocol's class index (`paper`: query/support/base images; `diam`, `capl`: supports).
-
-    PASCAL / COCO: 2,048 px (`paper`, `capl`), 16,384 px (`diam`, at 417 px), as published. The procedural dataset
-    (96 px by default, thresholds scaled to `image_size`): `paper` / `capl` use its 64 px base-training threshold;
-    `diam` uses 300 px, because its objects cover 2-10 % of an image and DIaM's 9.4 % (16,384 / 417^2) would leave
-    one or two support candidates for some novel classes. Any other dataset (a folder dataset, CamVid, ...): the
-    published thresholds' share of the canvas ([`AREA_SHARES`]: 0.92 % for `paper` / `capl`, 9.4 % for `diam`) of
-    `image_area`, the median image area of the list (e.g. 1,581 px for 480 x 360 street scenes, `paper`).
-    """
-    if protocol not in EVALUATION_PROTOCOLS:
-        raise ValueError(f"protocol={protocol!r} is not known; use one of {list(EVALUATION_PROTOCOLS)}.")
-    if dataset not in (*_STANDARD_THRESHOLD_DATASETS, "synthetic"):
-        if image_area is None or not image_area > 0:
-            raise ValueError(
-                f"dataset={dataset!r} has no published area threshold: pass image_area (the median image area of the "
-                "list, in pixels) to scale the protocol's share of the image, or give min_pixels."
-            )
-        return max(1, round(AREA_SHARES[protocol] * float(image_area)))
-    if dataset == "synthetic":
-        from .data.synthetic import DEFAULT_IMAGE_SIZE, DEFAULT_MIN_PIXELS
-
-        size = int(image_size or DEFAULT_IMAGE_SIZE)
-        if protocol == "diam":
-            return scaled_pixel_threshold(300, DEFAULT_IMAGE_SIZE, size)
-        return scaled_pixel_threshold(DEFAULT_MIN_PIXELS, DEFAULT_IMAGE_SIZE, size)
-    return 16384 if protocol == "diam" else 2048
-
-
-def build_episodes(
-    protocol: str,
-    split: FoldSplit,
-    val_source,
-    *,
-    shots: int = 1,
-    num_episodes: int = 20000,
-    seed: int = 42,
-    runs: int = 5,
-    train_source=None,
-    min_pixels: int | None = None,
-    class_sampling: str = "pair",
-) -> list[EpisodeSpec]:
-    """
-    Sample the episodes of a protocol with the seeded samplers of `gfss_hf.data.episodes`.
-
-    Args:
-        protocol (`str`): `"paper"`, `"diam"` or `"capl"`.
-        split ([`FoldSplit`]): the fold (base / novel dataset ids).
-        val_source: image source of the val list (`ids`, `pixel_counts()`).
-        shots (`int`, *optional*, defaults to 1): K.
-        num_episodes (`int`, *optional*, defaults to 20000): `paper` only.
-        seed (`int`, *optional*, defaults to 42): sampler seed.
-        runs (`int`, *optional*, defaults to 5): `diam` / `capl`: support sets (runs) `0..runs-1`.
-        train_source: image source of the train list (`capl` supports).
-        min_pixels (`int`, *optional*): area threshold (default: [`default_min_pixels`] for `split.dataset`).
-        class_sampling (`str`, *optional*, defaults to `"pair"`): `paper` only, see `sample_paper_episodes`.
-
-    Returns:
-        `list[EpisodeSpec]`: for `diam` / `capl`, one spec per (run, query), runs in order.
-    """
-    if protocol not in EVALUATION_PROTOCOLS:
-        raise ValueError(f"protocol={protocol!r} is not known; use one of {list(EVALUATION_PROTOCOLS)}.")
-    if min_pixels is None:
-        source = train_source if protocol == "capl" and train_source is not None else val_source
-        area = None
-        if split.dataset not in (*_STANDARD_THRESHOLD_DATASETS, "synthetic"):
-            if not hasattr(source, "median_image_area"):
-                raise ValueError(
-                    f"dataset {split.dataset!r} needs min_pixels, or an image source with median_image_area() to "
-                    "scale the protocol's area threshold to its images."
-                )
-            area = source.median_image_area()
-        min_pixels = default_min_pixels(protocol, split.dataset, getattr(val_source, "image_size", None), area)
-        if area is not None:
-            logger.warning(
-                f"{protocol} protocol on {split.dataset!r}: area threshold {min_pixels} px = "
-                f"{100 * AREA_SHARES[protocol]:.2f} % of the median image area ({area:.0f} px); set min_pixels to "
-                "override."
-            )
-    names = {**dict(zip(split.base_ids, split.base_names)), **dict(zip(split.novel_ids, split.novel_names))}
-    common = {"dataset": split.dataset, "fold": split.fold, "class_names": names}
-    if protocol == "paper":
-        index = class_index_from_pixel_counts(val_source.pixel_counts(), min_pixels)
-        return sample_paper_episodes(
-            index, val_source.ids, split.novel_ids, split.base_ids, shots, num_episodes, seed,
-            class_sampling=class_sampling, **common,
-        )  # fmt: skip
-    if runs < 1:
-        raise ValueError(f"runs={runs} must be >= 1 (DIaM uses 5 support sets).")
-    episodes: list[EpisodeSpec] = []
-    for run in range(runs):
-        if protocol == "diam":
-            episodes += sample_diam_run(
-                val_source.pixel_counts(), val_source.ids, split.novel_ids, shots, seed, run=run,
-                min_support_pixels=min_pixels, **common,
-            )  # fmt: skip
-        else:
-            if train_source is None:
-                raise ValueError("the 'capl' protocol draws supports from the train list: pass train_source.")
-            episodes += sample_capl_run(
-                train_source.pixel_counts(), val_source.ids, split.novel_ids, shots, seed, run=run,
-                min_support_pixels=min_pixels, **common,
-            )  # fmt: skip
-    return episodes
-
-
-def episodes_hash(episodes: Sequence[EpisodeSpec]) -> str:
-    """SHA-256 of the episode list (its JSON form): two evaluations with the same hash saw the same episodes."""
-    payload = json.dumps([e.to_dict() for e in episodes], sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
 # -- feature cache --------------------------------------------------------------------------------------------------
@@ -1056,106 +844,6 @@ def summarise_accumulators(
         if isinstance(value, float) and math.isnan(value):
             logger.warning(f"{key} is nan: no class of that group occurred in the evaluated episodes.")
     return metrics, runs
-
-
-def load_image_source(
-    dataset: str,
-    split_name: str,
-    *,
-    fold: int = 0,
-    split_kind: str | None = None,
-    data_dir: str | None = None,
-    cache_dir: str | None = None,
-    num_images: int | None = None,
-    image_size: int | None = None,
-    seed: int = 0,
-):
-    """
-    The image source of one list of a dataset, for [`build_episodes`] and [`evaluate_episodes`].
-
-    Args:
-        dataset (`str`): `"synthetic"` (rendered in memory, no files), `"pascal5i"`, `"pascal10i"`, `"coco20i"`
-            (2014 or 2017: the standard val list when the annotation file holds it, else every image of the file) or
-            `"folder"` (your own images + masks + classes.json), built with the `gfss_hf.data` builders from
-            `data_dir`.
-        split_name (`str`): `"val"` or `"train"`.
-        fold (`int`, *optional*, defaults to 0): fold of the builder config.
-        split_kind (`str`, *optional*): COCO-20i fold table.
-        data_dir (`str`, *optional*): the dataset folder (PASCAL / COCO / folder).
-        cache_dir (`str`, *optional*): `datasets` cache of the builders.
-        num_images (`int`, *optional*): synthetic: images of the list (200 val / 1000 train by default).
-        image_size (`int`, *optional*): synthetic: side of the rendered images (96 by default).
-        seed (`int`, *optional*, defaults to 0): synthetic: dataset seed.
-    """
-    if split_name not in ("val", "train"):
-        raise ValueError(f"split_name={split_name!r} is not a list; use 'val' or 'train'.")
-    if dataset == "synthetic":
-        from .data.synthetic import DEFAULT_IMAGE_SIZE, SyntheticSegmentation
-
-        count = num_images if num_images is not None else (200 if split_name == "val" else 1000)
-        return SyntheticSegmentation(split_name, count, image_size or DEFAULT_IMAGE_SIZE, seed)
-    if data_dir is None:
-        raise ValueError(f"dataset={dataset!r} is read from disk: pass data_dir (the dataset folder).")
-    import datasets
-
-    name = datasets.Split.VALIDATION if split_name == "val" else datasets.Split.TRAIN
-    areas, description = None, ""
-    if dataset in ("pascal5i", "pascal10i"):
-        from .data.pascal import Pascal5i, pascal_pixel_counts
-
-        builder = Pascal5i(cache_dir=cache_dir, data_dir=data_dir, dataset=dataset, fold=fold, view=split_name)
-        counts = pascal_pixel_counts(data_dir, split_name)
-        description = f"PASCAL {split_name} list (standard)"
-    elif dataset == "coco20i":
-        from .data.coco import Coco20i, CocoSemanticMasks, coco_pixel_counts, standard_list_matches
-
-        masks = CocoSemanticMasks(data_dir, split_name)
-        list_file = None
-        description = f"all {len(masks.image_ids())} images of {masks.ann_file.name}"
-        if split_name == "val":
-            if standard_list_matches(masks):
-                list_file = "standard"
-                description = f"the standard COCO-20i val list ({masks.ann_file.name})"
-            else:
-                logger.warning(
-                    f"{masks.ann_file.name} does not hold every image of the standard COCO-20i val list (40,137 COCO "
-                    f"2014 val images); evaluating on {description} instead. Numbers are not comparable to "
-                    "published COCO-20i results."
-                )
-        builder = Coco20i(
-            cache_dir=cache_dir, data_dir=data_dir, fold=fold, view=split_name, split_kind=split_kind or "interleaved",
-            year=masks.year, **({"val_list": list_file} if split_name == "val" else {}),
-        )  # fmt: skip
-        counts = coco_pixel_counts(data_dir, split_name, year=masks.year, list_file=list_file)
-    elif dataset == "folder":
-        from .data.folder import FolderSegmentation, folder_entries, folder_image_areas, folder_pixel_counts
-
-        builder = FolderSegmentation(cache_dir=cache_dir, data_dir=data_dir, fold=fold, view=split_name)
-        counts = folder_pixel_counts(data_dir, split_name)
-        areas = folder_image_areas(data_dir, split_name)
-        description = f"{len(folder_entries(data_dir, split_name))} images of the {split_name} list of {data_dir}"
-    else:
-        raise ValueError(
-            f"dataset={dataset!r} has no image source here; use one of {list(EVALUATION_DATASETS)}, or wrap your own "
-            "datasets.Dataset in DatasetImageSource."
-        )
-    builder.download_and_prepare()
-    return DatasetImageSource(
-        builder.as_dataset(split=name), pixel_counts=counts, image_areas=areas, description=description
-    )
-
-
-def load_fold_split(dataset: str, fold: int, split_kind: str | None = None, data_dir: str | None = None) -> FoldSplit:
-    """The fold table of `dataset` (a folder dataset reads it from its class file in `data_dir`)."""
-    if dataset == "folder":
-        from .data.folder import folder_split
-
-        if data_dir is None:
-            raise ValueError("dataset='folder' reads its classes from data_dir: pass the dataset folder.")
-        return folder_split(data_dir, fold)
-    if dataset not in EVALUATION_DATASETS:
-        raise ValueError(f"dataset={dataset!r} is not known; use one of {list(EVALUATION_DATASETS)}.")
-    return get_split(dataset, fold, split_kind)
 
 
 _TABLE_COLUMNS = {

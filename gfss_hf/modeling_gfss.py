@@ -7,7 +7,6 @@ This is the one model file: it imports only `configuration_gfss` and `losses` re
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import timm
@@ -21,7 +20,7 @@ from transformers.utils import ModelOutput, logging
 from .configuration_gfss import GFSSConfig
 from .losses import label_smoothed_cross_entropy
 
-__all__ = ["GFSSModel", "GFSSModelOutput", "GFSSPreTrainedModel", "GFSSPyramidPooling", "load_weights_file"]
+__all__ = ["GFSSModel", "GFSSModelOutput", "GFSSPreTrainedModel", "GFSSPyramidPooling"]
 
 logger = logging.get_logger(__name__)
 
@@ -94,104 +93,6 @@ class GFSSPyramidPooling(nn.Module):
         for stage in self.stages:
             outs.append(F.interpolate(stage(x), size=size, mode="bilinear", align_corners=self.align_corners))
         return self.bottleneck(torch.cat(outs, dim=1))
-
-
-def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """
-    Read a weights file safely: `.safetensors` through safetensors, anything else through
-    `torch.load(weights_only=True)`. Containers (`state_dict`, `model`) are unwrapped and a leading `module.` is
-    stripped from every key.
-
-    Args:
-        path (`str` or `os.PathLike`): the file.
-
-    Returns:
-        `dict[str, torch.Tensor]`: the flat state dict.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file {path!r} does not exist; give the path of a .safetensors or .pth file.")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        obj = load_file(path)
-    else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # an old pickle with non-tensor objects
-            raise ValueError(
-                f"{path!r} could not be read with torch.load(weights_only=True): {err}. Only files of tensors are "
-                "loaded safely; if you trust the file, re-save its state_dict with torch.save or safetensors."
-            ) from err
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a state dict of tensors.")
-    out = {}
-    for key, value in obj.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        out[key[len("module.") :] if key.startswith("module.") else key] = value
-    return out
-
-
-# Flat deep stem (semseg's ImageNet `resnet50_v2.pth`) -> timm deep stem. Applied in one pass from the original key.
-_FLAT_STEM_TO_TIMM = {
-    "conv1.": "conv1.0.",
-    "bn1.": "conv1.1.",
-    "conv2.": "conv1.3.",
-    "bn2.": "conv1.4.",
-    "conv3.": "conv1.6.",
-    "bn3.": "bn1.",
-}
-
-
-def _imagenet_to_timm_keys(
-    state_dict: dict[str, torch.Tensor], target_keys
-) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Map an ImageNet ResNet state dict to the timm `features_only` keys of a backbone whose keys are `target_keys`.
-
-    Same-layout files map by identity; the flat deep stem (semseg's `resnet50_v2.pth`) maps to timm's deep stem. A
-    7x7 stem or a 32-wide deep stem offered to a 64-64-128 deep-stem backbone is refused with the reason. Returns the
-    mapped dict and the list of dropped keys (the `fc` head)."""
-    if any(key.startswith(("layer0.", "ppm.", "learner_base.", "backbone.layer1.")) for key in state_dict):
-        # A segmentation checkpoint would otherwise fail with hundreds of missing/unexpected keys.
-        raise ValueError(
-            "this file is a PSPNet segmentation checkpoint (semseg / PFENet / RePRI / BAM / CAPL / POP layout), not "
-            "ImageNet backbone weights; convert it with gfss_hf.conversion.convert_checkpoint or "
-            "scripts/convert_checkpoint.py."
-        )
-    target_keys = set(target_keys)
-    target_deep = "conv1.0.weight" in target_keys
-    stem = state_dict.get("conv1.weight")
-    if target_deep and stem is not None and stem.shape[-1] == 7:
-        raise ValueError(
-            "this file has a single 7x7 stem conv (torchvision / timm plain ResNet-50), which cannot be loaded into "
-            "the 3-conv deep stem of resnet50s; use deep-stem weights (timm resnet50s.gluon_in1k or semseg's "
-            "resnet50_v2.pth)."
-        )
-    deep = state_dict.get("conv1.0.weight")
-    if target_deep and deep is not None and deep.shape[0] == 32:
-        raise ValueError(
-            "this file has a 32-wide deep stem (timm resnet50c/resnet50d), which does not fit resnet50s's 64-64-128 "
-            "stem; use resnet50s.gluon_in1k or semseg's resnet50_v2.pth."
-        )
-    flat = target_deep and "conv3.weight" in state_dict and "conv1.weight" in state_dict
-    mapped, dropped = {}, []
-    for key, value in state_dict.items():
-        if key.startswith("fc."):
-            dropped.append(key)
-            continue
-        new_key = key
-        if flat:
-            for src, dst in _FLAT_STEM_TO_TIMM.items():
-                if key.startswith(src):
-                    new_key = dst + key[len(src) :]
-                    break
-        mapped[new_key] = value
-    return mapped, dropped
 
 
 class GFSSPreTrainedModel(PreTrainedModel):
@@ -334,45 +235,6 @@ class GFSSModel(GFSSPreTrainedModel):
             for module in self._frozen_modules():
                 module.eval()
         return self
-
-    # -- weights -----------------------------------------------------------------------------------------------
-    def load_backbone_weights(self, path: str | os.PathLike | None = None, strict: bool = True) -> dict[str, list]:
-        """
-        Load ImageNet weights into the backbone from a local file (never downloaded).
-
-        Accepts timm deep-stem weights (`resnet50s.gluon_in1k`, identity keys) and the flat deep-stem layout of
-        semseg's `resnet50_v2.pth` (`conv1/bn1/conv2/bn2/conv3/bn3`), as `.safetensors` or `.pth`
-        (`weights_only=True`). The `fc` head is dropped. Plain 7x7-stem and 32-wide-stem files are refused.
-
-        Args:
-            path (`str`, *optional*): the file; defaults to `config.backbone_weights_path`.
-            strict (`bool`, *optional*, defaults to `True`): raise if a backbone tensor is missing or unexpected.
-
-        Returns:
-            `dict` with lists `missing`, `unexpected`, `dropped` (keys).
-        """
-        path = path if path is not None else self.config.backbone_weights_path
-        if path is None:
-            raise ValueError("no weights file: pass `path` or set `config.backbone_weights_path`.")
-        own = self.backbone.state_dict()
-        mapped, dropped = _imagenet_to_timm_keys(load_weights_file(path), own.keys())
-        for key, value in mapped.items():
-            if key in own and own[key].shape != value.shape:
-                raise ValueError(
-                    f"backbone tensor {key!r} has shape {tuple(value.shape)} in {os.fspath(path)!r} but "
-                    f"{tuple(own[key].shape)} in {self.config.backbone!r}; the file is for another architecture."
-                )
-        result = self.backbone.load_state_dict(mapped, strict=False)
-        missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
-        report = {"missing": missing, "unexpected": list(result.unexpected_keys), "dropped": dropped}
-        if strict and (missing or result.unexpected_keys):
-            raise ValueError(
-                f"backbone weights from {os.fspath(path)!r} do not match {self.config.backbone!r}: missing "
-                f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {list(result.unexpected_keys)[:5]}; "
-                "pass strict=False to load the matching part."
-            )
-        logger.info(f"loaded backbone weights from {path}: {report}")
-        return report
 
     @torch.no_grad()
     def expand_classifier(

@@ -40,8 +40,11 @@ from huggingface_hub import HfApi
 from torch.utils.data import DataLoader, Dataset
 from transformers.utils import logging
 
+from ._io import apply_umask, atomic_write_text
 from .configuration_gfss import GFSSConfig
-from .data._builder import apply_umask, atomic_write_text
+from .conversion import load_backbone_weights
+from .data.sources import DATASET_NAMES, build_view, check_data_dir, load_fold_split
+from .data.splits import FoldSplit
 from .image_processing_gfss import GFSSImageProcessor
 from .losses import contrastive_loss_from_samples, count_contrastive_pairs, sample_contrastive_pixels
 from .modeling_gfss import GFSSModel
@@ -49,18 +52,15 @@ from .modeling_gfss import GFSSModel
 logger = logging.get_logger(__name__)
 
 __all__ = [
-    "DATASETS",
     "INFRASTRUCTURE_KEYS",
     "TrainingConfig",
     "PretrainingDataset",
     "build_model",
     "build_pretraining_datasets",
     "check_checkpoint_config",
-    "check_data_dir",
     "cosine_schedule",
     "evaluate_base_miou",
     "find_last_checkpoint",
-    "get_fold_split",
     "preflight",
     "pretrain",
     "push_folder_to_hub",
@@ -68,7 +68,6 @@ __all__ = [
     "resolve_checkpoint",
 ]
 
-DATASETS = ("synthetic", "pascal5i", "pascal10i", "coco20i", "folder")
 _CHECKPOINT_DIR = "checkpoints"
 _CHECKPOINT_PREFIX = "checkpoint-"
 _TRAINER_STATE = "trainer_state.json"
@@ -99,7 +98,7 @@ class TrainingConfig:
         dropout (`float`, 0.1), image_size (`int`, 473), pad_mode (`str`, `"mean"`), projection_dim (`int`, 256),
         projection_source (`str`, `"decoder"`): the model (see [`GFSSConfig`]).
         backbone_weights (`str`, *optional*): local file of ImageNet backbone weights
-            ([`GFSSModel.load_backbone_weights`]).
+            ([`gfss_hf.conversion.load_backbone_weights`]).
         num_epochs (`int`, defaults to 100), max_steps (`int`, *optional*): length of the run in epochs, or in
             optimizer steps when `max_steps` is given.
         batch_size (`int`, defaults to 12): images per process per forward pass.
@@ -272,8 +271,8 @@ class TrainingConfig:
             raise ValueError(f"TrainingConfig.{name}={getattr(self, name)!r} is invalid: {rule}.")
 
         self._check_types()
-        if self.dataset not in DATASETS:
-            bad("dataset", f"allowed values are {DATASETS}")
+        if self.dataset not in DATASET_NAMES:
+            bad("dataset", f"allowed values are {DATASET_NAMES}")
         for name in ("num_epochs", "batch_size", "gradient_accumulation_steps", "logging_steps", "num_train_images"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, "must be a positive integer")
@@ -368,57 +367,9 @@ def parse_overrides(overrides: Sequence[str] | Mapping[str, Any]) -> dict[str, A
 
 
 # -- data ------------------------------------------------------------------------------------------------------
-def get_fold_split(config: TrainingConfig):
-    """The `FoldSplit` of the run (fold checked against the dataset's fold table)."""
-    from .data.splits import get_split
-
-    if config.dataset == "folder":
-        from .data.folder import folder_split
-
-        check_data_dir(config)
-        return folder_split(config.data_dir, config.fold)
-    return get_split(config.dataset, config.fold, config.split_kind)
-
-
-def check_data_dir(config: TrainingConfig) -> None:
-    """Raise a clear error when `config.data_dir` does not have the layout its dataset needs (before any work)."""
-    if config.dataset == "synthetic":
-        if config.data_dir is not None:
-            logger.warning(f"data_dir={config.data_dir!r} is ignored: the synthetic dataset is rendered in memory")
-        return
-    if config.data_dir is None:
-        raise ValueError(
-            f"dataset={config.dataset!r} needs data_dir (--data_dir PATH); only 'synthetic' works without data."
-        )
-    root = Path(config.data_dir).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(f"data_dir {str(root)!r} does not exist; pass the root of your {config.dataset} data.")
-    if config.dataset in ("pascal5i", "pascal10i"):
-        from .data.pascal import resolve_voc_root
-
-        voc = resolve_voc_root(root)
-        for sub in ("JPEGImages", "SegmentationClassAug"):
-            if not (voc / sub).is_dir():
-                raise FileNotFoundError(
-                    f"{str(voc / sub)!r} does not exist; PASCAL-5i needs VOC2012/JPEGImages and the SBD-augmented "
-                    "masks in VOC2012/SegmentationClassAug."
-                )
-    elif config.dataset == "coco20i":
-        annotations = sorted((root / "annotations").glob("instances_*20*.json")) if (root / "annotations").is_dir() else []
-        if not annotations:
-            raise FileNotFoundError(
-                f"no annotations/instances_train2014.json (or 2017) under {str(root)!r}; COCO-20i needs "
-                "annotations/instances_{train,val}20XX.json and the train20XX/ and val20XX/ image folders."
-            )
-    elif config.dataset == "folder":
-        from .data.folder import read_folder_classes
-
-        for sub in ("images", "masks"):
-            if not (root / sub).is_dir():
-                raise FileNotFoundError(
-                    f"{str(root / sub)!r} does not exist; a folder dataset needs images/, masks/ and classes.json."
-                )
-        read_folder_classes(root)
+def _fold_split(config: TrainingConfig) -> FoldSplit:
+    """The run's fold (a folder dataset's from its classes.json, after checking the folder's layout)."""
+    return load_fold_split(config.dataset, config.fold, config.split_kind, config.data_dir)
 
 
 class _LazySynthetic:
@@ -493,30 +444,6 @@ class PretrainingDataset(Dataset):
         }
 
 
-def _builder_dataset(config: TrainingConfig, view: str, rebuild_data: bool = False):
-    common = dict(cache_dir=config.cache_dir, data_dir=config.data_dir, fold=config.fold, view=view)
-    if config.min_pixels is not None:
-        common["min_pixels"] = config.min_pixels
-    if view == "base_train":
-        common["novel_to_background"] = config.novel_to_background
-    if config.dataset in ("pascal5i", "pascal10i"):
-        from .data.pascal import Pascal5i
-
-        builder = Pascal5i(dataset=config.dataset, **common)
-    elif config.dataset == "coco20i":
-        from .data.coco import Coco20i
-
-        builder = Coco20i(split_kind=config.split_kind or "interleaved", **common)
-    else:
-        from .data.folder import FolderSegmentation
-
-        builder = FolderSegmentation(**common)
-    # Builders key their cache by config (the folder builder also by a fingerprint of its files); rebuild_data
-    # regenerates it regardless, for edits a fingerprint cannot see.
-    builder.download_and_prepare(download_mode="force_redownload" if rebuild_data else None)
-    return builder.as_dataset(split="validation" if view == "val" else "train")
-
-
 def build_pretraining_datasets(config: TrainingConfig, split=None,
                                rebuild_data: bool = False) -> tuple[PretrainingDataset, PretrainingDataset]:
     """
@@ -525,14 +452,14 @@ def build_pretraining_datasets(config: TrainingConfig, split=None,
 
     Args:
         config ([`TrainingConfig`]): the run.
-        split (`FoldSplit`, *optional*): the fold (default: `get_fold_split(config)`).
+        split (`FoldSplit`, *optional*): the fold (default: the run's, `gfss_hf.data.sources.load_fold_split`).
         rebuild_data (`bool`, *optional*, defaults to `False`): regenerate the builders' prepared datasets instead of
             reusing their cache (`download_mode="force_redownload"`).
 
     Returns:
         `tuple(PretrainingDataset, PretrainingDataset)`: train (with flips when `config.hflip`) and val.
     """
-    split = split if split is not None else get_fold_split(config)
+    split = split if split is not None else _fold_split(config)
     processor = GFSSImageProcessor(image_size=config.image_size, pad_mode=config.pad_mode)
     val_map = lambda label: split.to_base_training(label, novel_to_background=config.novel_to_background)  # noqa: E731
     if config.dataset == "synthetic":
@@ -544,9 +471,15 @@ def build_pretraining_datasets(config: TrainingConfig, split=None,
         val_source = _LazySynthetic(split="val", num_images=config.num_val_images or 200, view="full", **kwargs)
         len(train_source)  # renders and filters now, in the main process
     else:
-        check_data_dir(config)
-        train_source = _builder_dataset(config, "base_train", rebuild_data)
-        val_source = _builder_dataset(config, "val", rebuild_data)
+        check_data_dir(config.dataset, config.data_dir)
+        # Builders key their cache by config (the folder builder also by a fingerprint of its files); rebuild_data
+        # regenerates it regardless, for edits a fingerprint cannot see.
+        views = {view: build_view(config.dataset, view, fold=config.fold, data_dir=config.data_dir,
+                                  cache_dir=config.cache_dir, split_kind=config.split_kind,
+                                  min_pixels=config.min_pixels, novel_to_background=config.novel_to_background,
+                                  rebuild=rebuild_data)
+                 for view in ("base_train", "val")}  # fmt: skip
+        train_source, val_source = views["base_train"], views["val"]
     if len(train_source) == 0:
         raise ValueError(
             f"the base-training view of {config.dataset!r} fold {config.fold} is empty: no image has a base class "
@@ -564,7 +497,7 @@ def build_model(config: TrainingConfig, split=None) -> GFSSModel:
     (the global RNG is forked, not touched), with ImageNet backbone weights when `config.backbone_weights` is set.
     The projection head exists only when `contrastive_weight > 0`.
     """
-    split = split if split is not None else get_fold_split(config)
+    split = split if split is not None else _fold_split(config)
     model_config = GFSSConfig(
         backbone=config.backbone,
         backbone_kwargs=dict(config.backbone_kwargs),
@@ -591,7 +524,7 @@ def build_model(config: TrainingConfig, split=None) -> GFSSModel:
         torch.manual_seed(config.seed)
         model = GFSSModel(model_config)
     if config.backbone_weights:
-        model.load_backbone_weights(config.backbone_weights)
+        load_backbone_weights(model, config.backbone_weights)
     return model
 
 
@@ -990,8 +923,8 @@ def preflight(config: TrainingConfig, resume_from_checkpoint=None, push_to_hub: 
     config.validate()
     if push_to_hub and not hub_model_id:
         raise ValueError("push_to_hub=True needs hub_model_id (e.g. 'user/gfss-pspnet-pascal5i-fold0').")
-    split = get_fold_split(config)
-    check_data_dir(config)
+    split = _fold_split(config)
+    check_data_dir(config.dataset, config.data_dir)
     checkpoint = resolve_checkpoint(resume_from_checkpoint, config.output_dir)
     if checkpoint is not None:
         check_checkpoint_config(checkpoint, config)

@@ -26,6 +26,7 @@ import sys
 from collections.abc import Sequence
 
 from gfss_hf.conversion import LAYOUTS, SOURCES, convert_checkpoint, save_converted
+from gfss_hf.data.splits import SPLIT_DATASETS
 from gfss_hf.image_processing_gfss import MIN_IMAGE_SIZE
 
 logger = logging.getLogger("convert_checkpoint")
@@ -52,7 +53,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, help="the released file (.pth / .pt / .tar / .safetensors)")
     parser.add_argument(
         "--dataset",
-        choices=("pascal5i", "pascal10i", "coco20i", "synthetic"),
+        choices=SPLIT_DATASETS,
         help="fold table naming the classifier rows (required except for ImageNet backbones)",
     )
     parser.add_argument("--fold", type=int, help="the fold the checkpoint was trained on")

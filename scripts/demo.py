@@ -18,6 +18,7 @@ pre-trained and evaluated in its own process (this script with `--model`), on ha
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -34,12 +35,13 @@ import torch
 
 import gfss_hf
 from gfss_hf import GFSSImageProcessor, GFSSModel
+from gfss_hf._io import atomic_write_bytes, atomic_write_text
 from gfss_hf.adaptation import AdaptationConfig, adapt_classifier, predict
 from gfss_hf.cards import render_model_card, save_model_card
-from gfss_hf.data._builder import atomic_write_text
+from gfss_hf.data.episodes import build_episodes
 from gfss_hf.data.splits import get_split
 from gfss_hf.data.synthetic import SyntheticSegmentation
-from gfss_hf.evaluation import EvaluationOptions, build_episodes, evaluate_episodes
+from gfss_hf.evaluation import EvaluationOptions, evaluate_episodes
 from gfss_hf.training import TrainingConfig, pretrain
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "synthetic.yaml"
@@ -239,10 +241,10 @@ def qualitative_figure(model_dir: Path, split, val, path: Path, seed: int, steps
         axes[row, 0].set_ylabel(split.class_names[novel - 1], fontsize=8)
     fig.suptitle(f"1-shot episodes, fold {split.fold} (novel class on the left; colours = classes)", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _val_split(args):

@@ -26,18 +26,14 @@ from accelerate import Accelerator
 
 from gfss_hf import GFSSImageProcessor, GFSSModel
 from gfss_hf.adaptation import AdaptationConfig
-from gfss_hf.data.episodes import load_episodes, save_episodes
+from gfss_hf.data.episodes import PROTOCOLS, build_episodes, load_episodes, save_episodes
+from gfss_hf.data.sources import DATASET_NAMES, get_data_source, load_fold_split, load_image_source
 from gfss_hf.evaluation import (
-    EVALUATION_DATASETS,
-    EVALUATION_PROTOCOLS,
     EvaluationOptions,
-    build_episodes,
     check_episodes,
     check_model_matches_split,
     estimate_evaluation_seconds,
     evaluate_episodes,
-    load_fold_split,
-    load_image_source,
     results_markdown,
     save_results,
 )
@@ -54,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("model", help="a save_pretrained folder or a Hub id (model + image processor)")
     parser.add_argument("--config", help="YAML file of option defaults (keys: the option names below)")
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="synthetic", choices=list(EVALUATION_DATASETS),
+    data.add_argument("--dataset", default="synthetic", choices=list(DATASET_NAMES),
                       help="folder: your own images/ + masks/ + classes.json (as scripts/pretrain.py trains on)")
     data.add_argument("--data_dir", help="dataset folder (PASCAL / COCO 2014 or 2017 / folder)")
     data.add_argument("--cache_dir", help="datasets cache of the builders")
@@ -65,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--synthetic_image_size", type=int, default=96)
     data.add_argument("--synthetic_seed", type=int, default=0)
     proto = parser.add_argument_group("protocol")
-    proto.add_argument("--protocol", default="paper", choices=list(EVALUATION_PROTOCOLS))
+    proto.add_argument("--protocol", default="paper", choices=list(PROTOCOLS))
     proto.add_argument("--shots", type=int, default=1)
     proto.add_argument("--num_episodes", type=int, default=20000, help="paper protocol")
     proto.add_argument("--runs", type=int, default=5, help="diam / capl: support sets")
@@ -127,7 +123,7 @@ def check_output_dir(path: str) -> None:
 def evaluation_function(args: argparse.Namespace, accelerator: Accelerator) -> dict:
     if accelerator.is_main_process:
         check_output_dir(args.output_dir)
-    if args.dataset != "synthetic" and not args.data_dir:
+    if get_data_source(args.dataset).needs_data_dir and not args.data_dir:
         raise SystemExit(f"--dataset {args.dataset} is read from disk: pass --data_dir (the dataset folder).")
     model = GFSSModel.from_pretrained(args.model)
     try:

@@ -32,8 +32,8 @@ from transformers import pipeline
 
 import gfss_hf
 from gfss_hf import FewShotSegmentationPipeline
+from gfss_hf._io import atomic_folder, atomic_write_bytes
 from gfss_hf.adaptation import AdaptationConfig
-from gfss_hf.data._builder import atomic_folder, atomic_write_bytes
 from gfss_hf.data.folder import IMAGE_EXTENSIONS
 from gfss_hf.image_processing_gfss import load_image
 from gfss_hf.visualization import draw_legend, overlay, palette_image

@@ -23,6 +23,7 @@ from gfss_hf.conversion import (
     convert_checkpoint,
     convert_state_dict,
     detect_layout,
+    load_backbone_weights,
     read_checkpoint,
     save_converted,
     unwrap_checkpoint,
@@ -645,4 +646,4 @@ def test_load_backbone_weights_points_pspnet_checkpoints_to_the_converter(tmp_pa
     model = GFSSModel(GFSSConfig(backbone="test_resnet", hidden_size=8, image_size=64, use_projection=False))
     torch.save({"state_dict": {"module.layer0.0.weight": torch.zeros(64, 3, 3, 3)}}, tmp_path / "best.pth")
     with pytest.raises(ValueError, match="convert_checkpoint"):
-        model.load_backbone_weights(tmp_path / "best.pth")
+        load_backbone_weights(model, tmp_path / "best.pth")

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForSemanticSegmentation
 
 from gfss_hf import GFSSConfig, GFSSModel
-from gfss_hf.modeling_gfss import load_weights_file
+from gfss_hf.conversion import load_backbone_weights, read_checkpoint
 
 BASE = ("a", "b", "c")
 
@@ -176,14 +176,14 @@ def test_load_backbone_weights_timm_and_flat_stem(tmp_path):
     source = timm.create_model("resnet18", pretrained=False, channels=(8, 16, 32, 64))
     state = source.state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "w.safetensors")
-    report = model.load_backbone_weights(tmp_path / "w.safetensors")
+    report = load_backbone_weights(model, tmp_path / "w.safetensors")
     assert sorted(report["dropped"]) == ["fc.bias", "fc.weight"]
     assert torch.equal(model.backbone.layer1[0].conv1.weight, state["layer1.0.conv1.weight"])
     # a 7x7 stem into a deep-stem model is refused with the reason
     deep = GFSSModel(tiny_config(backbone="resnet50s", hidden_size=16, use_projection=False))
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(2, 2)}, tmp_path / "plain.pth")
     with pytest.raises(ValueError, match="7x7 stem"):
-        deep.load_backbone_weights(tmp_path / "plain.pth")
+        load_backbone_weights(deep, tmp_path / "plain.pth")
 
 
 def test_load_backbone_weights_flat_deep_stem(tmp_path):
@@ -203,19 +203,23 @@ def test_load_backbone_weights_flat_deep_stem(tmp_path):
                 new = dst + key[len(src) :]
         flat[new] = torch.randn_like(value.float()).to(value.dtype) if value.is_floating_point() else value
     torch.save({"state_dict": {"module." + k: v for k, v in flat.items()}}, tmp_path / "resnet50_v2.pth")
-    report = model.load_backbone_weights(tmp_path / "resnet50_v2.pth")
+    report = load_backbone_weights(model, tmp_path / "resnet50_v2.pth")
     assert not report["missing"] and not report["unexpected"]
     assert torch.equal(model.backbone.conv1[1].weight, flat["bn1.weight"])
     assert torch.equal(model.backbone.bn1.weight, flat["bn3.weight"])
     assert torch.equal(model.backbone.conv1[6].weight, flat["conv3.weight"])
 
 
-def test_load_weights_file_errors(tmp_path):
+def test_backbone_weight_file_errors(tmp_path):
+    # Backbone weights are read by the one weight-file reader, conversion.read_checkpoint.
+    model = GFSSModel(tiny_config())
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_weights_file(tmp_path / "missing.pth")
+        load_backbone_weights(model, tmp_path / "missing.pth")
     (tmp_path / "bad.pth").write_bytes(b"not a pickle")
-    with pytest.raises(ValueError, match="weights_only=True"):
-        load_weights_file(tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="not a PyTorch checkpoint"):
+        read_checkpoint(tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="not a PyTorch checkpoint"):
+        load_backbone_weights(model, tmp_path / "bad.pth")
 
 
 @pytest.mark.fullsize

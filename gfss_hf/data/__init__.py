@@ -3,7 +3,9 @@
 - `splits`: fold tables (PASCAL-5i, PASCAL-10i, COCO-20i, synthetic) and label remapping (`FoldSplit`).
 - `synthetic`: the embedded procedural dataset (the default everywhere; no download).
 - `pascal`, `coco`, `folder`: `datasets` builders over local PASCAL VOC, COCO and user folders.
-- `episodes`: `EpisodeSpec`, per-class indexes and the seeded samplers of the `paper`, `diam` and `capl` protocols.
+- `episodes`: `EpisodeSpec`, per-class indexes, the seeded samplers of the `paper`, `diam` and `capl` protocols and
+  `build_episodes`.
+- `sources`: the dataset registry (name -> fold table, layout check, builder views, evaluation image source).
 - `convert`: COCO JSON, YOLO polygons and index masks (CamVid, Cityscapes) -> the `folder` layout
   (`scripts/convert_dataset.py`, docs/README_own_data.md).
 """
@@ -14,9 +16,11 @@ from .episodes import (
     PROTOCOLS,
     EpisodeSpec,
     build_class_index,
+    build_episodes,
     class_index_from_pixel_counts,
     compute_pixel_counts,
     episodes_from_dataset,
+    episodes_hash,
     episodes_to_dataset,
     load_episodes,
     sample_capl_run,
@@ -27,6 +31,7 @@ from .episodes import (
 )
 from .folder import FolderSegmentation, FolderSegmentationConfig, folder_class_index, folder_pixel_counts, folder_split
 from .pascal import Pascal5i, Pascal5iConfig, pascal_class_index, pascal_pixel_counts, standard_list_path
+from .sources import DATASET_NAMES, DatasetImageSource, check_data_dir, load_fold_split, load_image_source
 from .splits import (
     COCO_CLASSES,
     IGNORE_INDEX,
@@ -57,8 +62,10 @@ __all__ = [
     "PROTOCOLS",
     "EpisodeSpec",
     "build_class_index",
+    "build_episodes",
     "class_index_from_pixel_counts",
     "compute_pixel_counts",
+    "episodes_hash",
     "episodes_from_dataset",
     "episodes_to_dataset",
     "load_episodes",
@@ -67,6 +74,12 @@ __all__ = [
     "sample_paper_episodes",
     "save_episodes",
     "scaled_pixel_threshold",
+    # registry
+    "DATASET_NAMES",
+    "DatasetImageSource",
+    "check_data_dir",
+    "load_fold_split",
+    "load_image_source",
     # builders
     "GFSSBuilderConfig",
     "Coco20i",

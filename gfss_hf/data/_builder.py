@@ -1,17 +1,12 @@
-"""Shared plumbing of the dataset builders: configs, list files, image/mask reading, atomic JSON caches."""
+"""Shared plumbing of the dataset builders: configs, the view template, list files, image/mask reading, index caches."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import errno
 import hashlib
 import json
 import os
-import secrets
-import shutil
-import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +16,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from transformers.utils import logging
 
+from .._io import atomic_write_json
 from ..image_processing_gfss import load_image
 from .episodes import compute_pixel_counts
 
@@ -30,13 +26,9 @@ __all__ = [
     "VIEWS",
     "GFSSBuilderConfig",
     "GFSSBuilderMixin",
+    "ListSource",
+    "base_training_entries",
     "config_kwargs",
-    "atomic_write_json",
-    "atomic_write_bytes",
-    "atomic_write_text",
-    "atomic_folder",
-    "current_umask",
-    "apply_umask",
     "read_list_file",
     "read_mask",
     "read_rgb",
@@ -76,8 +68,40 @@ class GFSSBuilderConfig(datasets.BuilderConfig):
             raise ValueError(f"min_pixels={self.min_pixels} must be >= 0.")
 
 
+@dataclass
+class ListSource:
+    """What a builder supplies to the view template of [`GFSSBuilderMixin`] for one list (`"train"` or `"val"`).
+
+    Args:
+        entries (`list[tuple[str, Path, Any]]`): (image id, image path, label handle) per image, in list order.
+        read_label (`Callable[[Any], np.ndarray]`): label handle -> `uint8` array `(H, W)` of dataset ids (a mask
+            path for files on disk, an image id for COCO's annotation-built masks). It travels to
+            `_generate_examples`, so it must pickle (a module-level function or a bound method).
+        pixel_counts (`Callable[[], Mapping[str, Mapping[int, int]]]`): per image id, the pixel count of every class
+            present; called only by the `"base_train"` view (it may read every mask once, or a cache).
+    """
+
+    entries: list[tuple[str, Path, Any]]
+    read_label: Callable[[Any], np.ndarray]
+    pixel_counts: Callable[[], Mapping[str, Mapping[int, int]]]
+
+
+def base_training_entries(
+    entries: Sequence[tuple], pixel_counts: Mapping[str, Mapping[int, int]], base_ids: Iterable[int], min_pixels: int
+) -> list[tuple]:
+    """The entries (image id first) whose image has a base class covering >= `min_pixels` pixels."""
+    base = set(base_ids)
+    return [e for e in entries if any(n >= min_pixels and c in base for c, n in pixel_counts[e[0]].items())]
+
+
 class GFSSBuilderMixin:
-    """Shared builder behaviour: `from_config`, and data errors surfaced as themselves.
+    """Shared builder behaviour: `from_config`, data errors surfaced as themselves, and the three views.
+
+    The views (`"base_train"`, `"train"`, `"val"`, see [`GFSSBuilderConfig`]) are one template: a builder supplies
+    its `fold_split` and `_list_source(split)` (a [`ListSource`]: the list's entries, a label reader, the pixel
+    counts); the template picks the list, filters the base-training images, checks each mask against its image and
+    the fold's classes, and remaps base-training labels. A builder with its own generation (the procedural one)
+    overrides `_split_generators` / `_generate_examples`.
 
     `datasets` wraps any error raised while generating examples in a generic `DatasetGenerationError`; the errors
     raised here name the bad file and the fix, so they are re-raised unwrapped (the partial cache is removed by
@@ -97,6 +121,59 @@ class GFSSBuilderMixin:
             if isinstance(cause, (ValueError, OSError, KeyError)):
                 raise cause.with_traceback(cause.__traceback__) from None
             raise
+
+    # A builder's one-line description; the features are the same for every builder.
+    DESCRIPTION = ""
+
+    def _info(self) -> datasets.DatasetInfo:
+        return datasets.DatasetInfo(description=self.DESCRIPTION, features=segmentation_features())
+
+    def _list_source(self, split: str) -> ListSource:
+        """The entries, label reader and pixel counts of the `split` list (`"train"` or `"val"`)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _list_source(split) for the view template.")
+
+    def _split_generators(self, dl_manager):
+        cfg = self.config
+        split = "val" if cfg.view == "val" else "train"
+        source = self._list_source(split)
+        fold_split = self.fold_split
+        entries = source.entries
+        if cfg.view == "base_train":
+            entries = base_training_entries(entries, source.pixel_counts(), fold_split.base_ids, cfg.min_pixels)
+            if not entries:
+                # `datasets` would fail later with "Instruction train corresponds to no data", naming nothing.
+                names = ", ".join(fold_split.base_names)
+                raise ValueError(
+                    f"no image of the {split} list of {cfg.data_dir!r} has a base class ({names}) covering >= "
+                    f"{cfg.min_pixels} px, so fold {cfg.fold} has nothing to pre-train on; lower min_pixels (e.g. "
+                    "--set min_pixels=256 for small images) or check the masks' values."
+                )
+            logger.info(
+                f"{self.name} base_train fold {cfg.fold}: {len(entries)} images with a base class >= {cfg.min_pixels} px"
+            )
+        name = datasets.Split.VALIDATION if cfg.view == "val" else datasets.Split.TRAIN
+        gen_kwargs = {"entries": entries, "read_label": source.read_label, "fold_split": fold_split}
+        return [datasets.SplitGenerator(name=name, gen_kwargs=gen_kwargs)]
+
+    def _generate_examples(self, entries, read_label, fold_split):
+        cfg = self.config
+        for k, (image_id, image_path, handle) in enumerate(entries):
+            image, (height, width) = image_feature_value(image_path)
+            label = read_label(handle)
+            if label.shape != (height, width):
+                raise ValueError(
+                    f"mask {str(handle)!r} is {label.shape[1]}x{label.shape[0]} but image {str(image_path)!r} is "
+                    f"{width}x{height}; masks must have their image's size: fix the list or the files."
+                )
+            if cfg.view == "base_train":
+                label = fold_split.to_base_training(label, novel_to_background=cfg.novel_to_background)
+            else:
+                label = fold_split.check_label(label)
+            yield k, {"id": image_id, "image": image, "label": Image.fromarray(np.ascontiguousarray(label), "L")}
+
+    def _list_file(self, split: str) -> str | None:
+        """The config's custom list of `split` (`train_list` / `val_list`), or None for the builder's default."""
+        return getattr(self.config, f"{split}_list", None)
 
 
 def config_kwargs(config: datasets.BuilderConfig) -> dict[str, Any]:
@@ -119,100 +196,6 @@ def config_kwargs(config: datasets.BuilderConfig) -> dict[str, Any]:
 def segmentation_features() -> datasets.Features:
     """`{"id": string, "image": Image (RGB), "label": Image (mode L)}`."""
     return datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(), "label": datasets.Image()})
-
-
-def current_umask() -> int:
-    """The process's umask, read without changing it where the platform allows (Linux: `/proc/self/status`)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    # Elsewhere: set and restore (not atomic with respect to other threads, hence the fallback only).
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def apply_umask(path: str | os.PathLike, directory: bool = False) -> None:
-    """Give `path` the mode a plain `open()` / `mkdir()` would have: `0o666 & ~umask` for a file, `0o777 & ~umask`
-    for a folder. `tempfile.mkstemp` / `mkdtemp` create 0600 / 0700 (private) entries, which an atomic write would
-    otherwise hand on to the final file, unreadable to the group the umask allows."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and `os.replace`, so readers never see a
-    half-written file. The file gets the mode of a plain write (`0o666 & ~umask`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        apply_umask(tmp)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException as err:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            raise OSError(
-                errno.ENOSPC, f"no space left on device while writing {str(path)!r}; free disk space and run again"
-            ) from err
-        raise
-
-
-@contextlib.contextmanager
-def atomic_folder(path: str | os.PathLike, overwrite: bool = False):
-    """
-    Build a folder in a temporary sibling and rename it into place on success, so that readers never see a half
-    folder and a failure leaves nothing behind.
-
-    Args:
-        path (`str` or `os.PathLike`): the folder to create; it must not exist, or be empty, unless `overwrite`.
-        overwrite (`bool`, *optional*, defaults to `False`): replace an existing non-empty folder (only once the
-            new one is complete).
-
-    Example:
-
-    ```python
-    >>> with atomic_folder("out/model") as tmp:
-    ...     model.save_pretrained(tmp)
-    ```
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{str(path)!r} is an existing file; give a folder path.")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"folder {str(path)!r} is not empty; give a new folder, or allow overwriting it.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # os.mkdir (not mkdtemp, which makes a private folder) so that the result has the umask's mode.
-    tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{secrets.token_hex(4)}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write UTF-8 `text` to `path` atomically (temporary file + `os.replace`)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """`json.dump` to `path` atomically (temporary file + `os.replace`)."""
-    atomic_write_bytes(path, json.dumps(obj, sort_keys=True).encode("utf-8"))
 
 
 def read_list_file(path: str | os.PathLike) -> list[tuple[str, str]]:

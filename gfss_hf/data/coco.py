@@ -30,16 +30,14 @@ import numpy as np
 from PIL import Image
 from transformers.utils import logging
 
+from .._io import atomic_write_bytes, atomic_write_json
 from ._builder import (
     GFSSBuilderConfig,
     GFSSBuilderMixin,
-    atomic_write_bytes,
-    atomic_write_json,
+    ListSource,
     default_index_cache_dir,
-    image_feature_value,
     read_list_file,
     read_mask,
-    segmentation_features,
 )
 from .episodes import class_index_from_pixel_counts, compute_pixel_counts
 from .pascal import standard_list_path
@@ -306,38 +304,25 @@ class Coco20i(GFSSBuilderMixin, datasets.GeneratorBasedBuilder):
 
     BUILDER_CONFIG_CLASS = Coco20iConfig
     VERSION = datasets.Version("1.0.0")
+    DESCRIPTION = "COCO-20i for GFSS"
 
     @property
     def fold_split(self) -> FoldSplit:
         return get_split("coco20i", self.config.fold, self.config.split_kind)
 
-    def _info(self) -> datasets.DatasetInfo:
-        return datasets.DatasetInfo(description="COCO-20i for GFSS", features=segmentation_features())
-
-    def _split_generators(self, dl_manager):
+    def _list_source(self, split: str) -> ListSource:
         cfg = self.config
-        split = "val" if cfg.view == "val" else "train"
         masks = CocoSemanticMasks(cfg.data_dir, split, cfg.year, cfg.crowd_to_ignore, cfg.index_cache_dir)
-        ids = _list_image_ids(masks, cfg.val_list if split == "val" else cfg.train_list)
+        ids = _list_image_ids(masks, self._list_file(split))
         missing = [str(masks.image_path(i)) for i in ids if not masks.image_path(i).is_file()]
         if missing:
             raise FileNotFoundError(
                 f"{len(missing)} image(s) of {str(masks.ann_file)!r} are missing, e.g. {missing[:3]}; give a list "
                 "file of the images you have or complete the image folder."
             )
-        if cfg.view == "base_train":
-            counts = masks.pixel_counts(ids)
-            base = set(self.fold_split.base_ids)
-            ids = [i for i in ids if any(n >= cfg.min_pixels and c in base for c, n in counts[i].items())]
-        name = datasets.Split.VALIDATION if cfg.view == "val" else datasets.Split.TRAIN
-        return [datasets.SplitGenerator(name=name, gen_kwargs={"masks": masks, "ids": ids})]
-
-    def _generate_examples(self, masks: CocoSemanticMasks, ids: list[str]):
-        cfg = self.config
-        split = self.fold_split
-        for k, image_id in enumerate(ids):
-            image, _ = image_feature_value(masks.image_path(image_id))
-            label = masks.mask(image_id)
-            if cfg.view == "base_train":
-                label = split.to_base_training(label, novel_to_background=cfg.novel_to_background)
-            yield k, {"id": image_id, "image": image, "label": Image.fromarray(label, "L")}
+        # Masks are built from the annotation file (and cached) by image id: the label handle is the id.
+        return ListSource(
+            entries=[(i, masks.image_path(i), i) for i in ids],
+            read_label=masks.mask,
+            pixel_counts=lambda: masks.pixel_counts(ids),
+        )

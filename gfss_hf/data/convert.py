@@ -43,8 +43,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from transformers.utils import logging
 
+from .._io import atomic_folder
 from ..image_processing_gfss import load_image
-from ._builder import atomic_folder, read_mask, read_rgb
+from ._builder import read_mask, read_rgb
 from .coco import semantic_mask
 from .folder import IMAGE_EXTENSIONS, read_folder_classes
 from .splits import IGNORE_INDEX

@@ -9,6 +9,9 @@ Protocols (see the method notes, section 5):
   class per support image); every other val image is a query. -> `sample_diam_run`.
 - `capl`: one support set per run drawn from the TRAIN list; every val image is a query. -> `sample_capl_run`.
 
+`build_episodes` runs the sampler of a protocol over image sources (`gfss_hf.data.sources`) with the protocol's
+default area threshold (`default_min_pixels`).
+
 Runs of `diam`/`capl` are returned as one `EpisodeSpec` per query image, all sharing the run's `support_ids`, so
 that every protocol is a list of episodes an evaluation can replay exactly. All randomness comes from
 `np.random.default_rng([seed, index])` (`index` = episode index for `paper`, run index for `diam`/`capl`).
@@ -16,6 +19,7 @@ that every protocol is a list of episodes an evaluation can replay exactly. All 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -26,10 +30,18 @@ from typing import Any
 import numpy as np
 from transformers.utils import logging
 
+from .._io import atomic_write_bytes
+from .splits import SPLIT_DATASETS, SYNTHETIC_IMAGE_SIZE, SYNTHETIC_MIN_PIXELS, FoldSplit
+
 logger = logging.get_logger(__name__)
 
 __all__ = [
+    "AREA_SHARES",
     "PROTOCOLS",
+    "PUBLISHED_MIN_PIXELS",
+    "build_episodes",
+    "default_min_pixels",
+    "episodes_hash",
     "EpisodeSpec",
     "compute_pixel_counts",
     "class_index_from_pixel_counts",
@@ -444,6 +456,155 @@ def sample_capl_run(
     ]
 
 
+# ------------------------------------------------------------------------------------------------ protocols
+# The literature's thresholds (`paper`, `capl`: 2,048 px at 473 x 473; `diam`: 16,384 px at 417 x 417), used as
+# published on the benchmarks that have a built-in fold table, and otherwise as a share of the canvas they were set
+# for: datasets of other image sizes use the same share of their own (median) image area, so that a class counts as
+# "present" for the same reason.
+PUBLISHED_MIN_PIXELS = {"paper": 2048, "capl": 2048, "diam": 16384}
+AREA_SHARES = {"paper": 2048 / 473**2, "capl": 2048 / 473**2, "diam": 16384 / 417**2}
+# The procedural dataset at its default size (scaled to other sizes): `paper` / `capl` use its base-training
+# threshold; `diam` 300 px, because its objects cover 2-10 % of an image and DIaM's 9.4 % would leave one or two
+# support candidates for some novel classes.
+_SYNTHETIC_MIN_PIXELS = {"paper": SYNTHETIC_MIN_PIXELS, "capl": SYNTHETIC_MIN_PIXELS, "diam": 300}
+
+
+def _check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol={protocol!r} is not known; use one of {list(PROTOCOLS)}.")
+
+
+def default_min_pixels(
+    protocol: str, dataset: str, image_size: int | None = None, image_area: float | None = None
+) -> int:
+    """
+    Area threshold of a protocol's class index (`paper`: query/support/base images; `diam`, `capl`: supports).
+
+    PASCAL / COCO (the benchmarks with a built-in fold table): 2,048 px (`paper`, `capl`), 16,384 px (`diam`, at
+    417 px), as published ([`PUBLISHED_MIN_PIXELS`]). The procedural dataset (96 px by default, thresholds scaled to
+    `image_size`): `paper` / `capl` use its 64 px base-training threshold; `diam` uses 300 px, because its objects
+    cover 2-10 % of an image and DIaM's 9.4 % (16,384 / 417^2) would leave one or two support candidates for some
+    novel classes. Any other dataset (a folder dataset, CamVid, ...): the published thresholds' share of the canvas
+    ([`AREA_SHARES`]: 0.92 % for `paper` / `capl`, 9.4 % for `diam`) of `image_area`, the median image area of the
+    list (e.g. 1,581 px for 480 x 360 street scenes, `paper`).
+
+    Args:
+        protocol (`str`): one of [`PROTOCOLS`].
+        dataset (`str`): the dataset name (`FoldSplit.dataset`).
+        image_size (`int`, *optional*): the procedural dataset's image side (default 96).
+        image_area (`float`, *optional*): the median image area of the list, for datasets without a published
+            threshold.
+
+    Example:
+
+    ```python
+    >>> default_min_pixels("diam", "pascal5i"), default_min_pixels("paper", "synthetic", image_size=192)
+    (16384, 256)
+    ```
+    """
+    _check_protocol(protocol)
+    if dataset == "synthetic":
+        size = int(image_size or SYNTHETIC_IMAGE_SIZE)
+        return scaled_pixel_threshold(_SYNTHETIC_MIN_PIXELS[protocol], SYNTHETIC_IMAGE_SIZE, size)
+    if dataset in SPLIT_DATASETS:
+        return PUBLISHED_MIN_PIXELS[protocol]
+    if image_area is None or not image_area > 0:
+        raise ValueError(
+            f"dataset={dataset!r} has no published area threshold: pass image_area (the median image area of the "
+            "list, in pixels) to scale the protocol's share of the image, or give min_pixels."
+        )
+    return max(1, round(AREA_SHARES[protocol] * float(image_area)))
+
+
+def build_episodes(
+    protocol: str,
+    split: FoldSplit,
+    val_source,
+    *,
+    shots: int = 1,
+    num_episodes: int = 20000,
+    seed: int = 42,
+    runs: int = 5,
+    train_source=None,
+    min_pixels: int | None = None,
+    class_sampling: str = "pair",
+) -> list[EpisodeSpec]:
+    """
+    Sample the episodes of a protocol with the seeded samplers above.
+
+    Args:
+        protocol (`str`): `"paper"`, `"diam"` or `"capl"`.
+        split ([`FoldSplit`]): the fold (base / novel dataset ids).
+        val_source: image source of the val list (`ids`, `pixel_counts()`; see `gfss_hf.data.sources`).
+        shots (`int`, *optional*, defaults to 1): K.
+        num_episodes (`int`, *optional*, defaults to 20000): `paper` only.
+        seed (`int`, *optional*, defaults to 42): sampler seed.
+        runs (`int`, *optional*, defaults to 5): `diam` / `capl`: support sets (runs) `0..runs-1`.
+        train_source: image source of the train list (`capl` supports).
+        min_pixels (`int`, *optional*): area threshold (default: [`default_min_pixels`] for `split.dataset`).
+        class_sampling (`str`, *optional*, defaults to `"pair"`): `paper` only, see `sample_paper_episodes`.
+
+    Returns:
+        `list[EpisodeSpec]`: for `diam` / `capl`, one spec per (run, query), runs in order.
+
+    Example:
+
+    ```python
+    >>> val = load_image_source("synthetic", "val")  # from gfss_hf.data.sources  # doctest: +SKIP
+    >>> episodes = build_episodes("paper", get_split("synthetic", 0), val, num_episodes=100)  # doctest: +SKIP
+    ```
+    """
+    _check_protocol(protocol)
+    if min_pixels is None:
+        source = train_source if protocol == "capl" and train_source is not None else val_source
+        area = None
+        if split.dataset not in SPLIT_DATASETS:
+            if not hasattr(source, "median_image_area"):
+                raise ValueError(
+                    f"dataset {split.dataset!r} needs min_pixels, or an image source with median_image_area() to "
+                    "scale the protocol's area threshold to its images."
+                )
+            area = source.median_image_area()
+        min_pixels = default_min_pixels(protocol, split.dataset, getattr(val_source, "image_size", None), area)
+        if area is not None:
+            logger.warning(
+                f"{protocol} protocol on {split.dataset!r}: area threshold {min_pixels} px = "
+                f"{100 * AREA_SHARES[protocol]:.2f} % of the median image area ({area:.0f} px); set min_pixels to "
+                "override."
+            )
+    names = {**dict(zip(split.base_ids, split.base_names)), **dict(zip(split.novel_ids, split.novel_names))}
+    common = {"dataset": split.dataset, "fold": split.fold, "class_names": names}
+    if protocol == "paper":
+        index = class_index_from_pixel_counts(val_source.pixel_counts(), min_pixels)
+        return sample_paper_episodes(
+            index, val_source.ids, split.novel_ids, split.base_ids, shots, num_episodes, seed,
+            class_sampling=class_sampling, **common,
+        )  # fmt: skip
+    if runs < 1:
+        raise ValueError(f"runs={runs} must be >= 1 (DIaM uses 5 support sets).")
+    episodes: list[EpisodeSpec] = []
+    for run in range(runs):
+        if protocol == "diam":
+            episodes += sample_diam_run(
+                val_source.pixel_counts(), val_source.ids, split.novel_ids, shots, seed, run=run,
+                min_support_pixels=min_pixels, **common,
+            )  # fmt: skip
+        else:
+            if train_source is None:
+                raise ValueError("the 'capl' protocol draws supports from the train list: pass train_source.")
+            episodes += sample_capl_run(
+                train_source.pixel_counts(), val_source.ids, split.novel_ids, shots, seed, run=run,
+                min_support_pixels=min_pixels, **common,
+            )  # fmt: skip
+    return episodes
+
+
+def episodes_hash(episodes: Sequence[EpisodeSpec]) -> str:
+    """SHA-256 of the episode list (its JSON form): two evaluations with the same hash saw the same episodes."""
+    payload = json.dumps([e.to_dict() for e in episodes], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
 # ------------------------------------------------------------------------------------------------ serialisation
 def save_episodes(path: str | os.PathLike, episodes: Iterable[EpisodeSpec]) -> None:
     """Write episodes as JSON, atomically (temporary file + `os.replace`).
@@ -452,8 +613,6 @@ def save_episodes(path: str | os.PathLike, episodes: Iterable[EpisodeSpec]) -> N
         path (`str` or `os.PathLike`): output file.
         episodes (`Iterable[EpisodeSpec]`): the episodes.
     """
-    from ._builder import atomic_write_bytes
-
     payload = {"format": _FORMAT, "version": _FORMAT_VERSION, "episodes": [e.to_dict() for e in episodes]}
     atomic_write_bytes(path, json.dumps(payload).encode("utf-8"))
 

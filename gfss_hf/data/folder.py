@@ -35,10 +35,9 @@ from transformers.utils import logging
 from ._builder import (
     GFSSBuilderConfig,
     GFSSBuilderMixin,
+    ListSource,
     cached_pixel_counts,
-    image_feature_value,
     read_mask,
-    segmentation_features,
 )
 from .episodes import class_index_from_pixel_counts
 from .splits import IGNORE_INDEX, FoldSplit
@@ -316,6 +315,7 @@ class FolderSegmentation(GFSSBuilderMixin, datasets.GeneratorBasedBuilder):
 
     BUILDER_CONFIG_CLASS = FolderSegmentationConfig
     VERSION = datasets.Version("1.0.0")
+    DESCRIPTION = "User folder dataset for GFSS"
 
     def __init__(self, *args, **kwargs):
         # datasets reuses a prepared cache whose config kwargs hash the same; with the path alone an edited mask or
@@ -331,41 +331,10 @@ class FolderSegmentation(GFSSBuilderMixin, datasets.GeneratorBasedBuilder):
     def fold_split(self) -> FoldSplit:
         return folder_split(self.config.data_dir, self.config.fold)
 
-    def _info(self) -> datasets.DatasetInfo:
-        return datasets.DatasetInfo(description="User folder dataset for GFSS", features=segmentation_features())
-
-    def _split_generators(self, dl_manager):
+    def _list_source(self, split: str) -> ListSource:
         cfg = self.config
-        split_name = "val" if cfg.view == "val" else "train"
-        list_file = cfg.val_list if cfg.view == "val" else cfg.train_list
-        fold_split = self.fold_split
-        entries = folder_entries(cfg.data_dir, split_name, list_file)
-        # Checks every mask's values before anything is written.
-        counts = folder_pixel_counts(cfg.data_dir, split_name, list_file, cfg.index_cache_dir)
-        if cfg.view == "base_train":
-            base = set(fold_split.base_ids)
-            entries = [e for e in entries if any(n >= cfg.min_pixels and c in base for c, n in counts[e[0]].items())]
-            if not entries:
-                # `datasets` would fail later with "Instruction train corresponds to no data", naming nothing.
-                names = ", ".join(fold_split.base_names)
-                raise ValueError(
-                    f"no image of the {split_name} list of {cfg.data_dir!r} has a base class ({names}) covering >= "
-                    f"{cfg.min_pixels} px, so fold {cfg.fold} has nothing to pre-train on; lower min_pixels (e.g. "
-                    "--set min_pixels=256 for small images) or check the masks' values."
-                )
-        name = datasets.Split.VALIDATION if cfg.view == "val" else datasets.Split.TRAIN
-        return [datasets.SplitGenerator(name=name, gen_kwargs={"entries": entries, "fold_split": fold_split})]
-
-    def _generate_examples(self, entries, fold_split: FoldSplit):
-        cfg = self.config
-        for k, (image_id, image_path, mask_path) in enumerate(entries):
-            image, (height, width) = image_feature_value(image_path)
-            label = read_mask(mask_path)
-            if label.shape != (height, width):
-                raise ValueError(
-                    f"mask {str(mask_path)!r} is {label.shape[1]}x{label.shape[0]} but image {str(image_path)!r} is "
-                    f"{width}x{height}; masks must have their image's size."
-                )
-            if cfg.view == "base_train":
-                label = fold_split.to_base_training(label, novel_to_background=cfg.novel_to_background)
-            yield k, {"id": image_id, "image": image, "label": Image.fromarray(label, "L")}
+        list_file = self._list_file(split)
+        entries = folder_entries(cfg.data_dir, split, list_file)
+        # Checks every mask's values against the class file before anything is written, whatever the view.
+        counts = folder_pixel_counts(cfg.data_dir, split, list_file, cfg.index_cache_dir)
+        return ListSource(entries=entries, read_label=read_mask, pixel_counts=lambda: counts)

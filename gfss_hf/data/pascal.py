@@ -20,17 +20,15 @@ from importlib import resources
 from pathlib import Path
 
 import datasets
-import numpy as np
 from transformers.utils import logging
 
 from ._builder import (
     GFSSBuilderConfig,
     GFSSBuilderMixin,
+    ListSource,
     cached_pixel_counts,
-    image_feature_value,
     read_list_file,
     read_mask,
-    segmentation_features,
 )
 from .episodes import class_index_from_pixel_counts
 from .splits import VOC_CLASSES, FoldSplit, get_split
@@ -182,52 +180,26 @@ class Pascal5i(GFSSBuilderMixin, datasets.GeneratorBasedBuilder):
 
     BUILDER_CONFIG_CLASS = Pascal5iConfig
     VERSION = datasets.Version("1.0.0")
+    DESCRIPTION = "PASCAL-5i (VOC2012 + SBD) for GFSS"
 
     @property
     def fold_split(self) -> FoldSplit:
         return get_split(self.config.dataset, self.config.fold)
 
-    def _info(self) -> datasets.DatasetInfo:
-        return datasets.DatasetInfo(description="PASCAL-5i (VOC2012 + SBD) for GFSS", features=segmentation_features())
-
-    def _split_generators(self, dl_manager):
+    def _list_source(self, split: str) -> ListSource:
         cfg = self.config
         root = resolve_voc_root(cfg.data_dir)
-        list_split = "val" if cfg.view == "val" else "train"
-        list_file = cfg.val_list if cfg.view == "val" else cfg.train_list
-        entries = read_pascal_list(list_split, list_file)
+        list_file = self._list_file(split)
+        entries = read_pascal_list(split, list_file)
         missing = [root / p for _, img, mask in entries for p in (img, mask) if not (root / p).is_file()]
         if missing:
             raise FileNotFoundError(
-                f"{len(missing)} file(s) named by the {list_split} list are missing under {str(root)!r}, e.g. "
+                f"{len(missing)} file(s) named by the {split} list are missing under {str(root)!r}, e.g. "
                 f"{[str(p) for p in missing[:3]]}; give a list of the images you have (list file) or complete the "
                 "data folder."
             )
-        if cfg.view == "base_train":
-            counts = pascal_pixel_counts(root, list_split, list_file, cfg.index_cache_dir)
-            base = set(self.fold_split.base_ids)
-            entries = [e for e in entries if any(n >= cfg.min_pixels and c in base for c, n in counts[e[0]].items())]
-            logger.info(
-                f"PASCAL base_train fold {cfg.fold}: {len(entries)} images with a base class >= {cfg.min_pixels} px"
-            )
-        name = datasets.Split.VALIDATION if cfg.view == "val" else datasets.Split.TRAIN
-        return [datasets.SplitGenerator(name=name, gen_kwargs={"root": str(root), "entries": entries})]
-
-    def _generate_examples(self, root: str, entries: list[tuple[str, str, str]]):
-        from PIL import Image
-
-        cfg = self.config
-        split = self.fold_split
-        for k, (image_id, img, mask) in enumerate(entries):
-            image, (height, width) = image_feature_value(Path(root) / img)
-            label = read_mask(Path(root) / mask)
-            if label.shape != (height, width):
-                raise ValueError(
-                    f"mask {str(Path(root) / mask)!r} is {label.shape[1]}x{label.shape[0]} but its image is "
-                    f"{width}x{height}; the pair does not match, fix the list or the files."
-                )
-            if cfg.view == "base_train":
-                label = split.to_base_training(label, novel_to_background=cfg.novel_to_background)
-            else:
-                split.check_label(label)
-            yield k, {"id": image_id, "image": image, "label": Image.fromarray(np.ascontiguousarray(label), "L")}
+        return ListSource(
+            entries=[(image_id, root / img, root / mask) for image_id, img, mask in entries],
+            read_label=read_mask,
+            pixel_counts=lambda: pascal_pixel_counts(root, split, list_file, cfg.index_cache_dir),
+        )

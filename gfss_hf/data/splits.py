@@ -24,6 +24,8 @@ __all__ = [
     "SYNTHETIC_SHAPES",
     "SYNTHETIC_TEXTURES",
     "SYNTHETIC_CLASSES",
+    "SYNTHETIC_IMAGE_SIZE",
+    "SYNTHETIC_MIN_PIXELS",
     "SPLIT_DATASETS",
     "FoldSplit",
     "get_split",
@@ -59,6 +61,12 @@ COCO_CLASSES: tuple[str, ...] = (
 SYNTHETIC_SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "star")
 SYNTHETIC_TEXTURES: tuple[str, ...] = ("plain", "striped", "checkered", "dotted")
 SYNTHETIC_CLASSES: tuple[str, ...] = tuple(f"{s}-{t}" for s in SYNTHETIC_SHAPES for t in SYNTHETIC_TEXTURES)
+# Its default image side, and its base-training area threshold at that side: 2,048 px at 473x473 is 0.9 % of the
+# canvas; the same share of a 96x96 image is ~84 px. 64 px keeps every object that is at least half visible (the
+# smallest object covers ~250 px). Here, beside its class table, so that the samplers' thresholds and the renderer
+# read the same numbers without importing each other.
+SYNTHETIC_IMAGE_SIZE = 96
+SYNTHETIC_MIN_PIXELS = 64
 
 _SPLIT_KINDS: dict[str, tuple[str, ...]] = {
     "pascal5i": ("default",),

@@ -26,7 +26,15 @@ from transformers.utils import logging
 
 from ._builder import GFSSBuilderMixin
 from .episodes import class_index_from_pixel_counts, compute_pixel_counts
-from .splits import SYNTHETIC_CLASSES, SYNTHETIC_SHAPES, SYNTHETIC_TEXTURES, FoldSplit, get_split
+from .splits import (
+    SYNTHETIC_CLASSES,
+    SYNTHETIC_IMAGE_SIZE,
+    SYNTHETIC_MIN_PIXELS,
+    SYNTHETIC_SHAPES,
+    SYNTHETIC_TEXTURES,
+    FoldSplit,
+    get_split,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -46,10 +54,8 @@ __all__ = [
     "SyntheticGFSS",
 ]
 
-DEFAULT_IMAGE_SIZE = 96
-# 2,048 px at 473x473 is 0.9 % of the canvas; the same share of a 96x96 image is ~84 px. 64 px keeps every object
-# that is at least half visible (the smallest object covers ~250 px).
-DEFAULT_MIN_PIXELS = 64
+DEFAULT_IMAGE_SIZE = SYNTHETIC_IMAGE_SIZE
+DEFAULT_MIN_PIXELS = SYNTHETIC_MIN_PIXELS  # why 64 px: see gfss_hf/data/splits.py
 # Support area threshold of the `diam` protocol on 96x96 images. DIaM's 16,384 px is 9.4 % of a 417x417 canvas
 # (868 px at 96x96), more than the smaller objects here ever cover (areas ~2.1-3.1 r^2, r in 11..21 px); 512 px
 # keeps the "large, clearly visible support object" intent. Scale it with the image area for other sizes.
@@ -435,18 +441,11 @@ class SyntheticGFSS(GFSSBuilderMixin, datasets.GeneratorBasedBuilder):
 
     BUILDER_CONFIG_CLASS = SyntheticGFSSConfig
     VERSION = datasets.Version("1.0.0")
+    DESCRIPTION = "Procedural shapes x textures GFSS dataset (gfss_hf)."
 
     @property
     def fold_split(self) -> FoldSplit:
         return get_split("synthetic", self.config.fold)
-
-    def _info(self) -> datasets.DatasetInfo:
-        return datasets.DatasetInfo(
-            description="Procedural shapes x textures GFSS dataset (gfss_hf).",
-            features=datasets.Features(
-                {"id": datasets.Value("string"), "image": datasets.Image(), "label": datasets.Image()}
-            ),
-        )
 
     def _split_generators(self, dl_manager):
         cfg = self.config

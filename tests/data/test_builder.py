@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from gfss_hf.data._builder import atomic_write_bytes, atomic_write_json, atomic_write_text, current_umask
+from gfss_hf._io import atomic_write_bytes, atomic_write_json, atomic_write_text, current_umask
 
 
 @pytest.mark.parametrize("write", [
