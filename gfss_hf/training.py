@@ -36,12 +36,12 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from huggingface_hub import HfApi
 from torch.utils.data import DataLoader, Dataset
 from transformers.utils import logging
 
 from .configuration_gfss import GFSSConfig
 from .data._builder import apply_umask, atomic_write_text
+from .hub import publish
 from .image_processing_gfss import GFSSImageProcessor
 from .losses import contrastive_loss_from_samples, count_contrastive_pairs, sample_contrastive_pixels
 from .modeling_gfss import GFSSModel
@@ -63,7 +63,6 @@ __all__ = [
     "get_fold_split",
     "preflight",
     "pretrain",
-    "push_folder_to_hub",
     "read_trainer_state",
     "resolve_checkpoint",
 ]
@@ -943,24 +942,6 @@ def evaluate_base_miou(model, dataloader, accelerator, num_classes: int, ignore_
     }
 
 
-# -- hub -------------------------------------------------------------------------------------------------------
-def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, token: str | None = None, private: bool = False,
-                       commit_message: str = "Upload pre-trained GFSS model") -> str:
-    """Create (if needed) the model repo `repo_id` and upload `folder` to it, without the checkpoints and logs.
-
-    Returns the commit URL (as given by `HfApi.upload_folder`)."""
-    api = HfApi(token=token)
-    api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
-    result = api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(folder),
-        repo_type="model",
-        commit_message=commit_message,
-        ignore_patterns=[f"{_CHECKPOINT_DIR}/*", "logs/*", "*.jsonl", ".tmp-*"],
-    )
-    return str(result)
-
-
 # -- the loop --------------------------------------------------------------------------------------------------
 def _step_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
@@ -1019,8 +1000,9 @@ def pretrain(
         config ([`TrainingConfig`]): the run.
         resume_from_checkpoint (`str`, *optional*): `"latest"` or a checkpoint path; the run continues exactly where
             that checkpoint was taken (same batches, flips, dropout and samples).
-        push_to_hub (`bool`, *optional*, defaults to `False`): upload the final folder with
-            `HfApi().upload_folder` (needs `hub_model_id`).
+        push_to_hub (`bool`, *optional*, defaults to `False`): publish the final model with
+            [`gfss_hf.hub.publish`] (needs `hub_model_id`): a staged, checked export is uploaded, never the output
+            folder itself (its checkpoints and logs stay home).
         hub_model_id (`str`, *optional*): target repo, e.g. `"user/gfss-pspnet-pascal5i-fold0"`.
         hub_token (`str`, *optional*): token for the upload (default: the logged-in one).
         rebuild_data (`bool`, *optional*, defaults to `False`): rebuild the prepared dataset cache (see
@@ -1231,7 +1213,7 @@ def pretrain(
         if accelerator.is_main_process:
             _save_final(accelerator.unwrap_model(model), output_dir, summary, config)
             if push_to_hub:
-                summary["hub_commit"] = push_folder_to_hub(output_dir, hub_model_id, token=hub_token)
+                summary["hub_commit"] = publish(output_dir, hub_model_id, token=hub_token)["commit_url"]
         accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary

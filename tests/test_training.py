@@ -219,14 +219,16 @@ class _FakeHfApi:
         _FakeHfApi.calls.append(("create_repo", kwargs))
 
     def upload_folder(self, **kwargs):
+        kwargs["files"] = sorted(p.name for p in Path(kwargs["folder_path"]).iterdir())  # gone after the call
         _FakeHfApi.calls.append(("upload_folder", kwargs))
         return "https://huggingface.co/user/tiny/commit/abc"
 
 
 def test_short_run_lowers_the_loss_saves_a_loadable_model_and_pushes(tmp_path, monkeypatch):
-    import gfss_hf.training as training
+    import gfss_hf.hub
 
-    monkeypatch.setattr(training, "HfApi", _FakeHfApi)
+    # pretrain(push_to_hub=True) publishes like scripts/push_to_hub.py: stage -> check -> upload (gfss_hf.hub).
+    monkeypatch.setattr(gfss_hf.hub, "HfApi", _FakeHfApi)
     _FakeHfApi.calls = []
     config = tiny_config(tmp_path, max_steps=16, num_train_images=40)
     summary = pretrain(config, push_to_hub=True, hub_model_id="user/tiny", hub_token="tok")
@@ -252,8 +254,11 @@ def test_short_run_lowers_the_loss_saves_a_loadable_model_and_pushes(tmp_path, m
     names = [c[0] for c in _FakeHfApi.calls]
     assert names == ["create_repo", "upload_folder"]
     upload = _FakeHfApi.calls[1][1]
-    assert upload["repo_id"] == "user/tiny" and Path(upload["folder_path"]) == out
-    assert "checkpoints/*" in upload["ignore_patterns"]
+    # The staged export is uploaded, never the output folder: no checkpoints, logs or optimiser states.
+    assert upload["repo_id"] == "user/tiny" and Path(upload["folder_path"]) != out
+    assert {"model.safetensors", "config.json", "README.md", "modeling_gfss.py"} <= set(upload["files"])
+    assert not {"checkpoints", "train_log.jsonl", "eval_results.json"} & set(upload["files"])
+    assert summary["hub_commit"] == "https://huggingface.co/user/tiny/commit/abc"
 
 
 def _weights(folder):
