@@ -112,7 +112,8 @@ def train_models(args, out: Path, models) -> dict[str, Path]:
         if args.quick:
             overrides.update(num_train_images=64, num_val_images=16, max_steps=args.max_steps or 6, batch_size=4)
         config = TrainingConfig.from_yaml(CONFIG, overrides=overrides)
-        print(f"[demo] pre-training {label} ({config.backbone}, {config.image_size} px) -> {target}", flush=True)
+        print(f"[demo] pre-training {label} ({config.model_settings['backbone']}, {config.image_size} px) -> {target}",
+              flush=True)
         start = time.time()
         summary = pretrain(config)
         base = (summary.get("final_eval") or {}).get("base_miou")
