@@ -380,7 +380,8 @@ def _check_value(owner: str, name: str, annotation: str, value, default) -> None
     if annotation.startswith("Literal["):
         allowed = ast.literal_eval(f"({annotation[len('Literal['):-1]},)")
         if value not in allowed:
-            raise ValueError(f"{owner}.{name}={value!r} is invalid: allowed values are {list(allowed)}; e.g. {example}.")
+            raise ValueError(f"{owner}.{name}={value!r} is invalid: allowed values are {list(allowed)}; e.g. "
+                             f"{example}.")
         return
     kinds = [k.strip().split("[")[0] for k in annotation.split("|")]
     optional = "None" in kinds
@@ -416,8 +417,8 @@ def _check_model(model: Mapping[str, Any]) -> None:
     unknown = sorted(set(model) - set(MODEL_KEYS))
     if unknown:
         raise ValueError(
-            f"TrainingConfig.model has unknown key(s) {unknown}; valid keys are: {', '.join(MODEL_KEYS)} (class names, "
-            "dataset and fold come from the run)."
+            f"TrainingConfig.model has unknown key(s) {unknown}; valid keys are: {', '.join(MODEL_KEYS)} (class "
+            "names, dataset and fold come from the run)."
         )
     fields = {f.name: f for f in dataclasses.fields(GFSSConfig)}
     defaults = _model_defaults()
