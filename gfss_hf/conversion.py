@@ -1178,8 +1178,9 @@ def load_backbone_weights(model: GFSSModel, path: str | os.PathLike | None = Non
 # --------------------------------------------------------------------------------------------------------------------
 def build_model_card(report: ConversionReport, config: GFSSConfig):
     """
-    A model card (`huggingface_hub.ModelCard`) for a converted model: source repository, commit, licence, file
-    checksum, the conversion report and how to load it.
+    The model card (`huggingface_hub.ModelCard`) of a converted model: the card of every GFSS checkpoint
+    (`gfss_hf.cards.render_model_card`, same template) with a section on the source repository, commit, licence,
+    file checksum and the conversion report.
 
     Args:
         report (`ConversionReport`): from the conversion.
@@ -1188,73 +1189,43 @@ def build_model_card(report: ConversionReport, config: GFSSConfig):
     Returns:
         `huggingface_hub.ModelCard`
     """
-    from huggingface_hub import ModelCard, ModelCardData
+    from .cards import render_model_card
 
     info = report.source_info
-    extra = (
-        {}
-        if info.license != "other"
-        else {"license_name": "unspecified", "license_link": f"https://github.com/{info.repo}"}
-    )
-    data = ModelCardData(
-        license=info.license,
-        library_name="transformers",
-        pipeline_tag="image-segmentation",
-        tags=[
-            "gfss_hf",
-            "few-shot-segmentation",
-            "image-segmentation",
-            "pspnet",
-            "converted",
-            f"layout-{report.layout}",
-        ],
-        **extra,
-    )
+    unlicensed = info.license == "other"
     where = (
         f"{config.dataset} fold {config.fold}" + (f" ({config.split_kind})" if config.split_kind else "")
         if config.dataset
         else "no fold (backbone only)"
     )
-    classes = ", ".join(config.class_names)
-    link = info.repo if info.repo.startswith("timm/") else f"https://github.com/{info.repo}"
-    body = f"""
-# PSPNet ResNet-50 converted from {info.repo} ({report.layout})
-
-Weights of [{info.repo}]({link}) converted to a `gfss_hf` `GFSSModel` (ResNet-50 deep stem, output stride 8,
-pyramid pooling, linear classifier) by `scripts/convert_checkpoint.py`. The architecture, the key mapping and the
-test-time geometry follow the source code at commit `{info.commit}`.
-
-**Licence.** These weights come from {info.repo}, whose licence is: **{info.license_note}**. The original authors'
-terms apply to this converted copy{"; no licence is stated, so ask the authors before redistributing it" if info.license == "other" else ""}.
-
-| | |
-|---|---|
-| source repository | {info.repo} @ `{info.commit}` |
-| layout | `{report.layout}` |
-| file | `{report.checkpoint or "-"}` |
-| sha256 | `{report.checkpoint_sha256 or "-"}` |
-| classes | {where}: {config.num_labels} rows ({classes}) |
-| input | {config.image_size}x{config.image_size} canvas, `pad_mode="{config.pad_mode}"` |
-| dilation | `{config.dilation_style}` (PPM align_corners={config.ppm_align_corners}) |
-| classifier bias | {config.classifier_bias} |
-
-## Conversion report
-
-```text
-{report.summary()}
-```
-
-## Use
-
-```python
-import gfss_hf  # registers the model with the Auto classes
-from transformers import AutoImageProcessor, AutoModel
-
-model = AutoModel.from_pretrained("path/to/this/folder").eval()
-processor = AutoImageProcessor.from_pretrained("path/to/this/folder")
-```
-"""
-    return ModelCard("---\n" + data.to_yaml() + "\n---\n" + body)
+    source = {
+        "repo": info.repo,
+        "link": info.repo if info.repo.startswith("timm/") else f"https://github.com/{info.repo}",
+        "commit": info.commit,
+        "layout": report.layout,
+        "license_note": info.license_note,
+        "unlicensed": unlicensed,
+        "rows": [
+            ("source repository", f"{info.repo} @ `{info.commit}`"),
+            ("layout", f"`{report.layout}`"),
+            ("file", f"`{report.checkpoint or '-'}`"),
+            ("sha256", f"`{report.checkpoint_sha256 or '-'}`"),
+            ("classes", f"{where}: {config.num_labels} rows ({', '.join(config.class_names)})"),
+            ("input", f"{config.image_size}x{config.image_size} canvas, `pad_mode=\"{config.pad_mode}\"`"),
+            ("dilation", f"`{config.dilation_style}` (PPM align_corners={config.ppm_align_corners})"),
+            ("classifier bias", f"classifier_bias={config.classifier_bias}"),
+        ],
+        "report": report.summary(),
+        "title": f"PSPNet ResNet-50 converted from {info.repo} ({report.layout})",
+        "summary": f"Weights of {info.repo} converted to a `gfss_hf` `GFSSModel` (PSPNet: ResNet-50 deep stem, output "
+        "stride 8, pyramid pooling, linear classifier).",
+        "card_data": (
+            {"license_name": "unspecified", "license_link": f"https://github.com/{info.repo}"} if unlicensed else {}
+        ),
+    }
+    # A converted folder is not on the Hub yet: the card's snippets load it from where it lies.
+    return render_model_card(config, repo_id="path/to/this/folder", license=info.license, source=source,
+                             commands=[])
 
 
 def save_converted(

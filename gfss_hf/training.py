@@ -19,6 +19,7 @@ run into an output folder that holds another run's checkpoints. A non-finite los
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import errno
 import json
@@ -31,12 +32,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import yaml
-from huggingface_hub import HfApi
 from torch.utils.data import DataLoader, Dataset
 from transformers.utils import logging
 
@@ -45,6 +45,7 @@ from .configuration_gfss import GFSSConfig
 from .conversion import load_backbone_weights
 from .data.sources import DATASET_NAMES, build_view, check_data_dir, load_fold_split
 from .data.splits import FoldSplit
+from .hub import publish
 from .image_processing_gfss import GFSSImageProcessor
 from .losses import contrastive_loss_from_samples, count_contrastive_pairs, sample_contrastive_pixels
 from .modeling_gfss import GFSSModel
@@ -63,7 +64,6 @@ __all__ = [
     "find_last_checkpoint",
     "preflight",
     "pretrain",
-    "push_folder_to_hub",
     "read_trainer_state",
     "resolve_checkpoint",
 ]
@@ -93,10 +93,12 @@ class TrainingConfig:
         min_pixels (`int`, *optional*): base-training filter (an image needs a base class with this many pixels);
             `None` uses the builder's default (2,048 px; 64 px for the 96-px synthetic images).
         novel_to_background (`bool`, defaults to `False`): label novel pixels background instead of ignoring them.
-        backbone (`str`, defaults to `"resnet50s"`), backbone_kwargs (`dict`), output_stride (`int`, 8),
-        dilation_style (`str`, `"timm"`), hidden_size (`int`, 512), pool_scales (`list[int]`, `[1, 2, 3, 6]`),
-        dropout (`float`, 0.1), image_size (`int`, 473), pad_mode (`str`, `"mean"`), projection_dim (`int`, 256),
-        projection_source (`str`, `"decoder"`): the model (see [`GFSSConfig`]).
+        model (`dict`, defaults to `{}`): the architecture, passed to [`GFSSConfig`] as is: `backbone`,
+            `backbone_kwargs`, `output_stride`, `dilation_style`, `hidden_size`, `pool_scales`, `dropout`,
+            `image_size`, `pad_mode`, `projection_dim`, `projection_source`, ... Unset keys take GFSSConfig's
+            defaults (the one place they are declared). The class lists, dataset and fold come from the run, the
+            projection head from `contrastive_weight`. The flat keys of older configs (`backbone: resnet18` at the
+            top level) are translated, with a warning.
         backbone_weights (`str`, *optional*): local file of ImageNet backbone weights
             ([`gfss_hf.conversion.load_backbone_weights`]).
         num_epochs (`int`, defaults to 100), max_steps (`int`, *optional*): length of the run in epochs, or in
@@ -147,28 +149,18 @@ class TrainingConfig:
     min_pixels: int | None = None
     novel_to_background: bool = False
     # model
-    backbone: str = "resnet50s"
-    backbone_kwargs: dict = field(default_factory=dict)
-    output_stride: int = 8
-    dilation_style: str = "timm"
-    hidden_size: int = 512
-    pool_scales: list = field(default_factory=lambda: [1, 2, 3, 6])
-    dropout: float = 0.1
-    image_size: int = 473
-    pad_mode: str = "mean"
-    projection_dim: int = 256
-    projection_source: str = "decoder"
+    model: dict = field(default_factory=dict)
     backbone_weights: str | None = None
     # optimisation
     num_epochs: int = 100
     max_steps: int | None = None
     batch_size: int = 12
     gradient_accumulation_steps: int = 1
-    optimizer: str = "sgd"
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     learning_rate: float = 2.5e-3
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    lr_schedule: str = "cosine"
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
     # loss
     label_smoothing: float = 0.1
     contrastive_weight: float = 0.1
@@ -181,7 +173,7 @@ class TrainingConfig:
     hflip: bool = True
     seed: int = 0
     num_workers: int = 2
-    mixed_precision: str = "no"
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     output_dir: str = "outputs/pretrain"
     checkpointing_steps: int | None = None
     checkpoints_total_limit: int | None = None
@@ -193,10 +185,54 @@ class TrainingConfig:
     def __post_init__(self):
         self.validate()
 
+    # -- the model -----------------------------------------------------------------------------------------------
+    @property
+    def model_settings(self) -> dict[str, Any]:
+        """The architecture with GFSSConfig's defaults filled in (`model` overrides them)."""
+        return {**_model_defaults(), **self.model}
+
+    @property
+    def image_size(self) -> int:
+        """Canvas size of the model (`model.image_size`), at which the data are prepared."""
+        return self.model_settings["image_size"]
+
+    @property
+    def pad_mode(self) -> str:
+        """Padding of the model's canvas (`model.pad_mode`)."""
+        return self.model_settings["pad_mode"]
+
     # -- construction ------------------------------------------------------------------------------------------
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def translate_flat_model_keys(cls, values: Mapping[str, Any], source: str = "the config") -> dict[str, Any]:
+        """
+        Move the model keys of older configs (`backbone: resnet18` at the top level) and `--set model.KEY=VALUE`
+        overrides into the `model` mapping; a key given both ways is an error.
+        """
+        values = dict(values)
+        model = values.get("model", {})
+        if not isinstance(model, Mapping):
+            raise ValueError(f"`model` in {source} must be a mapping of GFSSConfig fields (e.g. model: {{backbone: "
+                             f"resnet18}}), got {type(model).__name__}.")
+        model = dict(model)
+        flat = [k for k in values if k in MODEL_KEYS]
+        dotted = [k for k in values if isinstance(k, str) and k.startswith("model.")]
+        if flat:
+            logger.warning(
+                f"{source}: the top-level model key(s) {flat} are deprecated; write them under `model:` (e.g. "
+                f"`model: {{{flat[0]}: ...}}`, or --set model.{flat[0]}=...). Read as model.{flat[0]} etc."
+            )
+        for key in [*flat, *dotted]:
+            name = key.removeprefix("model.")
+            if name in model:
+                raise ValueError(f"{source} sets the model's {name!r} twice ({key!r} and model.{name}); keep one.")
+            model[name] = values.pop(key)
+        if flat or dotted or "model" in values:
+            values["model"] = model
+        return values
 
     @classmethod
     def check_known_keys(cls, values: Mapping[str, Any], source: str = "the config") -> None:
@@ -218,8 +254,8 @@ class TrainingConfig:
         """Build from a flat mapping; unknown keys raise a `ValueError` that lists the valid keys."""
         if not isinstance(values, Mapping):
             raise ValueError(f"{source} must be a mapping of keys to values, got {type(values).__name__}.")
+        values = cls.translate_flat_model_keys(values, source)
         cls.check_known_keys(values, source)
-        values = dict(values)
         for f in dataclasses.fields(cls):
             # YAML reads `1e-3` (no dot) as a string; a float key takes it as the number it spells.
             if f.name in values and isinstance(values[f.name], str) and str(f.type).split("|")[0].strip() == "float":
@@ -232,12 +268,13 @@ class TrainingConfig:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, overrides: Sequence[str] | Mapping[str, Any] = ()) -> TrainingConfig:
         """
-        Read a YAML file of flat `key: value` pairs, then apply `overrides`.
+        Read a YAML file of `key: value` pairs (the architecture under `model:`), then apply `overrides`.
 
         Args:
             path (`str` or `os.PathLike`): the YAML file.
             overrides (`Sequence[str]` of `"key=value"` or a `Mapping`, *optional*): values that replace the file's;
-                a string value is parsed as YAML (`"max_steps=10"` gives an int, `"base_temperature=null"` None).
+                a string value is parsed as YAML (`"max_steps=10"` gives an int, `"base_temperature=null"` None);
+                `"model.backbone=resnet18"` replaces one key of the `model` mapping.
         """
         path = Path(path)
         if not path.is_file():
@@ -249,11 +286,15 @@ class TrainingConfig:
             raise ValueError(f"config file {str(path)!r} cannot be parsed as YAML ({problem}); fix its syntax.") from err
         if not isinstance(values, dict):
             raise ValueError(f"{str(path)!r} must hold a mapping of `key: value` lines, got {type(values).__name__}.")
-        overrides = parse_overrides(overrides)
         # Unknown keys are reported against where they were written: the file or the overrides.
+        values = cls.translate_flat_model_keys(values, repr(str(path)))
+        overrides = cls.translate_flat_model_keys(parse_overrides(overrides), "the overrides (--set)")
         cls.check_known_keys(values, repr(str(path)))
         cls.check_known_keys(overrides, "the overrides (--set)")
+        model = {**values.get("model", {}), **overrides.pop("model", {})}
         values.update(overrides)
+        if model:
+            values["model"] = model
         return cls.from_dict(values, source=f"{str(path)!r} + overrides")
 
     def to_dict(self) -> dict[str, Any]:
@@ -263,7 +304,11 @@ class TrainingConfig:
         _check_field_types(self)
 
     def replace(self, **changes) -> TrainingConfig:
-        return TrainingConfig.from_dict({**self.to_dict(), **changes})
+        """A copy with `changes`; `model={...}` is merged into the current `model` mapping."""
+        values = self.to_dict()
+        changes = self.translate_flat_model_keys(changes, "replace()")
+        values["model"] = {**values["model"], **changes.pop("model", {})}
+        return TrainingConfig.from_dict({**values, **changes})
 
     # -- validation --------------------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -286,10 +331,6 @@ class TrainingConfig:
             bad("num_workers", "must be >= 0")
         if self.learning_rate <= 0:
             bad("learning_rate", "must be > 0")
-        if self.optimizer not in ("sgd", "adamw"):
-            bad("optimizer", "allowed values are 'sgd' and 'adamw'")
-        if self.lr_schedule not in ("cosine", "constant"):
-            bad("lr_schedule", "allowed values are 'cosine' and 'constant'")
         if self.contrastive_weight < 0:
             bad("contrastive_weight", "must be >= 0 (0 disables the contrastive term)")
         if self.temperature <= 0 or (self.base_temperature is not None and self.base_temperature <= 0):
@@ -298,12 +339,9 @@ class TrainingConfig:
             bad("max_samples", "max_samples and max_views must be >= 1")
         if not 0.0 <= self.label_smoothing < 1.0:
             bad("label_smoothing", "must be in [0, 1)")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            bad("mixed_precision", "allowed values are 'no', 'fp16' and 'bf16'")
-        if not isinstance(self.backbone_kwargs, dict):
-            bad("backbone_kwargs", "must be a mapping of timm.create_model keyword arguments")
         if not isinstance(self.fold, int) or isinstance(self.fold, bool):
             bad("fold", "must be an integer fold index")
+        _check_model(self.model)
 
 
 _EXPECTED_TYPES = {
@@ -316,31 +354,84 @@ _EXPECTED_TYPES = {
 }
 
 
+# The GFSSConfig fields a training YAML may set under `model:`; the others (class names, dataset, fold, the
+# projection switch, label smoothing, the weights path) are derived from the run by `build_model`.
+MODEL_KEYS = ("backbone", "backbone_kwargs", "output_stride", "dilation_style", "hidden_size", "pool_scales",
+              "ppm_align_corners", "dropout", "classifier_bias", "logits_align_corners", "image_size", "pad_mode",
+              "projection_dim", "projection_source")  # fmt: skip
+
+
+def _model_defaults() -> dict[str, Any]:
+    """GFSSConfig's defaults of the `MODEL_KEYS` (lists for tuples: the form a YAML file writes)."""
+    fields = {f.name: f for f in dataclasses.fields(GFSSConfig)}
+    out = {}
+    for name in MODEL_KEYS:
+        default = fields[name].default
+        out[name] = list(default) if isinstance(default, tuple) else ({} if default is None else default)
+    return out
+
+
+def _check_value(owner: str, name: str, annotation: str, value, default) -> None:
+    """`value` has the type of `annotation` (a `Literal[...]` gives the allowed values) and floats are finite:
+    `seed='abc'` or `temperature=.nan` fail here, naming the key, instead of deep inside training."""
+    key = f"model.{name}" if owner.endswith(".model") else name
+    example = f"--set {key}={json.dumps(default) if default is not None else 'VALUE'}"
+    if annotation.startswith("Literal["):
+        allowed = ast.literal_eval(f"({annotation[len('Literal['):-1]},)")
+        if value not in allowed:
+            raise ValueError(f"{owner}.{name}={value!r} is invalid: allowed values are {list(allowed)}; e.g. "
+                             f"{example}.")
+        return
+    kinds = [k.strip().split("[")[0] for k in annotation.split("|")]
+    optional = "None" in kinds
+    if value is None and optional:
+        return
+    base = next(k for k in kinds if k != "None")
+    if base not in _EXPECTED_TYPES:
+        return  # an annotation this check does not know: validate() has the field's own rule
+    types, expected = _EXPECTED_TYPES[base]
+    # A union of containers (`list[int] | tuple[int, ...]`) accepts any of them.
+    types = tuple(t for k in kinds if k in _EXPECTED_TYPES for t in _EXPECTED_TYPES[k][0])
+    if not isinstance(value, types) or (isinstance(value, bool) and base in ("int", "float")):
+        raise ValueError(
+            f"{owner}.{name}={value!r} is invalid: expected {expected}{' or null' if optional else ''}, "
+            f"got {type(value).__name__}; e.g. {example}."
+        )
+    if base == "float" and not math.isfinite(value):
+        raise ValueError(
+            f"{owner}.{name}={value!r} is invalid: expected a finite number (NaN or infinity makes the loss and "
+            f"every weight non-finite); e.g. {example}."
+        )
+
+
 def _check_field_types(config: TrainingConfig) -> None:
-    """Each value has its field's type (from the annotation) and floats are finite: `seed='abc'` or
-    `temperature=.nan` fail here, naming the key, instead of deep inside training or as non-finite weights."""
+    """Each value has its field's annotated type (see `_check_value`)."""
     for f in dataclasses.fields(config):
-        kinds = [k.strip() for k in str(f.type).split("|")]
-        value = getattr(config, f.name)
-        optional = "None" in kinds
-        if value is None and optional:
-            continue
-        base = next(k for k in kinds if k != "None")
-        if base not in _EXPECTED_TYPES:
-            continue  # an annotation this check does not know: validate() has the field's own rule
-        types, expected = _EXPECTED_TYPES[base]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        example = f"--set {f.name}={json.dumps(default) if default is not None else 'VALUE'}"
-        if not isinstance(value, types) or (isinstance(value, bool) and base in ("int", "float")):
-            raise ValueError(
-                f"TrainingConfig.{f.name}={value!r} is invalid: expected {expected}{' or null' if optional else ''}, "
-                f"got {type(value).__name__}; e.g. {example}."
-            )
-        if base == "float" and not math.isfinite(value):
-            raise ValueError(
-                f"TrainingConfig.{f.name}={value!r} is invalid: expected a finite number (NaN or infinity makes the "
-                f"loss and every weight non-finite); e.g. {example}."
-            )
+        _check_value("TrainingConfig", f.name, str(f.type), getattr(config, f.name), default)
+
+
+def _check_model(model: Mapping[str, Any]) -> None:
+    """The `model` mapping: known keys, values of GFSSConfig's annotated types, then GFSSConfig's own rules."""
+    unknown = sorted(set(model) - set(MODEL_KEYS))
+    if unknown:
+        raise ValueError(
+            f"TrainingConfig.model has unknown key(s) {unknown}; valid keys are: {', '.join(MODEL_KEYS)} (class "
+            "names, dataset and fold come from the run)."
+        )
+    fields = {f.name: f for f in dataclasses.fields(GFSSConfig)}
+    defaults = _model_defaults()
+    for name, value in model.items():
+        _check_value("TrainingConfig.model", name, str(fields[name].type), value, defaults[name])
+    try:
+        GFSSConfig(**_as_model_kwargs(model))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"TrainingConfig.model is invalid: {err}") from err
+
+
+def _as_model_kwargs(model: Mapping[str, Any]) -> dict[str, Any]:
+    # YAML lists become the tuples a config stores; the mapping itself stays as written.
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in model.items()}
 
 
 def parse_overrides(overrides: Sequence[str] | Mapping[str, Any]) -> dict[str, Any]:
@@ -499,17 +590,7 @@ def build_model(config: TrainingConfig, split=None) -> GFSSModel:
     """
     split = split if split is not None else _fold_split(config)
     model_config = GFSSConfig(
-        backbone=config.backbone,
-        backbone_kwargs=dict(config.backbone_kwargs),
-        output_stride=config.output_stride,
-        dilation_style=config.dilation_style,
-        hidden_size=config.hidden_size,
-        pool_scales=tuple(config.pool_scales),
-        dropout=config.dropout,
-        image_size=config.image_size,
-        pad_mode=config.pad_mode,
-        projection_dim=config.projection_dim,
-        projection_source=config.projection_source,
+        **_as_model_kwargs(config.model),
         use_projection=config.contrastive_weight > 0,
         label_smoothing=config.label_smoothing,
         base_class_names=split.base_names,
@@ -623,8 +704,13 @@ def read_trainer_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
 
 
 def _config_for_comparison(config: TrainingConfig | Mapping[str, Any]) -> dict[str, Any]:
-    # Through JSON, so that tuples and lists (and ints written as floats) compare as they are stored.
+    # Through JSON, so that tuples and lists (and ints written as floats) compare as they are stored. The model is
+    # compared key by key with defaults filled in: `model: {}` and an explicit default are the same run, and a
+    # checkpoint of an older version (flat model keys) compares with the translated form.
     values = config.to_dict() if isinstance(config, TrainingConfig) else dict(config)
+    values = TrainingConfig.translate_flat_model_keys(values, "the checkpoint's config")
+    model = {**_model_defaults(), **values.pop("model", {})}
+    values.update({f"model.{k}": v for k, v in model.items()})
     return {k: v for k, v in json.loads(json.dumps(values)).items() if k not in INFRASTRUCTURE_KEYS}
 
 
@@ -876,24 +962,6 @@ def evaluate_base_miou(model, dataloader, accelerator, num_classes: int, ignore_
     }
 
 
-# -- hub -------------------------------------------------------------------------------------------------------
-def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, token: str | None = None, private: bool = False,
-                       commit_message: str = "Upload pre-trained GFSS model") -> str:
-    """Create (if needed) the model repo `repo_id` and upload `folder` to it, without the checkpoints and logs.
-
-    Returns the commit URL (as given by `HfApi.upload_folder`)."""
-    api = HfApi(token=token)
-    api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
-    result = api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(folder),
-        repo_type="model",
-        commit_message=commit_message,
-        ignore_patterns=[f"{_CHECKPOINT_DIR}/*", "logs/*", "*.jsonl", ".tmp-*"],
-    )
-    return str(result)
-
-
 # -- the loop --------------------------------------------------------------------------------------------------
 def _step_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
@@ -952,8 +1020,9 @@ def pretrain(
         config ([`TrainingConfig`]): the run.
         resume_from_checkpoint (`str`, *optional*): `"latest"` or a checkpoint path; the run continues exactly where
             that checkpoint was taken (same batches, flips, dropout and samples).
-        push_to_hub (`bool`, *optional*, defaults to `False`): upload the final folder with
-            `HfApi().upload_folder` (needs `hub_model_id`).
+        push_to_hub (`bool`, *optional*, defaults to `False`): publish the final model with
+            [`gfss_hf.hub.publish`] (needs `hub_model_id`): a staged, checked export is uploaded, never the output
+            folder itself (its checkpoints and logs stay home).
         hub_model_id (`str`, *optional*): target repo, e.g. `"user/gfss-pspnet-pascal5i-fold0"`.
         hub_token (`str`, *optional*): token for the upload (default: the logged-in one).
         rebuild_data (`bool`, *optional*, defaults to `False`): rebuild the prepared dataset cache (see
@@ -1164,7 +1233,7 @@ def pretrain(
         if accelerator.is_main_process:
             _save_final(accelerator.unwrap_model(model), output_dir, summary, config)
             if push_to_hub:
-                summary["hub_commit"] = push_folder_to_hub(output_dir, hub_model_id, token=hub_token)
+                summary["hub_commit"] = publish(output_dir, hub_model_id, token=hub_token)["commit_url"]
         accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary

@@ -114,7 +114,8 @@ def train_models(args, out: Path, models) -> dict[str, Path]:
         if args.quick:
             overrides.update(num_train_images=64, num_val_images=16, max_steps=args.max_steps or 6, batch_size=4)
         config = TrainingConfig.from_yaml(CONFIG, overrides=overrides)
-        print(f"[demo] pre-training {label} ({config.backbone}, {config.image_size} px) -> {target}", flush=True)
+        print(f"[demo] pre-training {label} ({config.model_settings['backbone']}, {config.image_size} px) -> {target}",
+              flush=True)
         start = time.time()
         summary = pretrain(config)
         base = (summary.get("final_eval") or {}).get("base_miou")
@@ -349,8 +350,9 @@ def main(argv=None) -> int:
             m = results[folder][f"{shots}shot/gamma10"]["metrics"]
             entries.append({
                 "protocol": "paper", "dataset": "synthetic", "fold": args.fold, "shots": shots,
-                "metrics": {"novel_miou_2way": results[folder][f"{shots}shot/gamma0"]["metrics"]["fss_novel_miou"],
-                            "novel_miou_gfss": m["gfss_novel_miou"], "base_miou": m["gfss_base_miou"]},
+                # The 2-way number of the FSS head (gamma plays no part in it); GFSS numbers of gamma = 10.
+                "metrics": {"fss_novel_miou": results[folder][f"{shots}shot/gamma0"]["metrics"]["fss_novel_miou"],
+                            "gfss_novel_miou": m["gfss_novel_miou"], "gfss_base_miou": m["gfss_base_miou"]},
                 "episodes": args.episodes,
             })
         card = render_model_card(paths[folder], {"results": entries}, repo_id=f"gfss-hf/gfss-synthetic-{folder}",

@@ -16,6 +16,7 @@ Method hyper-parameters can also come from a YAML file (`--config`, keys = optio
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -23,9 +24,11 @@ import tempfile
 import torch
 import yaml
 from accelerate import Accelerator
+from transformers import HfArgumentParser
 
 from gfss_hf import GFSSImageProcessor, GFSSModel
 from gfss_hf.adaptation import AdaptationConfig
+from gfss_hf.arguments import dataclass_flags
 from gfss_hf.data.episodes import PROTOCOLS, build_episodes, load_episodes, save_episodes
 from gfss_hf.data.sources import DATASET_NAMES, get_data_source, load_fold_split, load_image_source
 from gfss_hf.evaluation import (
@@ -41,12 +44,19 @@ from gfss_hf.evaluation import (
 # A projected run longer than this gets advice on how to shorten it.
 _LONG_RUN_SECONDS = 600
 
-METHOD_OPTIONS = ("steps", "lr", "gamma", "kd_scale", "kd_skip_novel", "kd_average_over_padding", "novel_init",
-                  "ce_weighting", "normalize_features", "loss_resolution", "transductive", "legacy_carry_over")  # fmt: skip
+# The method's flags are AdaptationConfig's fields (names, types, defaults, help from its docstring), so a field
+# added to it is a flag here without an edit. Left out: `method` (the protocol decides which heads run), `seed`
+# (`--seed` is the episodes' seed), and what the model decides (`align_corners`, `ignore_index`).
+METHOD_FLAGS = dataclass_flags(AdaptationConfig, exclude=("method", "seed", "align_corners", "ignore_index"),
+                               group="method (few-shot adaptation)")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default in --help."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = HfArgumentParser([METHOD_FLAGS], description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("model", help="a save_pretrained folder or a Hub id (model + image processor)")
     parser.add_argument("--config", help="YAML file of option defaults (keys: the option names below)")
     data = parser.add_argument_group("data")
@@ -71,21 +81,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                             "share of the median image area: 0.92 %% paper/capl, 9.4 %% diam)")
     proto.add_argument("--episodes", help="replay the episodes of this file (from --save_episodes)")
     proto.add_argument("--save_episodes", help="write the episodes to this file")
-    method = parser.add_argument_group("method (few-shot adaptation)")
-    method.add_argument("--steps", type=int, default=100)
-    method.add_argument("--lr", type=float, default=0.1)
-    method.add_argument("--gamma", type=float, default=10.0)
-    method.add_argument("--kd_scale", default="reference", choices=["reference", "paper"])
-    method.add_argument("--kd_skip_novel", action="store_true")
-    method.add_argument("--kd_average_over_padding", action="store_true")
-    method.add_argument("--novel_init", default="random", choices=["random", "prototype", "kaiming_uniform"],
-                        help="kaiming_uniform: nn.Conv2d's default, what the reference code does")
-    method.add_argument("--normalize_features", action="store_true",
-                        help="L2-normalise support and query features before the classifier (reference code)")
-    method.add_argument("--ce_weighting", default="none", choices=["none", "reference"])
-    method.add_argument("--loss_resolution", default="input", choices=["input", "feature"])
-    method.add_argument("--transductive", action="store_true")
-    method.add_argument("--legacy_carry_over", action="store_true")
     infra = parser.add_argument_group("infrastructure")
     infra.add_argument("--output_dir", default="evaluation_results")
     infra.add_argument("--episode_batch_size", type=int, default=None,
@@ -157,8 +152,9 @@ def evaluation_function(args: argparse.Namespace, accelerator: Accelerator) -> d
     if args.save_episodes and accelerator.is_main_process:
         save_episodes(args.save_episodes, episodes)
 
-    method = {name: getattr(args, name) for name in METHOD_OPTIONS}
-    method["ce_weighting"] = None if method["ce_weighting"] == "none" else method["ce_weighting"]
+    method = {f.name: getattr(args, f.name) for f in dataclasses.fields(METHOD_FLAGS)}
+    if method.get("ce_weighting") == "none":  # the spelling of the former flag's choice for None
+        method["ce_weighting"] = None
     options = EvaluationOptions(
         adaptation=AdaptationConfig(**method),
         episode_batch_size=args.episode_batch_size,

@@ -17,47 +17,53 @@ can be overridden with `--set key=value`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
 
+from transformers import HfArgumentParser
+
+from gfss_hf.arguments import dataclass_flags
 from gfss_hf.training import TrainingConfig, parse_overrides, preflight, pretrain
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "synthetic.yaml"
+# Infrastructure settings of TrainingConfig that have a flag of their own (each overrides the YAML when given);
+# types, choices and help come from TrainingConfig. Every other key: --set KEY=VALUE.
+CONFIG_FLAGS = dataclass_flags(
+    TrainingConfig,
+    include=("fold", "data_dir", "output_dir", "mixed_precision", "gradient_accumulation_steps", "checkpointing_steps",
+             "backbone_weights"),
+    optional=True,
+    group="settings that override the YAML file",
+)  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Base-class pre-training of a GFSS model with Accelerate.")
+    parser = HfArgumentParser([CONFIG_FLAGS], description="Base-class pre-training of a GFSS model with Accelerate.")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML file of hyper-parameters.")
-    parser.add_argument("--fold", type=int, default=None, help="Fold whose base classes are trained.")
-    parser.add_argument("--data_dir", default=None, help="Root of the dataset (not needed for 'synthetic').")
-    parser.add_argument("--output_dir", default=None, help="Checkpoints, logs and the final model.")
-    parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None)
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=None)
-    parser.add_argument("--checkpointing_steps", type=int, default=None, help="Save a resumable state every N steps.")
     parser.add_argument(
         "--resume_from_checkpoint", default=None, help="'latest' (in --output_dir) or the path of a checkpoint."
     )
-    parser.add_argument("--backbone_weights", default=None, help="Local file of ImageNet backbone weights.")
     parser.add_argument(
         "--rebuild_data", action="store_true",
         help="Rebuild the prepared dataset cache (it is keyed by the files' names, sizes and mtimes; use this after "
         "an edit that kept them).",
     )
-    parser.add_argument("--push_to_hub", action="store_true", help="Upload the final folder to the Hub.")
+    parser.add_argument("--push_to_hub", action="store_true",
+                        help="Publish the final model to the Hub (a staged, checked export, as push_to_hub.py).")
     parser.add_argument("--hub_model_id", default=None, help="Repo id for --push_to_hub, e.g. user/gfss-pascal5i-f0.")
     parser.add_argument("--hub_token", default=None, help="Token for --push_to_hub (default: the logged-in one).")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="Override a YAML value (repeatable), e.g. --set num_epochs=5 --set contrastive_weight=0.",
+        help="Override a YAML value (repeatable), e.g. --set num_epochs=5 --set model.backbone=resnet18.",
     )
     return parser.parse_args(argv)
 
 
 def build_config(args: argparse.Namespace) -> TrainingConfig:
     overrides = parse_overrides(args.overrides)
-    for name in ("fold", "data_dir", "output_dir", "mixed_precision", "gradient_accumulation_steps",
-                 "checkpointing_steps", "backbone_weights"):
+    for name in (f.name for f in dataclasses.fields(CONFIG_FLAGS)):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value

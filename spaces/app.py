@@ -27,13 +27,11 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 __all__ = [
-    "EXAMPLE_CLASSES",
     "FewShotSegmenter",
     "build_app",
     "default_model_source",
     "demo",
-    "ensure_examples",
-    "find_example_indices",
+    "load_examples",
     "painted_mask",
     "segment",
 ]
@@ -53,15 +51,6 @@ BASE_COLOURS = (
     "#8c564b", "#c49c94", "#7f7f7f", "#c7c7c7", "#bcbd22", "#dbdb8d", "#17becf", "#9edae5",
 )  # fmt: skip
 
-# Examples from the procedural dataset (seed 0, val images, 160 px) for a model pre-trained on the base classes of
-# fold 0 (the `make demo` model): each class is novel in fold 0, so the model never saw it during pre-training.
-# The support is the first val image where the class covers >= 5 % of the image, the query the next one where it
-# covers >= 3 % next to at least one base class (`find_example_indices`).
-EXAMPLE_CLASSES = ("star-plain", "cross-dotted", "circle-plain")
-EXAMPLE_SEED = 0
-EXAMPLE_SIZE = 160
-_SUPPORT_SHARE, _QUERY_SHARE, _SEARCH_LIMIT = 0.05, 0.03, 500
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # examples
@@ -71,77 +60,25 @@ def _hex_to_rgb(colour: str) -> tuple[int, int, int]:
     return tuple(int(colour[i : i + 2], 16) for i in (0, 2, 4))
 
 
-def _example_paths(folder: Path, i: int) -> dict[str, Path]:
-    return {
-        "query": folder / f"example{i}_query.png",
-        "support": folder / f"example{i}_support.png",
-        "layer": folder / f"example{i}_support_paint.png",
-        "composite": folder / f"example{i}_support_composite.png",
-    }
+def load_examples(folder: str | os.PathLike = EXAMPLES_DIR) -> list[tuple[str, dict[str, Path]]]:
+    """
+    The examples rendered by `scripts/render_space_examples.py` (classes the `make demo` model never saw), as
+    listed by the folder's `examples.json`.
 
-
-def find_example_indices(class_name: str, fold: int = 0) -> tuple[int, int]:
-    """(support, query) val indices of the procedural dataset for one example class (needs `gfss_hf`)."""
-    from gfss_hf.data.splits import SYNTHETIC_CLASSES, get_split
-    from gfss_hf.data.synthetic import VAL_INDEX_OFFSET, render_sample
-
-    class_id = SYNTHETIC_CLASSES.index(class_name) + 1
-    base_ids = set(get_split("synthetic", fold).base_ids)
-    support = None
-    for i in range(_SEARCH_LIMIT):
-        _, label = render_sample(EXAMPLE_SEED, VAL_INDEX_OFFSET + i, EXAMPLE_SIZE)
-        share = np.bincount(label.ravel(), minlength=256) / label.size
-        if support is None and share[class_id] >= _SUPPORT_SHARE:
-            support = i
-        elif support is not None and share[class_id] >= _QUERY_SHARE and any(share[b] >= _QUERY_SHARE for b in base_ids):
-            return support, i
-    raise RuntimeError(f"no support/query pair for {class_name!r} in the first {_SEARCH_LIMIT} val images.")
-
-
-def render_examples(folder: str | os.PathLike) -> list[dict[str, Path]]:
-    """Render the example images with the procedural dataset (needs `gfss_hf`): query, support, the painted layer
-    (RGBA, alpha = the support mask) and the support with the paint on top. Returns the paths per example."""
-    from gfss_hf.data.splits import SYNTHETIC_CLASSES
-    from gfss_hf.data.synthetic import VAL_INDEX_OFFSET, render_sample
-
+    Returns:
+        `list[tuple[str, dict[str, Path]]]`: (class name, paths of `query`, `support`, `layer`, `composite`) per
+        example; `[]` when the folder has no complete set (the app then shows no examples).
+    """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    out = []
-    for i, name in enumerate(EXAMPLE_CLASSES):
-        support_index, query_index = find_example_indices(name)
-        class_id = SYNTHETIC_CLASSES.index(name) + 1
-        paths = _example_paths(folder, i)
-        query, _ = render_sample(EXAMPLE_SEED, VAL_INDEX_OFFSET + query_index, EXAMPLE_SIZE)
-        support, label = render_sample(EXAMPLE_SEED, VAL_INDEX_OFFSET + support_index, EXAMPLE_SIZE)
-        mask = label == class_id
-        layer = np.zeros((*mask.shape, 4), dtype=np.uint8)
-        layer[mask] = (*_hex_to_rgb(BRUSH_COLOUR), 255)
-        composite = support.copy()
-        composite[mask] = _hex_to_rgb(BRUSH_COLOUR)
-        for key, array in (("query", query), ("support", support), ("layer", layer), ("composite", composite)):
-            _save_png(Image.fromarray(array), paths[key])
-        out.append(paths)
-    return out
-
-
-def _save_png(image: Image.Image, path: Path) -> None:
-    # Atomic: a concurrent reader never sees half a file.
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
-def ensure_examples(folder: str | os.PathLike = EXAMPLES_DIR) -> list[dict[str, Path]]:
-    """The example files, rendered into `folder` when missing (which needs `gfss_hf`). Returns [] when they are
-    missing and cannot be rendered: the app then has no examples."""
-    folder = Path(folder)
-    paths = [_example_paths(folder, i) for i in range(len(EXAMPLE_CLASSES))]
-    if all(p.is_file() for example in paths for p in example.values()):
-        return paths
     try:
-        return render_examples(folder)
-    except ImportError:
+        manifest = json.loads((folder / "examples.json").read_text(encoding="utf-8"))
+        examples = [
+            (str(entry["class_name"]), {key: folder / entry[key] for key in ("query", "support", "layer", "composite")})
+            for entry in manifest
+        ]
+    except (OSError, ValueError, KeyError, TypeError):
         return []
+    return examples if all(p.is_file() for _, paths in examples for p in paths.values()) else []
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -470,8 +407,8 @@ def build_app(model: str | os.PathLike | None = None, examples_dir: str | os.Pat
     Args:
         model (`str` or `os.PathLike`, *optional*): a `save_pretrained` folder or a Hub id; defaults to
             [`default_model_source`].
-        examples_dir (`str` or `os.PathLike`, *optional*): folder of the example images (default: `examples/` next
-            to this file; rendered there if missing and `gfss_hf` is installed).
+        examples_dir (`str` or `os.PathLike`, *optional*): folder of the examples (default: `examples/` next to this
+            file, written by `scripts/render_space_examples.py`).
         default_steps (`int`, *optional*, defaults to 100): initial value of the adaptation-steps slider.
 
     Returns:
@@ -487,7 +424,7 @@ def build_app(model: str | os.PathLike | None = None, examples_dir: str | os.Pat
     """
     source = os.fspath(model) if model is not None else default_model_source()
     segmenter = FewShotSegmenter(source)
-    examples = ensure_examples(examples_dir if examples_dir is not None else EXAMPLES_DIR)
+    examples = load_examples(examples_dir if examples_dir is not None else EXAMPLES_DIR)
     brush = gr.Brush(colors=[BRUSH_COLOUR], color_mode="fixed", default_size=12)
 
     with gr.Blocks(title=TITLE) as demo:
@@ -529,7 +466,7 @@ def build_app(model: str | os.PathLike | None = None, examples_dir: str | os.Pat
                     [str(p["query"]),
                      {"background": str(p["support"]), "layers": [str(p["layer"])], "composite": str(p["composite"])},
                      name, "GFSS", 10]
-                    for p, name in zip(examples, EXAMPLE_CLASSES)
+                    for name, p in examples
                 ],
                 inputs=[query, support_inputs[0], class_name, mode, gamma],
                 label="Examples from the procedural dataset (classes the demo model never saw)",

@@ -1,5 +1,7 @@
-"""Model cards: Hub YAML + model-index from results.json, the planned cards in model_cards/, the CLI."""
+"""Model cards: Hub YAML + model-index from results.json (read through the results schema of gfss_hf.evaluation),
+the planned cards in model_cards/, scripts/make_cards.py."""
 
+import importlib.util
 import json
 import stat
 from pathlib import Path
@@ -11,17 +13,23 @@ from huggingface_hub import ModelCard
 from gfss_hf import GFSSConfig
 from gfss_hf.cards import (
     PLANNED_CHECKPOINTS,
-    eval_results_to_entries,
-    load_results,
     load_training_config,
-    main,
     planned_model_card,
     render_model_card,
     save_model_card,
 )
 from gfss_hf.data.splits import get_split
+from gfss_hf.evaluation import eval_results_to_entries, load_results
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv):
+    """scripts/make_cards.py's entry point."""
+    spec = importlib.util.spec_from_file_location("make_cards", REPO_ROOT / "scripts" / "make_cards.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
 
 # The payload of scripts/evaluate.py (gfss_hf.evaluation.save_results): settings under `config`, fractions in [0, 1].
 EVALUATE_PAYLOAD = {
@@ -45,7 +53,7 @@ EVALUATE_PAYLOAD = {
     "num_episodes": 200,
     "episodes_hash": "abc123",
 }
-# A hand-written file in the schema of gfss_hf.cards.
+# Several evaluations gathered by hand in the results schema (gfss_hf.evaluation.load_results).
 HAND_WRITTEN = {
     "results": [
         {
@@ -87,15 +95,15 @@ def test_card_model_index_round_trip_matches_results(tmp_path, umask_027):
     assert loaded.data.license == "apache-2.0"
     assert loaded.data.model_name == "gfss-synthetic-fold0"
 
-    # Every headline number of results.json is in model-index, in percent, under its canonical key; per-episode
-    # means and standard deviations are not.
+    # Every headline number of results.json is in model-index, in percent, under its results.json key (one
+    # vocabulary); per-episode means and standard deviations are not.
     got = {e.dataset_config: e.metrics for e in eval_results_to_entries(loaded.data.eval_results)}
     assert got == {
         "fold0-1shot-paper": {
-            "novel_miou_2way": 55.9, "fb_iou_2way": 71.23, "novel_miou_gfss": 57.7, "base_miou": 69.6,
-            "mean_miou": 63.65, "harmonic_miou": 63.1, "fb_iou_gfss": 70.0,
+            "fss_novel_miou": 55.9, "fss_fb_iou": 71.23, "gfss_novel_miou": 57.7, "gfss_base_miou": 69.6,
+            "gfss_mean_miou": 63.65, "gfss_harmonic_miou": 63.1, "gfss_fb_iou": 70.0,
         },
-        "fold0-5shot-diam": {"base_miou": 70.89, "novel_miou_gfss": 35.11, "mean_miou": 53.0},
+        "fold0-5shot-diam": {"base_miou": 70.89, "novel_miou": 35.11, "mean_miou": 53.0},
     }  # fmt: skip
     assert got == {e.dataset_config: e.metrics for e in load_results(results_paths)}
     raw = _front_matter(path.read_text())["model-index"][0]["results"]
@@ -109,7 +117,8 @@ def test_card_model_index_round_trip_matches_results(tmp_path, umask_027):
 
     text = path.read_text()
     assert "| synthetic shapes (gfss_hf) | 0 | 1 | `paper` | 55.90 | 57.70 | 69.60 | 63.65 | 63.10 | 71.23 | 70.00 |" in text
-    assert "| synthetic shapes (gfss_hf) | 0 | 5 | `diam` | - | 35.11 | 70.89 ± 0.40 | 53.00 | - | - | - |" in text
+    # One table per protocol (their metrics differ).
+    assert "| synthetic shapes (gfss_hf) | 0 | 5 | `diam` | 70.89 ± 0.40 | 35.11 | 53.00 |" in text
     assert "someone/gfss-synthetic-fold0" in text and "trust_remote_code=True" in text
     for heading in ("## Model", "## Intended use", "## How to use", "## Training recipe", "## Evaluation",
                     "## Limitations", "## Citation"):
@@ -120,16 +129,16 @@ def test_card_model_index_round_trip_matches_results(tmp_path, umask_027):
 
 
 def test_results_schema_is_tolerant_but_strict_on_ambiguity(caplog):
-    entry = {"protocol": "capl", "dataset": "pascal5i", "fold": 2, "k_shot": 1,
-             "metrics": {"base": 0.5, "Total": 0.25, "note": "n/a"}}
-    (parsed,) = load_results(entry)  # a single entry, alias keys, a non-numeric metric
+    entry = {"protocol": "capl", "dataset": "pascal5i", "fold": 2, "shots": 1,
+             "metrics": {"base_miou": 0.5, "total_miou": 0.25, "harmonic_miou": "n/a"}}
+    (parsed,) = load_results(entry)  # a single entry, a non-numeric metric
     assert parsed.metrics == {"base_miou": 50.0, "total_miou": 25.0}
     assert parsed.shots == 1 and parsed.dataset_config == "fold2-1shot-capl"
     assert load_results([entry]) == [parsed]
     percent = load_results({"metrics_unit": "percent", "results": [{**entry, "metrics": {"base_miou": 50.0}}]})
     assert percent[0].metrics == {"base_miou": 50.0}
     # dataset / fold may come from the model's config.
-    (defaulted,) = load_results({"protocol": "paper", "shots": 5, "metrics": {"base_miou": 0.1}},
+    (defaulted,) = load_results({"protocol": "paper", "shots": 5, "metrics": {"gfss_base_miou": 0.1}},
                                 defaults={"dataset": "coco20i", "fold": 3})
     assert (defaulted.dataset, defaulted.fold) == ("coco20i", 3)
 
@@ -139,8 +148,9 @@ def test_results_schema_is_tolerant_but_strict_on_ambiguity(caplog):
         load_results({"protocol": "paper", "dataset": "pascal5i", "fold": 0, "metrics": {"base_miou": 0.5}})
     with pytest.raises(ValueError, match="repeats"):
         load_results([entry, entry])
-    with pytest.raises(ValueError, match="duplicates"):
-        load_results({**entry, "metrics": {"base": 0.5, "base_miou": 0.5}})
+    # One vocabulary: a key results.json never holds (an old card name, a typo) is refused, naming the keys.
+    with pytest.raises(ValueError, match="unknown metric.*fss_novel_miou"):
+        load_results({**entry, "metrics": {"novel_miou_2way": 0.5}})
     with pytest.raises(ValueError, match="planned"):
         render_model_card(_config(), entry, planned=True)
     with pytest.raises(FileNotFoundError, match="evaluate.py"):
@@ -152,8 +162,8 @@ def test_planned_cards_are_generated_and_in_sync(tmp_path):
     for dataset, fold in PLANNED_CHECKPOINTS:
         path = REPO_ROOT / "model_cards" / f"gfss-{dataset}-fold{fold}.md"
         text = path.read_text()
-        assert text == str(planned_model_card(dataset, fold)), f"{path} is stale: run python -m gfss_hf.cards " \
-                                                               "--planned model_cards/"
+        assert text == str(planned_model_card(dataset, fold)), f"{path} is stale: run python " \
+                                                               "scripts/make_cards.py --planned model_cards/"
         card = ModelCard.load(path)
         assert card.data.eval_results is None and "model-index" not in _front_matter(text)  # no invented numbers
         assert "not trained yet" in text and "No evaluation results yet" in text

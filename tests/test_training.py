@@ -8,6 +8,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from gfss_hf import GFSSConfig
 from gfss_hf.training import (
     TrainingConfig,
     build_model,
@@ -21,8 +22,9 @@ from gfss_hf.training import (
 REPO = Path(__file__).resolve().parents[1]
 
 TINY = dict(
-    dataset="synthetic", fold=0, num_train_images=24, num_val_images=8, backbone="test_resnet", hidden_size=16,
-    image_size=64, projection_dim=8, batch_size=4, max_samples=64, max_views=3, num_workers=0, learning_rate=0.05,
+    dataset="synthetic", fold=0, num_train_images=24, num_val_images=8,
+    model=dict(backbone="test_resnet", hidden_size=16, image_size=64, projection_dim=8), batch_size=4, max_samples=64,
+    max_views=3, num_workers=0, learning_rate=0.05,
     logging_steps=1, report_to="none", eval_every_epochs=1, num_epochs=1,
 )
 
@@ -48,7 +50,7 @@ def test_shipped_configs_load(name):
     config = TrainingConfig.from_yaml(REPO / "scripts" / "configs" / f"{name}.yaml")
     assert config.dataset == name
     if name != "synthetic":  # the paper's recipe
-        assert (config.backbone, config.image_size, config.batch_size) == ("resnet50s", 473, 12)
+        assert (config.model["backbone"], config.image_size, config.batch_size) == ("resnet50s", 473, 12)
         assert config.learning_rate == pytest.approx(2.5e-3) and config.contrastive_weight == pytest.approx(0.1)
         assert config.num_epochs == (100 if name == "pascal5i" else 20)
 
@@ -65,10 +67,11 @@ def test_unknown_keys_are_listed_with_the_valid_ones(tmp_path):
 def test_overrides_are_parsed_as_yaml_and_bad_values_rejected():
     config = TrainingConfig.from_yaml(
         REPO / "scripts" / "configs" / "synthetic.yaml",
-        overrides=["max_steps=7", "base_temperature=0.07", "backbone_kwargs={channels: [8, 8, 8, 8]}", "hflip=false"],
+        overrides=["max_steps=7", "base_temperature=0.07", "model.backbone_kwargs={channels: [8, 8, 8, 8]}",
+                   "hflip=false"],
     )
     assert config.max_steps == 7 and config.base_temperature == 0.07 and config.hflip is False
-    assert config.backbone_kwargs == {"channels": [8, 8, 8, 8]}
+    assert config.model["backbone_kwargs"] == {"channels": [8, 8, 8, 8]} and config.model["backbone"] == "resnet18"
     with pytest.raises(ValueError, match="key=value"):
         TrainingConfig.from_yaml(REPO / "scripts" / "configs" / "synthetic.yaml", overrides=["max_steps"])
     with pytest.raises(ValueError, match="contrastive_weight"):
@@ -97,6 +100,34 @@ def test_bad_values_name_the_key_the_value_and_the_expected_type(key, value, mat
         TrainingConfig.from_dict({key: value})
 
 
+def test_model_is_one_mapping_passed_to_gfss_config(tmp_path, caplog):
+    # Unset model keys take GFSSConfig's defaults: they are declared there only.
+    config = TrainingConfig.from_dict({"model": {"backbone": "test_resnet"}})
+    assert config.model == {"backbone": "test_resnet"}
+    assert config.model_settings["hidden_size"] == GFSSConfig().hidden_size and config.image_size == 473
+    assert config.replace(model={"image_size": 64}).model == {"backbone": "test_resnet", "image_size": 64}
+    # The flat keys of older configs (and of older checkpoints' training_config.yaml) are translated, with a warning.
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump({"backbone": "test_resnet", "hidden_size": 16, "num_epochs": 2}))
+    with caplog.at_level("WARNING"):
+        old = TrainingConfig.from_yaml(path, overrides=["model.image_size=64"])
+    assert old.model == {"backbone": "test_resnet", "hidden_size": 16, "image_size": 64} and old.num_epochs == 2
+    assert "deprecated; write them under `model:`" in caplog.text
+    with pytest.raises(ValueError, match="sets the model's 'backbone' twice"):
+        TrainingConfig.from_dict({"backbone": "a", "model": {"backbone": "b"}})
+    with pytest.raises(ValueError, match=r"model has unknown key\(s\) \['fold'\]"):
+        TrainingConfig.from_dict({"model": {"fold": 1}})
+    with pytest.raises(ValueError, match=r"model.hidden_size='x' is invalid: expected an integer.*--set model.hidden_"):
+        TrainingConfig.from_dict({"model": {"hidden_size": "x"}})
+    with pytest.raises(ValueError, match="GFSSConfig.hidden_size=0 is invalid"):
+        TrainingConfig.from_dict({"model": {"hidden_size": 0}})
+    # Choice fields are Literal[...] and validated from the annotation.
+    with pytest.raises(ValueError, match=r"optimizer='adam' is invalid: allowed values are \['sgd', 'adamw'\]"):
+        TrainingConfig.from_dict({"optimizer": "adam"})
+    with pytest.raises(ValueError, match="mixed_precision='fp8' is invalid: allowed values"):
+        TrainingConfig.from_dict({"mixed_precision": "fp8"})
+
+
 def test_yaml_strings_that_spell_numbers_are_taken_as_floats():
     # YAML 1.1 reads 1e-3 (no dot) as a string.
     config = TrainingConfig.from_yaml(REPO / "scripts" / "configs" / "synthetic.yaml", overrides=["learning_rate=1e-3"])
@@ -119,7 +150,8 @@ def test_bad_config_files_name_the_file_and_the_rule(tmp_path, text, match):
 @pytest.mark.parametrize("overrides,match", [
     ("seed=3", None),  # one string is one override, not a sequence of one-character overrides
     (["sed=3"], r"unknown key\(s\) \['sed'\] in the overrides \(--set\) \(did you mean 'sed' -> 'seed'\?\)"),
-    (["backbone_kwargs=[1"], r"override 'backbone_kwargs=\[1': the value '\[1' of 'backbone_kwargs' is not valid YAML"),
+    (["model.backbone_kwargs=[1"], r"override 'model.backbone_kwargs=\[1': the value '\[1' of 'model.backbone_kwargs' is "
+                                   "not valid YAML"),
 ])
 def test_overrides_errors_name_the_override(overrides, match):
     path = REPO / "scripts" / "configs" / "synthetic.yaml"
@@ -219,14 +251,16 @@ class _FakeHfApi:
         _FakeHfApi.calls.append(("create_repo", kwargs))
 
     def upload_folder(self, **kwargs):
+        kwargs["files"] = sorted(p.name for p in Path(kwargs["folder_path"]).iterdir())  # gone after the call
         _FakeHfApi.calls.append(("upload_folder", kwargs))
         return "https://huggingface.co/user/tiny/commit/abc"
 
 
 def test_short_run_lowers_the_loss_saves_a_loadable_model_and_pushes(tmp_path, monkeypatch):
-    import gfss_hf.training as training
+    import gfss_hf.hub
 
-    monkeypatch.setattr(training, "HfApi", _FakeHfApi)
+    # pretrain(push_to_hub=True) publishes like scripts/push_to_hub.py: stage -> check -> upload (gfss_hf.hub).
+    monkeypatch.setattr(gfss_hf.hub, "HfApi", _FakeHfApi)
     _FakeHfApi.calls = []
     config = tiny_config(tmp_path, max_steps=16, num_train_images=40)
     summary = pretrain(config, push_to_hub=True, hub_model_id="user/tiny", hub_token="tok")
@@ -252,8 +286,11 @@ def test_short_run_lowers_the_loss_saves_a_loadable_model_and_pushes(tmp_path, m
     names = [c[0] for c in _FakeHfApi.calls]
     assert names == ["create_repo", "upload_folder"]
     upload = _FakeHfApi.calls[1][1]
-    assert upload["repo_id"] == "user/tiny" and Path(upload["folder_path"]) == out
-    assert "checkpoints/*" in upload["ignore_patterns"]
+    # The staged export is uploaded, never the output folder: no checkpoints, logs or optimiser states.
+    assert upload["repo_id"] == "user/tiny" and Path(upload["folder_path"]) != out
+    assert {"model.safetensors", "config.json", "README.md", "modeling_gfss.py"} <= set(upload["files"])
+    assert not {"checkpoints", "train_log.jsonl", "eval_results.json"} & set(upload["files"])
+    assert summary["hub_commit"] == "https://huggingface.co/user/tiny/commit/abc"
 
 
 def _weights(folder):

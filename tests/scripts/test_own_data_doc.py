@@ -21,7 +21,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "README_own_data.md"
 # A 64-px test backbone: the same tiny model as tests/scripts/test_pretrain.py.
-TINY_CONFIG = dict(backbone="test_resnet", hidden_size=16, image_size=64, projection_dim=8, batch_size=4,
+TINY_CONFIG = dict(model=dict(backbone="test_resnet", hidden_size=16, image_size=64, projection_dim=8), batch_size=4,
                    max_samples=64, max_views=3, num_workers=0, learning_rate=0.05, optimizer="adamw",
                    logging_steps=1, report_to="none", eval_every_epochs=1, num_epochs=1)  # fmt: skip
 TINY_ENV = {"IMAGE_SIZE": "64", "EPOCHS": "1", "EPISODES": "4", "STEPS": "2"}

@@ -17,6 +17,8 @@ import yaml
 from huggingface_hub import ModelCard
 from PIL import Image
 
+import gfss_hf.hub
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REPO_ID = "someone/gfss-synthetic-fold0"
 RESULTS = {
@@ -59,7 +61,8 @@ def output_dir(pretrained_tiny_dir, tmp_path_factory):
 def staged(push, output_dir, tmp_path_factory):
     """`--dry_run --staging_dir`: the checks pass and the staged folder is kept; the Hub is never contacted."""
     staging = tmp_path_factory.mktemp("staging") / "export"
-    with mock.patch.object(push, "HfApi", side_effect=AssertionError("a dry run must not touch the Hub")):
+    # The script publishes through gfss_hf.hub (the path pretrain(push_to_hub=True) takes too): mock the Hub there.
+    with mock.patch.object(gfss_hf.hub, "HfApi", side_effect=AssertionError("a dry run must not touch the Hub")):
         rc = push.main(["--model_dir", str(output_dir), "--repo_id", REPO_ID, "--results",
                         str(output_dir / "eval" / "results.json"), "--dry_run", "--staging_dir", str(staging)])
     assert rc == 0
@@ -86,7 +89,7 @@ def test_dry_run_stages_a_clean_checked_export(push, staged, output_dir):
 
     card = ModelCard.load(staged / "README.md")
     metrics = {r.metric_type: r.metric_value for r in card.data.eval_results}
-    assert metrics == {"novel_miou_2way": 43.21, "novel_miou_gfss": 30.0, "base_miou": 75.0}
+    assert metrics == {"fss_novel_miou": 43.21, "gfss_novel_miou": 30.0, "gfss_base_miou": 75.0}
     assert f'model="{REPO_ID}"' in card.text and "| contrastive_weight | 0.0 |" in card.text
 
     # Running the checks again on the kept folder passes, including the fresh-process load without gfss_hf.
@@ -139,7 +142,7 @@ def test_remote_check_fails_when_the_export_needs_the_package(push, staged, tmp_
 
 def test_push_uploads_the_staged_folder_and_nothing_else(push, output_dir, monkeypatch):
     # The checks are exercised by the dry-run test; here only the Hub calls matter.
-    monkeypatch.setattr(push, "check_export", lambda folder, results=None, steps=2: {"folder": str(folder)})
+    monkeypatch.setattr(gfss_hf.hub, "check_export", lambda folder, results=None, steps=2: {"folder": str(folder)})
     uploaded = {}
 
     def upload_folder(**kwargs):
@@ -151,7 +154,7 @@ def test_push_uploads_the_staged_folder_and_nothing_else(push, output_dir, monke
     api = mock.MagicMock(name="HfApi()")
     api.upload_folder.side_effect = upload_folder
     hf_api = mock.MagicMock(name="HfApi", return_value=api)
-    monkeypatch.setattr(push, "HfApi", hf_api)
+    monkeypatch.setattr(gfss_hf.hub, "HfApi", hf_api)
     rc = push.main(["--model_dir", str(output_dir), "--repo_id", REPO_ID, "--token", "hf_dummy", "--private",
                     "--results", str(output_dir / "eval" / "results.json")])
     assert rc == 0
@@ -163,7 +166,7 @@ def test_push_uploads_the_staged_folder_and_nothing_else(push, output_dir, monke
     assert Path(kwargs["folder_path"]).name == "export"  # the staged folder, not the training output
     assert [c[0] for c in api.method_calls] == ["create_repo", "upload_folder"]  # nothing else touched
     assert "model.safetensors" in uploaded["files"] and "train_log.jsonl" not in uploaded["files"]
-    assert "novel_miou_2way" in uploaded["card"]
+    assert "fss_novel_miou" in uploaded["card"]
     assert not Path(kwargs["folder_path"]).exists()  # the temporary staging folder is cleaned up
 
 

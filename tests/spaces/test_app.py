@@ -34,6 +34,16 @@ def app():
 
 
 @pytest.fixture(scope="module")
+def examples_script():
+    """scripts/render_space_examples.py: the examples are rendered by a script, the app only shows them."""
+    spec = importlib.util.spec_from_file_location("render_space_examples",
+                                                  REPO_ROOT / "scripts" / "render_space_examples.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
 def segmenter(app, pretrained_tiny_dir):
     return app.FewShotSegmenter(str(pretrained_tiny_dir))
 
@@ -41,8 +51,7 @@ def segmenter(app, pretrained_tiny_dir):
 @pytest.fixture(scope="module")
 def example(app):
     # Example 1: the small test model finds its class there in every mode (on example 0 it finds nothing).
-    paths = app.ensure_examples()[EXAMPLE]
-    name = app.EXAMPLE_CLASSES[EXAMPLE]
+    name, paths = app.load_examples()[EXAMPLE]
     return paths, name
 
 
@@ -83,20 +92,23 @@ def test_space_metadata_and_requirements():
     assert not any(line.startswith("gfss_hf") for line in requirements)  # the Hub repository carries the code
 
 
-def test_examples_are_the_procedural_dataset(app, example, tmp_path):
+def test_examples_are_the_procedural_dataset(app, examples_script, example, tmp_path):
     """The shipped PNGs (used on a Space without gfss_hf) are exactly what the procedural dataset renders."""
-    rendered = app.render_examples(tmp_path)
-    shipped = app.ensure_examples()
-    assert len(rendered) == len(shipped) == len(app.EXAMPLE_CLASSES)
-    for fresh, kept in zip(rendered, shipped):
+    rendered = examples_script.render_examples(tmp_path)
+    shipped = app.load_examples()
+    assert [name for name, _ in shipped] == [name for name, _ in app.load_examples(tmp_path)]
+    assert len(rendered) == len(shipped) == len(examples_script.EXAMPLE_CLASSES)
+    assert app.load_examples(tmp_path / "missing") == []
+    for fresh, (_, kept) in zip(rendered, shipped):
         for key in ("query", "support", "layer", "composite"):
             assert np.array_equal(np.asarray(Image.open(fresh[key])), np.asarray(Image.open(kept[key]))), kept[key]
     from gfss_hf.data.splits import SYNTHETIC_CLASSES
     from gfss_hf.data.synthetic import VAL_INDEX_OFFSET, render_sample
 
     paths, name = example
-    support_index, query_index = app.find_example_indices(name)
-    _, label = render_sample(app.EXAMPLE_SEED, VAL_INDEX_OFFSET + support_index, app.EXAMPLE_SIZE)
+    support_index, query_index = examples_script.find_example_indices(name)
+    _, label = render_sample(examples_script.EXAMPLE_SEED, VAL_INDEX_OFFSET + support_index,
+                             examples_script.EXAMPLE_SIZE)
     assert np.array_equal(app.painted_mask(_editor(paths)), label == SYNTHETIC_CLASSES.index(name) + 1)
 
 
@@ -259,17 +271,17 @@ def test_page_in_headless_chromium(launched, app):
             for selector in ("#query", "#support-1", "#class-name", "#mode", "#gamma", "#overlay", "#masks"):
                 assert page.locator(selector).count() == 1, selector
             assert page.locator("#run").inner_text().strip() == "Segment"
-            assert page.locator("#examples tbody tr").count() == len(app.EXAMPLE_CLASSES)
+            assert page.locator("#examples tbody tr").count() == len(app.load_examples())
 
             # An example row fills query, painted support and class name; running it shows the overlay.
             page.locator("#examples tbody tr").nth(EXAMPLE).click()
             name_box = "document.querySelector('#class-name textarea, #class-name input')"
-            page.wait_for_function(f"{name_box}.value === '{app.EXAMPLE_CLASSES[EXAMPLE]}'", timeout=60_000)
+            page.wait_for_function(f"{name_box}.value === '{app.load_examples()[EXAMPLE][0]}'", timeout=60_000)
             page.wait_for_selector("#query img", timeout=60_000)
             page.locator("#run").click()
             page.wait_for_selector("#overlay img", timeout=300_000)
             page.wait_for_selector("#legend >> text=Novel class", timeout=60_000)
-            assert app.EXAMPLE_CLASSES[EXAMPLE] in page.locator("#legend").inner_text()
+            assert app.load_examples()[EXAMPLE][0] in page.locator("#legend").inner_text()
             assert page.locator("#masks img").count() >= 1
             page.wait_for_timeout(500)  # let the overlay finish fading in before the screenshot
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
