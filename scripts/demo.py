@@ -42,7 +42,8 @@ from gfss_hf.data.episodes import build_episodes
 from gfss_hf.data.splits import get_split
 from gfss_hf.data.synthetic import SyntheticSegmentation
 from gfss_hf.evaluation import EvaluationOptions, evaluate_episodes
-from gfss_hf.training import TrainingConfig, pretrain
+from gfss_hf.training import pretrain
+from gfss_hf.training_config import TrainingConfig
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "synthetic.yaml"
 # (folder, label, contrastive weight, novel pixels labelled background during pre-training (BAM's convention)

@@ -25,7 +25,8 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from gfss_hf.arguments import dataclass_flags
-from gfss_hf.training import TrainingConfig, parse_overrides, preflight, pretrain
+from gfss_hf.training import preflight, pretrain
+from gfss_hf.training_config import TrainingConfig, parse_overrides
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "synthetic.yaml"
 # Infrastructure settings of TrainingConfig that have a flag of their own (each overrides the YAML when given);

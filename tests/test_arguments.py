@@ -9,7 +9,7 @@ from transformers import HfArgumentParser
 
 from gfss_hf.adaptation import AdaptationConfig
 from gfss_hf.arguments import dataclass_flags, field_docs
-from gfss_hf.training import TrainingConfig
+from gfss_hf.training_config import TrainingConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,15 +9,9 @@ import yaml
 from safetensors.torch import load_file
 
 from gfss_hf import GFSSConfig
-from gfss_hf.training import (
-    TrainingConfig,
-    build_model,
-    build_pretraining_datasets,
-    cosine_schedule,
-    find_last_checkpoint,
-    pretrain,
-    resolve_checkpoint,
-)
+from gfss_hf.checkpointing import find_last_checkpoint, resolve_checkpoint
+from gfss_hf.training import build_model, build_pretraining_datasets, cosine_schedule, pretrain
+from gfss_hf.training_config import TrainingConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -457,16 +451,16 @@ def test_truncated_checkpoint_file_is_named(stopped_run, tmp_path, name):
 def test_full_disk_while_writing_a_checkpoint_names_the_file(tmp_path, monkeypatch):
     import errno
 
-    import gfss_hf.training as training
+    import gfss_hf.checkpointing as checkpointing
 
-    real = training._write_file
+    real = checkpointing._write_file
 
     def write(path, data):
         if path.name == "optimizer.safetensors":
             raise OSError(errno.ENOSPC, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(training, "_write_file", write)
+    monkeypatch.setattr(checkpointing, "_write_file", write)
     with pytest.raises(OSError, match=r"no space left on device while writing checkpoint file '.*optimizer\.safet"):
         pretrain(tiny_config(tmp_path, max_steps=2, checkpointing_steps=1, eval_every_epochs=0))
     folder = tmp_path / "run" / "checkpoints"

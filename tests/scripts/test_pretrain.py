@@ -139,7 +139,7 @@ def test_sigkill_then_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_p
 
 
 def find_checkpoint(output_dir):
-    from gfss_hf.training import find_last_checkpoint
+    from gfss_hf.checkpointing import find_last_checkpoint
 
     return find_last_checkpoint(output_dir)
 
