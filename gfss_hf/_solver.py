@@ -11,12 +11,14 @@ Two solvers compute the same SGD trajectory (up to float rounding):
   upsampled logits. It is the specification the exact solver is tested against, and a selectable solver
   (`AdaptationConfig(solver="autograd")`) for the benchmarks and for devices where it may be the faster one.
 
-Private to `gfss_hf`: [`gfss_hf.adaptation`] builds the [`LossSpec`] from its inputs and calls [`solve`]. Imports only
-torch and `gfss_hf.losses`, so that it travels with a Hub export of the pipeline.
+Private to `gfss_hf`: [`gfss_hf.adaptation`] builds the [`LossSpec`] from its inputs and calls [`solve`] from the
+starting rows of [`random_rows`] or [`prototype_rows`]. Imports only torch and `gfss_hf.losses`, so that it travels
+with a Hub export of the pipeline.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +31,10 @@ __all__ = [
     "LossSpec",
     "build_loss_spec",
     "classifier_logits",
+    "downsample_labels",
     "entropy_term",
+    "prototype_rows",
+    "random_rows",
     "reference_loss",
     "solve",
     "upsample_logits",
@@ -185,6 +190,86 @@ def build_loss_spec(
         kd_scale=kd_scale, num_teacher=num_teacher, num_classes=annotated.shape[1],
         feature_size=tuple(features.shape[-2:]), align_corners=align_corners,
     )  # fmt: skip
+
+
+# -- the starting rows, and labels at the feature resolution -----------------------------------------------
+def downsample_labels(labels: torch.Tensor, size) -> torch.Tensor:
+    """
+    Nearest downsampling of label maps to the feature size (`loss_resolution="feature"`, and the prototypes).
+
+    Args:
+        labels (`torch.Tensor` of shape `(E, K, H, W)`, integer): label maps.
+        size (`tuple[int, int]`): `(h, w)`.
+
+    Returns:
+        `torch.Tensor` of shape `(E, K, h, w)`, int64.
+    """
+    e, k = labels.shape[:2]
+    out = F.interpolate(labels.flatten(0, 1)[:, None].float(), size=tuple(size), mode="nearest")
+    return out[:, 0].long().view(e, k, *size)
+
+
+def random_rows(
+    seeds: list[int], rows: int, dim: int, std: float, like: torch.Tensor, kind: str = "normal"
+) -> torch.Tensor:
+    """
+    Random starting rows, episode `e` from its own CPU generator seeded `seeds[e]` (device-independent).
+
+    Args:
+        seeds (`list[int]`): one seed per episode (`E`).
+        rows (`int`): rows per episode.
+        dim (`int`): `D`, features per row.
+        std (`float`): standard deviation with `kind="normal"`.
+        like (`torch.Tensor`): the rows take its device and dtype.
+        kind (`str`, *optional*, defaults to `"normal"`): `"normal"`, or `"kaiming_uniform"`: `nn.Conv2d`'s default
+            for a 1x1 conv of `dim` inputs (Kaiming uniform with a = sqrt(5), i.e. U(-1/sqrt(dim), 1/sqrt(dim))).
+
+    Returns:
+        `torch.Tensor` of shape `(E, rows, dim)`.
+    """
+    out = []
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(seed)
+        if kind == "kaiming_uniform":
+            bound = 1.0 / math.sqrt(dim)
+            out.append(torch.rand(rows, dim, generator=generator) * (2 * bound) - bound)
+        else:
+            out.append(torch.randn(rows, dim, generator=generator) * std)
+    return torch.stack(out).to(device=like.device, dtype=like.dtype)
+
+
+def prototype_rows(features, novel_labels, num_novel, base_weight, size_matches_features) -> torch.Tensor:
+    """
+    Prototype starting rows: masked averages of the support features per novel class, scaled to the mean norm of
+    the pre-trained rows.
+
+    Args:
+        features (`torch.Tensor` of shape `(E, K, D, h, w)`): support features.
+        novel_labels (`torch.Tensor` of shape `(E, K, H, W)` or `(E, K, h, w)`): 0 background, `1..N` novel class.
+        num_novel (`int`): `N`.
+        base_weight (`torch.Tensor` of shape `(E, T, D)`): the pre-trained rows.
+        size_matches_features (`bool`): the labels are already at the feature size (else downsampled, nearest).
+
+    Returns:
+        `torch.Tensor` of shape `(E, N, D)`.
+    """
+    if size_matches_features:
+        small = novel_labels
+    else:
+        small = downsample_labels(novel_labels, features.shape[-2:])
+    e, k, d = features.shape[:3]
+    rows = []
+    target_norm = base_weight.norm(dim=-1).mean(-1)  # (E,)
+    flat = features.flatten(3)  # (E, K, D, P)
+    lab = small.flatten(2)  # (E, K, P)
+    for n in range(1, num_novel + 1):
+        m = (lab == n).to(features.dtype)  # (E, K, P)
+        total = torch.einsum("ekdp,ekp->ed", flat, m)
+        count = m.flatten(1).sum(1)
+        proto = total / count.clamp_min(1.0)[:, None]
+        proto = proto / proto.norm(dim=-1, keepdim=True).clamp_min(1e-12) * target_norm[:, None]
+        rows.append(proto)
+    return torch.stack(rows, dim=1)
 
 
 # -- the autograd reference -----------------------------------------------------------------------------------

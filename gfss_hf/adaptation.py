@@ -25,8 +25,9 @@ class `n` is classifier row `T - 1 + n`), `ignore_index` (255) ignored. With `su
 
 The loss (`losses.few_shot_cross_entropy` + gamma * `losses.distillation_loss`) and the solvers that minimise it
 (the exact one with analytic gradients, and the plain autograd reference it is tested against) live in
-`gfss_hf._solver`. At import time this module needs only torch and its siblings `_solver` and `losses` (the image
-processor lazily, in `learn_classes`), so that it travels with a Hub export of the pipeline.
+`gfss_hf._solver`, with the rows they start from (random or prototypes). At import time this module needs only
+torch and its siblings `_solver` and `losses` (the image processor lazily, in `learn_classes`), so that it travels
+with a Hub export of the pipeline.
 """
 
 from __future__ import annotations
@@ -39,7 +40,17 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn.functional as F
 
-from ._solver import SOLVERS, build_loss_spec, classifier_logits, entropy_term, solve, upsample_logits
+from ._solver import (
+    SOLVERS,
+    build_loss_spec,
+    classifier_logits,
+    downsample_labels,
+    entropy_term,
+    prototype_rows,
+    random_rows,
+    solve,
+    upsample_logits,
+)
 
 __all__ = [
     "AdaptationConfig",
@@ -304,33 +315,9 @@ def _seeds(seeds, default: int, num: int) -> list[int]:
     return seeds
 
 
-def _random_rows(
-    seeds: list[int], rows: int, dim: int, std: float, like: torch.Tensor, kind: str = "normal"
-) -> torch.Tensor:
-    """(E, rows, dim) random rows, episode e from its own CPU generator seeded `seeds[e]` (device-independent):
-    `kind="normal"` with std `std`, or `"kaiming_uniform"`: `nn.Conv2d`'s default for a 1x1 conv of `dim` inputs
-    (Kaiming uniform with a = sqrt(5), i.e. U(-1/sqrt(dim), 1/sqrt(dim)))."""
-    out = []
-    for seed in seeds:
-        generator = torch.Generator().manual_seed(seed)
-        if kind == "kaiming_uniform":
-            bound = 1.0 / math.sqrt(dim)
-            out.append(torch.rand(rows, dim, generator=generator) * (2 * bound) - bound)
-        else:
-            out.append(torch.randn(rows, dim, generator=generator) * std)
-    return torch.stack(out).to(device=like.device, dtype=like.dtype)
-
-
 def _normalized(features: torch.Tensor | None, enabled: bool) -> torch.Tensor | None:
     """L2 normalisation over the channel axis (-3) of `(..., D, h, w)` features when `enabled`."""
     return F.normalize(features, dim=-3) if enabled and features is not None else features
-
-
-def _downsample_labels(labels: torch.Tensor, size) -> torch.Tensor:
-    """Nearest downsampling of (E, K, H, W) labels to (E, K, h, w)."""
-    e, k = labels.shape[:2]
-    out = F.interpolate(labels.flatten(0, 1)[:, None].float(), size=tuple(size), mode="nearest")
-    return out[:, 0].long().view(e, k, *size)
 
 
 def _check_features_labels(features: torch.Tensor, labels: torch.Tensor, name: str = "support_labels") -> None:
@@ -341,27 +328,6 @@ def _check_features_labels(features: torch.Tensor, labels: torch.Tensor, name: s
         )
     if labels.dtype.is_floating_point:
         raise ValueError(f"{name} must be an integer tensor of class labels, got {labels.dtype}.")
-
-
-def _prototype_rows(features, novel_labels, num_novel, base_weight, size_matches_features) -> torch.Tensor:
-    """(E, N, D) masked averages of support features per novel class, scaled to the mean base-row norm."""
-    if size_matches_features:
-        small = novel_labels
-    else:
-        small = _downsample_labels(novel_labels, features.shape[-2:])
-    e, k, d = features.shape[:3]
-    rows = []
-    target_norm = base_weight.norm(dim=-1).mean(-1)  # (E,)
-    flat = features.flatten(3)  # (E, K, D, P)
-    lab = small.flatten(2)  # (E, K, P)
-    for n in range(1, num_novel + 1):
-        m = (lab == n).to(features.dtype)  # (E, K, P)
-        total = torch.einsum("ekdp,ekp->ed", flat, m)
-        count = m.flatten(1).sum(1)
-        proto = total / count.clamp_min(1.0)[:, None]
-        proto = proto / proto.norm(dim=-1, keepdim=True).clamp_min(1e-12) * target_norm[:, None]
-        rows.append(proto)
-    return torch.stack(rows, dim=1)
 
 
 def adapt_gfss(
@@ -509,15 +475,15 @@ def adapt_gfss(
             annotated[:, :, num_teacher + n - 1] = (labels == n).flatten(2).any(2)
 
     if config.loss_resolution == "feature":
-        labels = _downsample_labels(labels, features.shape[-2:])
+        labels = downsample_labels(labels, features.shape[-2:])
 
     # Initial rows: fresh copy of the pre-trained rows + novel rows.
     seed_list = _seeds(seeds, config.seed, num_episodes)
     if config.novel_init in ("random", "kaiming_uniform"):
         kind = "normal" if config.novel_init == "random" else "kaiming_uniform"
-        novel_w = _random_rows(seed_list, num_novel, dim, config.init_std, features, kind)
+        novel_w = random_rows(seed_list, num_novel, dim, config.init_std, features, kind)
     else:
-        novel_w = _prototype_rows(features, labels, num_novel, base_w, config.loss_resolution == "feature")
+        novel_w = prototype_rows(features, labels, num_novel, base_w, config.loss_resolution == "feature")
     weight = torch.cat([base_w, novel_w], dim=1)
     bias = None
     if base_b is not None:
@@ -621,8 +587,8 @@ def adapt_fss(
         raise ValueError(f"FSS support masks must be binary (0, 1, {ignore}); found {masks[bad][0].item()}.")
     num_episodes, _, dim = features.shape[:3]
     if config.loss_resolution == "feature":
-        masks = _downsample_labels(masks, features.shape[-2:])
-    weight = _random_rows(_seeds(seeds, config.seed, num_episodes), 2, dim, config.init_std, features)
+        masks = downsample_labels(masks, features.shape[-2:])
+    weight = random_rows(_seeds(seeds, config.seed, num_episodes), 2, dim, config.init_std, features)
     bias_t = features.new_zeros(num_episodes, 2) if bias else None
     annotated = torch.zeros(num_episodes * masks.shape[1], 2, dtype=torch.bool, device=features.device)
     annotated[:, 1] = True  # every support annotates its class; background is "not c*"
@@ -719,7 +685,7 @@ def extract_support_features(model, supports, loss_resolution: str = "input") ->
         features = model.extract_features(supports.pixel_values.to(device=param.device, dtype=param.dtype))
     if loss_resolution == "feature":
         ignore = model.config.ignore_index
-        small = _downsample_labels(supports.labels[None], features.shape[-2:])[0]
+        small = downsample_labels(supports.labels[None], features.shape[-2:])[0]
         for i in range(small.shape[0]):
             if not ((small[i] >= 1) & (small[i] != ignore)).any():
                 raise ValueError(

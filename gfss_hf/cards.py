@@ -1,5 +1,5 @@
 """Model cards of GFSS checkpoints, generated from code so that every card stays consistent: Hub YAML metadata,
-`model-index` results read through the results schema of `gfss_hf.evaluation` (`load_results`,
+`model-index` results read through the results schema of `gfss_hf.results` (`load_results`,
 `results_to_eval_results`), the recipe of the training YAML, and the prose of `templates/model_card.md`.
 
 `scripts/make_cards.py` writes the planned cards (`model_cards/`) and the card of a trained folder;
@@ -18,7 +18,8 @@ from transformers.utils import logging
 
 from ._io import atomic_write_text
 from .configuration_gfss import GFSSConfig
-from .evaluation import METRIC_NAMES, ResultEntry, load_results, results_to_eval_results
+from .metrics import METRIC_NAMES
+from .results import ResultEntry, load_results, results_to_eval_results
 
 __all__ = [
     "DATASETS",
@@ -267,7 +268,7 @@ def render_model_card(
             The model's configuration, or a `save_pretrained` folder to read it (and its `training_config.yaml`)
             from.
         results (*optional*):
-            Evaluation results in the schema of [`gfss_hf.evaluation.load_results`] (a `results.json` path, several,
+            Evaluation results in the schema of [`gfss_hf.results.load_results`] (a `results.json` path, several,
             or parsed content). They fill the results tables and the `model-index`; without them the card says that
             no numbers exist.
         repo_id (`str`, *optional*):

@@ -34,9 +34,9 @@ from transformers.utils import logging
 
 from ._io import atomic_write_text
 from .cards import load_training_config, render_model_card, save_model_card
-from .evaluation import eval_results_to_entries, load_results
 from .image_processing_gfss import GFSSImageProcessor, load_image
 from .modeling_gfss import GFSSModel
+from .results import eval_results_to_entries, load_results
 
 __all__ = [
     "DEFAULT_COMMIT_MESSAGE",
@@ -89,7 +89,7 @@ def stage_export(model_dir, staging_dir, repo_id: str, results=None, with_pipeli
         model_dir (`str` or `os.PathLike`): a `save_pretrained` folder (the output of `scripts/pretrain.py`).
         staging_dir (`str` or `os.PathLike`): a new or empty folder.
         repo_id (`str`): the target repository (used in the card's code examples).
-        results (*optional*): `results.json` path(s) of `scripts/evaluate.py` (see `gfss_hf.evaluation.load_results`).
+        results (*optional*): `results.json` path(s) of `scripts/evaluate.py` (see `gfss_hf.results.load_results`).
         with_pipeline (`bool`, *optional*, defaults to `True`): also export the `few-shot-segmentation` pipeline.
 
     Returns:

@@ -14,6 +14,9 @@ Every number of the three evaluation protocols comes from one object, [`PooledIo
 The mean of per-episode IoUs, which the literature warns against, is tracked separately
 (`episode_mean_iou`) so that both numbers can be reported and compared. Accumulators of different processes are
 summed exactly (integers only), so the result does not depend on how episodes were split across processes.
+
+The metric vocabulary is defined here, next to the numbers it names: [`METRIC_NAMES`] (every key an evaluation
+writes, with its display name), [`HEADLINE_METRICS`] (the columns of each protocol's table) and [`metric_keys`].
 """
 
 from __future__ import annotations
@@ -24,7 +27,16 @@ from collections.abc import Iterable, Sequence
 import torch
 from transformers.utils import logging
 
-__all__ = ["GFSS_CONVENTIONS", "PooledIoU", "gfss_summary", "harmonic_mean"]
+__all__ = [
+    "GFSS_CONVENTIONS",
+    "HEADLINE_METRICS",
+    "METRIC_NAMES",
+    "PooledIoU",
+    "STD_SUFFIX",
+    "gfss_summary",
+    "harmonic_mean",
+    "metric_keys",
+]
 
 logger = logging.get_logger(__name__)
 
@@ -33,6 +45,62 @@ GFSS_CONVENTIONS = ("diam", "capl")
 # Per-episode IoUs are summed in fixed point (units of 2**-40): integer sums are exact and associative, so merging
 # accumulators in any order (one process or many) gives bit-identical results. 2**40 * 2**23 episodes < 2**63.
 _FIXED_POINT = float(2**40)
+
+# The ONE metric vocabulary: every key an evaluation writes into `results.json`, with its display name (used by
+# `results.md`, the model card's table and the card's `model-index`). Order = column order of the tables.
+METRIC_NAMES: dict[str, str] = {
+    "fss_novel_miou": "2-way novel",
+    "gfss_novel_miou": "(B+2)-way novel",
+    "gfss_base_miou": "base",
+    "gfss_mean_miou": "mean",
+    "gfss_harmonic_miou": "harmonic",
+    "fss_fb_iou": "FB-IoU (2-way)",
+    "gfss_fb_iou": "FB-IoU (GFSS)",
+    "base_miou": "base",
+    "novel_miou": "novel",
+    "mean_miou": "mean",
+    "harmonic_miou": "harmonic",
+    "total_miou": "total",
+    "fss_novel_episode_miou": "2-way novel, per-episode mean",
+    "gfss_novel_episode_miou": "(B+2)-way novel, per-episode mean",
+    "gfss_base_episode_miou": "base, per-episode mean",
+    "novel_episode_miou": "novel, per-episode mean",
+}
+# The headline numbers of each protocol (tables, model cards); the per-episode means are kept in results.json for
+# comparison with other code bases only, because IoU pooled over episodes is the protocols' number.
+HEADLINE_METRICS: dict[str, tuple[str, ...]] = {
+    "paper": ("fss_novel_miou", "gfss_novel_miou", "gfss_base_miou", "gfss_mean_miou", "gfss_harmonic_miou",
+              "fss_fb_iou", "gfss_fb_iou"),
+    "diam": ("base_miou", "novel_miou", "mean_miou", "harmonic_miou"),
+    "capl": ("base_miou", "novel_miou", "mean_miou", "harmonic_miou", "total_miou"),
+}  # fmt: skip
+# `<key>_std`: sample standard deviation over runs (`diam`, `capl`), shown as "value ± std".
+STD_SUFFIX = "_std"
+_PAPER_KEYS = tuple(k for k in METRIC_NAMES if k.startswith(("fss_", "gfss_")))
+_RUN_KEYS = ("base_miou", "novel_miou", "mean_miou", "harmonic_miou", "novel_episode_miou")
+
+
+def metric_keys(protocol: str) -> tuple[str, ...]:
+    """
+    The keys of `EvaluationResult.metrics` for `protocol` (fractions in [0, 1]).
+
+    - `paper`: `fss_novel_miou` (2-way novel mIoU), `fss_fb_iou`, `gfss_novel_miou` ((B+2)-way novel mIoU),
+      `gfss_base_miou` (binary IoU of the extra base image's class), `gfss_mean_miou`, `gfss_harmonic_miou`,
+      `gfss_fb_iou` (novel vs. rest: a base prediction counts as background), and the per-episode means
+      `*_episode_miou` (for comparison only).
+    - `diam`: `base_miou` (background excluded), `novel_miou`, `mean_miou`, `harmonic_miou`,
+      `novel_episode_miou`: means over runs, each with a `*_std` (sample standard deviation over runs).
+    - `capl`: as `diam` with background in `base_miou`, plus `total_miou` (all classes).
+    """
+    if protocol == "paper":
+        return _PAPER_KEYS
+    if protocol == "diam":
+        keys = _RUN_KEYS
+    elif protocol == "capl":
+        keys = (*_RUN_KEYS, "total_miou")
+    else:
+        raise ValueError(f"protocol={protocol!r} is not known; use one of {list(HEADLINE_METRICS)}.")
+    return tuple(k for key in keys for k in (key, f"{key}_std"))
 
 
 def harmonic_mean(a: float, b: float) -> float:

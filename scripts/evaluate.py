@@ -37,9 +37,8 @@ from gfss_hf.evaluation import (
     check_model_matches_split,
     estimate_evaluation_seconds,
     evaluate_episodes,
-    results_markdown,
-    save_results,
 )
+from gfss_hf.results import results_markdown, save_results
 
 # A projected run longer than this gets advice on how to shorten it.
 _LONG_RUN_SECONDS = 600

@@ -7,7 +7,7 @@ python scripts/make_cards.py --model_dir OUT --results OUT/eval-paper-1shot/resu
 ```
 
 The cards are `gfss_hf.cards.render_model_card` (template `gfss_hf/templates/model_card.md`, recipe from
-`scripts/configs/*.yaml`, numbers through `gfss_hf.evaluation.load_results`).
+`scripts/configs/*.yaml`, numbers through `gfss_hf.results.load_results`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Model cards: Hub YAML + model-index from results.json (read through the results schema of gfss_hf.evaluation),
+"""Model cards: Hub YAML + model-index from results.json (read through the results schema of gfss_hf.results),
 the planned cards in model_cards/, scripts/make_cards.py."""
 
 import importlib.util
@@ -19,7 +19,7 @@ from gfss_hf.cards import (
     save_model_card,
 )
 from gfss_hf.data.splits import get_split
-from gfss_hf.evaluation import eval_results_to_entries, load_results
+from gfss_hf.results import eval_results_to_entries, load_results
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,7 @@ def main(argv):
     spec.loader.exec_module(module)
     return module.main(argv)
 
-# The payload of scripts/evaluate.py (gfss_hf.evaluation.save_results): settings under `config`, fractions in [0, 1].
+# The payload of scripts/evaluate.py (gfss_hf.results.save_results): settings under `config`, fractions in [0, 1].
 EVALUATE_PAYLOAD = {
     "gfss_hf_version": "0.1.0",
     "config": {"model": "/somewhere/model", "dataset": "synthetic", "fold": 0, "split_kind": "default",
@@ -53,7 +53,7 @@ EVALUATE_PAYLOAD = {
     "num_episodes": 200,
     "episodes_hash": "abc123",
 }
-# Several evaluations gathered by hand in the results schema (gfss_hf.evaluation.load_results).
+# Several evaluations gathered by hand in the results schema (gfss_hf.results.load_results).
 HAND_WRITTEN = {
     "results": [
         {

@@ -9,7 +9,8 @@ from gfss_hf.adaptation import AdaptationConfig
 from gfss_hf.data.episodes import build_episodes, episodes_hash
 from gfss_hf.data.splits import get_split
 from gfss_hf.data.synthetic import SyntheticSegmentation
-from gfss_hf.evaluation import EvaluationOptions, FeatureCache, evaluate_episodes, metric_keys
+from gfss_hf.evaluation import EvaluationOptions, FeatureCache, evaluate_episodes
+from gfss_hf.metrics import metric_keys
 
 NUM_IMAGES = 60
 # diam / capl: a support needs a novel object of this area and no other novel class; 60 images hold enough at 100 px.

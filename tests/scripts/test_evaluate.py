@@ -17,7 +17,7 @@ import torch
 import gfss_hf
 from gfss_hf.data.episodes import episodes_hash, load_episodes
 from gfss_hf.data.splits import get_split
-from gfss_hf.evaluation import metric_keys
+from gfss_hf.metrics import metric_keys
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "evaluate.py"
