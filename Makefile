@@ -30,6 +30,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gfss_hf scripts tests bench spaces
+	$(VENV)/bin/ruff format --check gfss_hf scripts tests bench spaces
 
 clean:
 	rm -rf demo_output .pytest_cache build *.egg-info
