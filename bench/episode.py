@@ -50,8 +50,11 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    config = GFSSConfig(base_class_names=tuple(f"base{i}" for i in range(args.base_classes)),
-                        image_size=args.image_size, use_projection=False)  # fmt: skip
+    config = GFSSConfig(
+        base_class_names=tuple(f"base{i}" for i in range(args.base_classes)),
+        image_size=args.image_size,
+        use_projection=False,
+    )
     torch.manual_seed(0)
     model = GFSSModel(config).eval()
     generator = torch.Generator().manual_seed(0)
@@ -78,22 +81,28 @@ def main():
 
         results[resolution], (clf, _) = _timed(episode, args.repeats)
         history = clf.loss_history
-        print(f"{resolution}-resolution loss: {float(history[0]):.4f} before the first step, "
-              f"{float(history[-1]):.4f} before the last")  # fmt: skip
+        print(
+            f"{resolution}-resolution loss: {float(history[0]):.4f} before the first step, "
+            f"{float(history[-1]):.4f} before the last"
+        )
     if args.naive:
         naive = AdaptationConfig(steps=args.steps, solver="autograd")
         results["naive autograd (input)"], _ = _timed(
             lambda: adapt_gfss(support, labels, base_weight, support_classes=[0], config=naive), 1
         )
 
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {args.threads}, "
-          f"BatchNorm statistics {'default' if args.raw_batchnorm else 'measured'}, "
-          f"mean feature norm {float(feats.norm(dim=1).mean()):.1f}")  # fmt: skip
+    print(
+        f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {args.threads}, "
+        f"BatchNorm statistics {'default' if args.raw_batchnorm else 'measured'}, "
+        f"mean feature norm {float(feats.norm(dim=1).mean()):.1f}"
+    )
     print(f"feature extraction (support + query, {s}x{s}, resnet50s OS8 + PPM): {extract_s:.2f} s")
     for name, seconds in results.items():
         share = seconds / (seconds + extract_s)
-        print(f"adaptation ({name}, {args.steps} steps, {args.base_classes + 2}-way) + prediction: {seconds:.2f} s "
-              f"= {100 * share:.1f} % of the episode")  # fmt: skip
+        print(
+            f"adaptation ({name}, {args.steps} steps, {args.base_classes + 2}-way) + prediction: {seconds:.2f} s "
+            f"= {100 * share:.1f} % of the episode"
+        )
 
 
 if __name__ == "__main__":

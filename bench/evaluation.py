@@ -55,8 +55,12 @@ def parse_args():
     parser.add_argument("--episode_batch_size", type=int, default=None, help="default: the evaluation's default")
     parser.add_argument("--loss_resolutions", nargs="+", default=["feature", "input"], choices=["feature", "input"])
     parser.add_argument("--scan_images", type=int, default=120, help="val images scanned to pick the pool")
-    parser.add_argument("--reference_episodes", type=int, default=None,
-                        help="time the reference-style loop (and check identity) on the first N episodes only")
+    parser.add_argument(
+        "--reference_episodes",
+        type=int,
+        default=None,
+        help="time the reference-style loop (and check identity) on the first N episodes only",
+    )
     parser.add_argument("--raw_batchnorm", action="store_true", help="keep the default BatchNorm statistics")
     parser.add_argument("--output", help="JSON report path")
     return parser.parse_args()
@@ -129,8 +133,16 @@ def reference_loop(model, processor, split, source, episodes, adaptation):
             accs["fss"].update(torch.where(pred == 1, rows[c], 0), target)
 
             classes = torch.zeros(len(support), dtype=torch.long)
-            gfss = adapt_classifier(model, s_feat, s_mask, gfss_cfg, num_teacher_rows=base + 1, num_novel_classes=1,
-                                    support_classes=classes, seeds=seed)  # fmt: skip
+            gfss = adapt_classifier(
+                model,
+                s_feat,
+                s_mask,
+                gfss_cfg,
+                num_teacher_rows=base + 1,
+                num_novel_classes=1,
+                support_classes=classes,
+                seeds=seed,
+            )
             pred = predict(q_feat[None], gfss, size=size, align_corners=align).argmax(1)
             accs["gfss_novel"].update(torch.where(pred == base + 1, rows[c], 0), target)
             if spec.base_query_id is not None:
@@ -146,17 +158,23 @@ def main():
     args = parse_args()
     split = get_split("synthetic", 0)
     config = GFSSConfig(
-        backbone=args.backbone, hidden_size=args.hidden_size, image_size=args.image_size, use_projection=False,
-        base_class_names=split.base_names, dataset="synthetic", fold=0,
-    )  # fmt: skip
+        backbone=args.backbone,
+        hidden_size=args.hidden_size,
+        image_size=args.image_size,
+        use_projection=False,
+        base_class_names=split.base_names,
+        dataset="synthetic",
+        fold=0,
+    )
     torch.manual_seed(0)
     model = GFSSModel(config).eval()
     processor = GFSSImageProcessor.from_config(config)
     data, ids = image_pool(split, args.image_size, args.num_images, args.scan_images)
     source = PoolSource(data, ids)
     index = class_index_from_pixel_counts(source.pixel_counts(), min_pixels(args.image_size))
-    episodes = sample_paper_episodes(index, ids, split.novel_ids, split.base_ids, args.shots, args.num_episodes, 42,
-                                     dataset="synthetic", fold=0)  # fmt: skip
+    episodes = sample_paper_episodes(
+        index, ids, split.novel_ids, split.base_ids, args.shots, args.num_episodes, 42, dataset="synthetic", fold=0
+    )
     distinct = {i for e in episodes for i in [e.query_id, *e.all_support_ids(), e.base_query_id] if i}
     print(f"{len(episodes)} episodes over {len(distinct)} distinct images, torch threads {torch.get_num_threads()}")
     if not args.raw_batchnorm:
@@ -171,12 +189,19 @@ def main():
         feature_seconds = time.perf_counter() - start
 
     report = {
-        "command": "python bench/evaluation.py " + " ".join(
+        "command": "python bench/evaluation.py "
+        + " ".join(
             f"--{k}" if v is True else f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in vars(args).items() if v is not None and v is not False
+            for k, v in vars(args).items()
+            if v is not None and v is not False
         ),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "torch": torch.__version__, "torch_threads": torch.get_num_threads()},  # fmt: skip
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+        },
         "num_episodes": len(episodes),
         "distinct_images": len(distinct),
         "feature_seconds_per_image": feature_seconds,
@@ -194,8 +219,9 @@ def main():
         ref_seconds = time.perf_counter() - start
         check = ours
         if len(ref_episodes) < len(episodes):
-            check = evaluate_episodes(model, ref_episodes, split=split, val_source=source, processor=processor,
-                                      options=options)  # fmt: skip
+            check = evaluate_episodes(
+                model, ref_episodes, split=split, val_source=source, processor=processor, options=options
+            )
         identical = all(check.accumulators[k].state_dict() == ref[k].state_dict() for k in ref)
         ours_rate, ref_rate = len(episodes) / ours_seconds, len(ref_episodes) / ref_seconds
         entry = {
@@ -211,9 +237,12 @@ def main():
             "metrics": ours.metrics,
         }
         report["modes"][mode] = entry
-        print(f"[{mode}] ours {entry['ours_episodes_per_second']:.3f} ep/s, reference "
-              f"{entry['reference_episodes_per_second']:.3f} ep/s, speedup {entry['speedup']:.1f}x, identical "
-              f"sums: {identical}", flush=True)  # fmt: skip
+        print(
+            f"[{mode}] ours {entry['ours_episodes_per_second']:.3f} ep/s, reference "
+            f"{entry['reference_episodes_per_second']:.3f} ep/s, speedup {entry['speedup']:.1f}x, identical "
+            f"sums: {identical}",
+            flush=True,
+        )
     if "input" in report["modes"]:
         reference_input = report["modes"]["input"]["reference_episodes_per_second"]
         for entry in report["modes"].values():

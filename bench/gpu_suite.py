@@ -74,15 +74,20 @@ class SuiteArguments:
 
     output_dir: str = field(metadata={"help": "Folder of gpu_suite.json and gpu_suite.md (created)."})
     dry_run: bool = field(default=False, metadata={"help": "CPU, tiny sizes, < 1 minute: checks the code path."})
-    budget_s: float = field(default=450.0, metadata={"help": "Wall-clock budget from process start; what would not "
-                                                               "fit is skipped and recorded as skipped."})
+    budget_s: float = field(
+        default=450.0,
+        metadata={
+            "help": "Wall-clock budget from process start; what would not fit is skipped and recorded as skipped."
+        },
+    )
     device: str | None = field(default=None, metadata={"help": "Default: cuda (cpu with --dry_run)."})
     parts: list[str] = field(default_factory=lambda: list(PARTS), metadata={"help": f"Subset of {PARTS}."})
     backbone: str = "resnet50s"
     image_size: int = 473
     hidden_size: int = 512
-    cudnn_benchmark: bool = field(default=False, metadata={"help": "torch.backends.cudnn.benchmark (the package's "
-                                                                     "scripts leave it off)."})
+    cudnn_benchmark: bool = field(
+        default=False, metadata={"help": "torch.backends.cudnn.benchmark (the package's scripts leave it off)."}
+    )
     forward_batch_sizes: list[int] = field(default_factory=lambda: [1, 16])
     forward_warmup: int = 3
     forward_iters: int = 10
@@ -90,8 +95,10 @@ class SuiteArguments:
     pretrain_warmup: int = 2
     pretrain_steps: int = 5
     pascal_train_images: int = field(default=4760, metadata={"help": "Images of one PASCAL-5i epoch (issue #19)."})
-    coco_train_images: int = field(default=82783, metadata={"help": "Images of one COCO-20i epoch: all 82,783 "
-                                                                      "COCO 2014 train images (an upper bound)."})
+    coco_train_images: int = field(
+        default=82783,
+        metadata={"help": "Images of one COCO-20i epoch: all 82,783 COCO 2014 train images (an upper bound)."},
+    )
     num_images: int = field(default=24, metadata={"help": "Procedural val images the protocol's episodes draw from."})
     scan_images: int = field(default=200, metadata={"help": "Procedural images scanned to pick that pool."})
     num_episodes: int = 192
@@ -104,13 +111,30 @@ class SuiteArguments:
 def dry_run_profile(args: SuiteArguments) -> SuiteArguments:
     """The tiny CPU sizes of `--dry_run` (output_dir, budget_s, parts and fail_parts are kept)."""
     return SuiteArguments(
-        output_dir=args.output_dir, dry_run=True, budget_s=args.budget_s, device=args.device or "cpu",
-        parts=args.parts, backbone="resnet18", image_size=64, hidden_size=32, forward_batch_sizes=[1, 2],
-        forward_warmup=1, forward_iters=2, pretrain_batch_size=2, pretrain_warmup=1, pretrain_steps=1,
-        pascal_train_images=args.pascal_train_images, coco_train_images=args.coco_train_images, num_images=4,
-        scan_images=60, num_episodes=8, episode_batch_sizes=[4, 1], solver_batch_size=4, adaptation_steps=10,
+        output_dir=args.output_dir,
+        dry_run=True,
+        budget_s=args.budget_s,
+        device=args.device or "cpu",
+        parts=args.parts,
+        backbone="resnet18",
+        image_size=64,
+        hidden_size=32,
+        forward_batch_sizes=[1, 2],
+        forward_warmup=1,
+        forward_iters=2,
+        pretrain_batch_size=2,
+        pretrain_warmup=1,
+        pretrain_steps=1,
+        pascal_train_images=args.pascal_train_images,
+        coco_train_images=args.coco_train_images,
+        num_images=4,
+        scan_images=60,
+        num_episodes=8,
+        episode_batch_sizes=[4, 1],
+        solver_batch_size=4,
+        adaptation_steps=10,
         fail_parts=args.fail_parts,
-    )  # fmt: skip
+    )
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------
@@ -186,8 +210,16 @@ def _autocast(device: torch.device, bf16: bool):
 
 def _environment(args: SuiteArguments, device: torch.device) -> dict:
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                                cwd=Path(__file__).resolve().parent).stdout.strip() or None  # fmt: skip
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                cwd=Path(__file__).resolve().parent,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         commit = None
     import timm
@@ -195,8 +227,9 @@ def _environment(args: SuiteArguments, device: torch.device) -> dict:
 
     env = {
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-        or platform.machine(),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -210,9 +243,10 @@ def _environment(args: SuiteArguments, device: torch.device) -> dict:
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
         "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-        "peak_memory": "torch.cuda.max_memory_allocated per measurement" if device.type == "cuda" else
-        "process peak RSS (CPU; cumulative over the run)",
-    }  # fmt: skip
+        "peak_memory": "torch.cuda.max_memory_allocated per measurement"
+        if device.type == "cuda"
+        else "process peak RSS (CPU; cumulative over the run)",
+    }
     if device.type == "cuda":
         env["device_memory_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30
     return env
@@ -224,8 +258,13 @@ def _check_injected(args: SuiteArguments, part: str) -> None:
 
 
 def _model_config(args: SuiteArguments, base_class_names, **kwargs) -> GFSSConfig:
-    return GFSSConfig(backbone=args.backbone, image_size=args.image_size, hidden_size=args.hidden_size,
-                      base_class_names=tuple(base_class_names), **kwargs)  # fmt: skip
+    return GFSSConfig(
+        backbone=args.backbone,
+        image_size=args.image_size,
+        hidden_size=args.hidden_size,
+        base_class_names=tuple(base_class_names),
+        **kwargs,
+    )
 
 
 # -- part 1: forward ----------------------------------------------------------------------------------------------
@@ -256,8 +295,11 @@ def part_forward(args: SuiteArguments, device: torch.device, budget: Budget, res
                     with torch.inference_mode(), _autocast(device, bf16):
                         model(pixel_values=x)
 
-                entry = {"batch_size": batch_size, "precision": "bf16" if bf16 else "fp32",
-                         "channels_last": channels_last}  # fmt: skip
+                entry = {
+                    "batch_size": batch_size,
+                    "precision": "bf16" if bf16 else "fp32",
+                    "channels_last": channels_last,
+                }
                 results["measurements"].append(entry)
                 _reset_peak(device)
                 try:
@@ -267,8 +309,14 @@ def part_forward(args: SuiteArguments, device: torch.device, budget: Budget, res
                     _log(budget, f"forward {name}: skipped ({skip})")
                     continue
                 median = statistics.median(times)
-                entry.update(status="ok", iters=len(times), s_per_batch=median, s_per_batch_min=min(times),
-                             images_per_s=batch_size / median, peak_mib=_peak_mib(device))  # fmt: skip
+                entry.update(
+                    status="ok",
+                    iters=len(times),
+                    s_per_batch=median,
+                    s_per_batch_min=min(times),
+                    images_per_s=batch_size / median,
+                    peak_mib=_peak_mib(device),
+                )
                 _log(budget, f"forward {name}: {entry['images_per_s']:.1f} images/s, peak {entry['peak_mib']:.0f} MiB")
     model.to(memory_format=torch.contiguous_format)
 
@@ -277,9 +325,15 @@ def part_forward(args: SuiteArguments, device: torch.device, budget: Budget, res
 def part_pretrain(args: SuiteArguments, device: torch.device, budget: Budget, results: dict) -> None:
     """Training steps (forward, smoothed CE [+ 0.1 x contrastive], backward, SGD) at the paper's recipe."""
     _check_injected(args, "pretrain")
-    recipe = SimpleNamespace(backbone=args.backbone, image_size=args.image_size, hidden_size=args.hidden_size,
-                             projection_dim=256, batch_size=args.pretrain_batch_size, max_samples=1024,
-                             max_views=100)  # fmt: skip
+    recipe = SimpleNamespace(
+        backbone=args.backbone,
+        image_size=args.image_size,
+        hidden_size=args.hidden_size,
+        projection_dim=256,
+        batch_size=args.pretrain_batch_size,
+        max_samples=1024,
+        max_views=100,
+    )
     model, pixels, labels = build_pretraining_batch(recipe)  # the batch of bench/pretrain_step.py
     model.to(device).train()
     pixels, labels = pixels.to(device), labels.to(device)
@@ -288,20 +342,32 @@ def part_pretrain(args: SuiteArguments, device: torch.device, budget: Budget, re
     pascal_steps = 100 * (args.pascal_train_images // batch)
     coco_steps = 20 * (args.coco_train_images // batch)
     results["recipe"] = {
-        "image_size": args.image_size, "batch_size": batch, "optimizer": "SGD", "lr": 2.5e-3, "momentum": 0.9,
-        "weight_decay": 1e-4, "label_smoothing": model.config.label_smoothing, "contrastive_weight": 0.1,
-        "max_samples": recipe.max_samples, "max_views": recipe.max_views, "data": "random images, blocky labels "
+        "image_size": args.image_size,
+        "batch_size": batch,
+        "optimizer": "SGD",
+        "lr": 2.5e-3,
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+        "label_smoothing": model.config.label_smoothing,
+        "contrastive_weight": 0.1,
+        "max_samples": recipe.max_samples,
+        "max_views": recipe.max_views,
+        "data": "random images, blocky labels "
         "(bench/pretrain_step.py); data loading, validation and checkpoints not included",
-    }  # fmt: skip
+    }
     results["projection_basis"] = {
-        "pascal_images": args.pascal_train_images, "pascal_epochs": 100, "pascal_steps": pascal_steps,
+        "pascal_images": args.pascal_train_images,
+        "pascal_epochs": 100,
+        "pascal_steps": pascal_steps,
         "pascal_source": "PASCAL-5i fold base-train images as issue #19 states them (the shipped train list has "
         "5,953 images before the base-class filter)",
-        "coco_images": args.coco_train_images, "coco_epochs": 20, "coco_steps": coco_steps,
+        "coco_images": args.coco_train_images,
+        "coco_epochs": 20,
+        "coco_steps": coco_steps,
         "coco_source": "all 82,783 COCO 2014 train images (the official train2014 count); a fold's base-train "
         "filter (a base class with >= 2,048 px) drops some, so this is an upper bound; the repository holds no "
         "filtered count",
-    }  # fmt: skip
+    }
     results["measurements"] = []
     for bf16 in (False, True):
         for with_ctr in (False, True):
@@ -329,12 +395,21 @@ def part_pretrain(args: SuiteArguments, device: torch.device, budget: Budget, re
                 _log(budget, f"pretrain {name}: skipped ({skip})")
                 continue
             median = statistics.median(times)
-            entry.update(status="ok", steps=len(times), s_per_step=median, s_per_step_min=min(times),
-                         images_per_s=batch / median, peak_mib=_peak_mib(device),
-                         pascal_100_epochs_h=pascal_steps * median / 3600,
-                         coco_20_epochs_h=coco_steps * median / 3600)  # fmt: skip
-            _log(budget, f"pretrain {name}: {median:.3f} s/step, {entry['images_per_s']:.1f} images/s, peak "
-                         f"{entry['peak_mib']:.0f} MiB")  # fmt: skip
+            entry.update(
+                status="ok",
+                steps=len(times),
+                s_per_step=median,
+                s_per_step_min=min(times),
+                images_per_s=batch / median,
+                peak_mib=_peak_mib(device),
+                pascal_100_epochs_h=pascal_steps * median / 3600,
+                coco_20_epochs_h=coco_steps * median / 3600,
+            )
+            _log(
+                budget,
+                f"pretrain {name}: {median:.3f} s/step, {entry['images_per_s']:.1f} images/s, peak "
+                f"{entry['peak_mib']:.0f} MiB",
+            )
     ok = {(m["precision"], m["contrastive"]): m for m in results["measurements"] if m["status"] == "ok"}
     for precision in ("fp32", "bf16"):
         if (precision, False) in ok and (precision, True) in ok:
@@ -354,8 +429,9 @@ def _protocol_runs(args: SuiteArguments) -> list[tuple[str, str, int]]:
 
 def _compare(exact, autograd) -> dict:
     """Metric sums of the exact and the autograd solver on the same episodes."""
-    identical = all(exact.accumulators[k].state_dict() == autograd.accumulators[k].state_dict()
-                    for k in exact.accumulators)  # fmt: skip
+    identical = all(
+        exact.accumulators[k].state_dict() == autograd.accumulators[k].state_dict() for k in exact.accumulators
+    )
     changed = scored = 0
     for k, acc in exact.accumulators.items():
         a, b = acc.confusion.cpu().double(), autograd.accumulators[k].confusion.cpu().double()
@@ -382,8 +458,15 @@ def part_protocol(args: SuiteArguments, device: torch.device, budget: Budget, re
     source = PoolSource(data, ids)
     pixels = torch.cat([processor(source.get_by_id(i)["image"], return_tensors="pt")["pixel_values"] for i in ids])
     recalibrate_batchnorm(model, pixels.to(device))  # on every pool image, see bench/_calibration.py
-    episodes = build_episodes("paper", split, source, shots=1, num_episodes=args.num_episodes, seed=42,
-                              min_pixels=min_pixels(args.image_size))  # fmt: skip
+    episodes = build_episodes(
+        "paper",
+        split,
+        source,
+        shots=1,
+        num_episodes=args.num_episodes,
+        seed=42,
+        min_pixels=min_pixels(args.image_size),
+    )
     distinct = len({i for e in episodes for i in [e.query_id, *e.all_support_ids(), e.base_query_id] if i})
     _log(budget, f"protocol: {len(episodes)} episodes over {distinct} distinct images of {len(ids)}")
 
@@ -398,20 +481,27 @@ def part_protocol(args: SuiteArguments, device: torch.device, budget: Budget, re
     _sync(device)
     feature_s = (time.perf_counter() - start) / len(ids)
     del cache
-    results.update(num_episodes=len(episodes), distinct_images=distinct, pool_images=len(ids),
-                   feature_s_per_image=feature_s, adaptation_steps=args.adaptation_steps, shots=1,
-                   projection_basis=f"{PASCAL_VAL_IMAGES} x feature_s_per_image + {FOLD_EPISODES} x "
-                   "adaptation_s_per_episode (PASCAL-5i val, one fold)")  # fmt: skip
+    results.update(
+        num_episodes=len(episodes),
+        distinct_images=distinct,
+        pool_images=len(ids),
+        feature_s_per_image=feature_s,
+        adaptation_steps=args.adaptation_steps,
+        shots=1,
+        projection_basis=f"{PASCAL_VAL_IMAGES} x feature_s_per_image + {FOLD_EPISODES} x "
+        "adaptation_s_per_episode (PASCAL-5i val, one fold)",
+    )
     _log(budget, f"protocol: features {feature_s * 1000:.1f} ms per image")
 
     def evaluate(solver: str, resolution: str, batch_size: int, subset):
-        options = EvaluationOptions(adaptation=AdaptationConfig(steps=args.adaptation_steps,
-                                                                loss_resolution=resolution, solver=solver),
-                                    episode_batch_size=batch_size, progress=False)  # fmt: skip
+        options = EvaluationOptions(
+            adaptation=AdaptationConfig(steps=args.adaptation_steps, loss_resolution=resolution, solver=solver),
+            episode_batch_size=batch_size,
+            progress=False,
+        )
         _sync(device)
         start = time.perf_counter()
-        result = evaluate_episodes(model, subset, split=split, val_source=source, processor=processor,
-                                   options=options)  # fmt: skip
+        result = evaluate_episodes(model, subset, split=split, val_source=source, processor=processor, options=options)
         _sync(device)
         return result, time.perf_counter() - start
 
@@ -429,8 +519,10 @@ def part_protocol(args: SuiteArguments, device: torch.device, budget: Budget, re
         slowest = max((r["adaptation_s_per_episode"] for r in results["runs"] if r.get("status") == "ok"), default=0)
         warm_estimate = warm_images * feature_s + 2.0 * len(warm) * slowest
         if not budget.allows(warm_estimate):
-            entry.update(status="skipped", reason=f"its warm-up alone (~{warm_estimate:.0f} s) would not fit in the "
-                                                  f"{budget.left():.0f} s left")  # fmt: skip
+            entry.update(
+                status="skipped",
+                reason=f"its warm-up alone (~{warm_estimate:.0f} s) would not fit in the {budget.left():.0f} s left",
+            )
             _log(budget, f"protocol {name}: skipped ({entry['reason']})")
             continue
         _, warm_s = evaluate(solver, resolution, batch_size, warm)
@@ -444,22 +536,31 @@ def part_protocol(args: SuiteArguments, device: torch.device, budget: Budget, re
         result, seconds = evaluate(solver, resolution, batch_size, episodes)
         adaptation = max(seconds - distinct * feature_s, 0.0) / len(episodes)
         entry.update(
-            status="ok", seconds=seconds, episodes_per_s=len(episodes) / seconds,
-            adaptation_s_per_episode=adaptation, peak_mib=_peak_mib(device),
+            status="ok",
+            seconds=seconds,
+            episodes_per_s=len(episodes) / seconds,
+            adaptation_s_per_episode=adaptation,
+            peak_mib=_peak_mib(device),
             projected_fold_minutes=(PASCAL_VAL_IMAGES * feature_s + FOLD_EPISODES * adaptation) / 60,
             metrics=result.metrics,
-        )  # fmt: skip
+        )
         finished[(solver, resolution, batch_size)] = result
-        _log(budget, f"protocol {name}: {entry['episodes_per_s']:.2f} episodes/s, {adaptation * 1000:.1f} ms "
-                     f"adaptation per episode, fold ~{entry['projected_fold_minutes']:.1f} min")  # fmt: skip
+        _log(
+            budget,
+            f"protocol {name}: {entry['episodes_per_s']:.2f} episodes/s, {adaptation * 1000:.1f} ms "
+            f"adaptation per episode, fold ~{entry['projected_fold_minutes']:.1f} min",
+        )
     results["exact_vs_autograd"] = {}
     for resolution in ("feature", "input"):
         key = (resolution, args.solver_batch_size)
         if ("exact", *key) in finished and ("autograd", *key) in finished:
             comparison = _compare(finished[("exact", *key)], finished[("autograd", *key)])
             results["exact_vs_autograd"][resolution] = comparison
-            _log(budget, f"protocol {resolution}: exact vs autograd identical sums {comparison['identical_sums']}, "
-                         f"changed pixels >= {100 * comparison['changed_pixels_fraction']:.4f} %")  # fmt: skip
+            _log(
+                budget,
+                f"protocol {resolution}: exact vs autograd identical sums {comparison['identical_sums']}, "
+                f"changed pixels >= {100 * comparison['changed_pixels_fraction']:.4f} %",
+            )
 
 
 PART_FUNCTIONS = {"forward": part_forward, "pretrain": part_pretrain, "protocol": part_protocol}
@@ -485,60 +586,82 @@ def report_markdown(report: dict) -> str:
         f"{env.get('cudnn_benchmark')}, TF32 convolutions {env.get('cudnn_allow_tf32')}, TF32 matmul "
         f"{env.get('matmul_allow_tf32')}; peak memory: {env.get('peak_memory')}.",
         "",
-    ]  # fmt: skip
+    ]
     for name in PARTS:
         part = parts.get(name, {"status": "not requested"})
         if part["status"] not in ("ok",):
             lines += [f"- **{name}**: {part['status']}" + (f": {part['error']}" if part.get("error") else ""), ""]
         res = part.get("results") or {}
         if name == "forward" and res.get("measurements"):
-            lines += [f"### Forward: {res['model']}", "",
-                      "| batch | precision | memory format | s / batch (median) | images / s | peak MiB |",
-                      "|---:|---|---|---:|---:|---:|"]  # fmt: skip
+            lines += [
+                f"### Forward: {res['model']}",
+                "",
+                "| batch | precision | memory format | s / batch (median) | images / s | peak MiB |",
+                "|---:|---|---|---:|---:|---:|",
+            ]
             for m in res["measurements"]:
                 fmt = "channels-last" if m["channels_last"] else "contiguous"
                 if m["status"] == "ok":
-                    lines.append(f"| {m['batch_size']} | {m['precision']} | {fmt} | {m['s_per_batch']:.4f} | "
-                                 f"{_fmt(m['images_per_s'])} | {_fmt(m['peak_mib'], 0)} |")  # fmt: skip
+                    lines.append(
+                        f"| {m['batch_size']} | {m['precision']} | {fmt} | {m['s_per_batch']:.4f} | "
+                        f"{_fmt(m['images_per_s'])} | {_fmt(m['peak_mib'], 0)} |"
+                    )
                 else:
                     lines.append(f"| {m['batch_size']} | {m['precision']} | {fmt} | {m['status']} | | |")
             lines.append("")
         if name == "pretrain" and res.get("measurements"):
             basis = res["projection_basis"]
-            lines += [f"### Pre-training step: batch {res['recipe']['batch_size']}, {res['recipe']['image_size']} px, "
-                      "SGD (momentum 0.9, weight decay 1e-4, lr 2.5e-3)", "",
-                      f"| precision | loss | s / step (median) | images / s | peak MiB | 100 PASCAL epochs "
-                      f"({basis['pascal_images']:,} images), h | 20 COCO epochs ({basis['coco_images']:,} images), h |",
-                      "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+            lines += [
+                f"### Pre-training step: batch {res['recipe']['batch_size']}, {res['recipe']['image_size']} px, "
+                "SGD (momentum 0.9, weight decay 1e-4, lr 2.5e-3)",
+                "",
+                f"| precision | loss | s / step (median) | images / s | peak MiB | 100 PASCAL epochs "
+                f"({basis['pascal_images']:,} images), h | 20 COCO epochs ({basis['coco_images']:,} images), h |",
+                "|---|---|---:|---:|---:|---:|---:|",
+            ]
             for m in res["measurements"]:
                 loss = "CE + 0.1 x contrastive" if m["contrastive"] else "CE"
                 if m["status"] == "ok":
-                    lines.append(f"| {m['precision']} | {loss} | {m['s_per_step']:.3f} | {_fmt(m['images_per_s'])} | "
-                                 f"{_fmt(m['peak_mib'], 0)} | {_fmt(m['pascal_100_epochs_h'])} | "
-                                 f"{_fmt(m['coco_20_epochs_h'])} |")  # fmt: skip
+                    lines.append(
+                        f"| {m['precision']} | {loss} | {m['s_per_step']:.3f} | {_fmt(m['images_per_s'])} | "
+                        f"{_fmt(m['peak_mib'], 0)} | {_fmt(m['pascal_100_epochs_h'])} | "
+                        f"{_fmt(m['coco_20_epochs_h'])} |"
+                    )
                 else:
                     lines.append(f"| {m['precision']} | {loss} | {m['status']} | | | | |")
-            lines += ["", f"COCO: {basis['coco_source']}. Steps per epoch = images // batch (the last incomplete "
-                          "batch is dropped, as in gfss_hf.training); data loading is not included.", ""]  # fmt: skip
+            lines += [
+                "",
+                f"COCO: {basis['coco_source']}. Steps per epoch = images // batch (the last incomplete "
+                "batch is dropped, as in gfss_hf.training); data loading is not included.",
+                "",
+            ]
         if name == "protocol" and res.get("runs"):
-            lines += [f"### Paper protocol: {res['num_episodes']} episodes (1-shot, {res['adaptation_steps']} steps) "
-                      f"over {res['distinct_images']} procedural images, features {res['feature_s_per_image'] * 1000:.1f}"
-                      " ms per image", "",
-                      "| solver | loss resolution | episode batch | episodes / s | adaptation ms / episode | "
-                      "projected 20,000-episode fold (min) | peak MiB |", "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+            lines += [
+                f"### Paper protocol: {res['num_episodes']} episodes (1-shot, {res['adaptation_steps']} steps) "
+                f"over {res['distinct_images']} procedural images, features {res['feature_s_per_image'] * 1000:.1f}"
+                " ms per image",
+                "",
+                "| solver | loss resolution | episode batch | episodes / s | adaptation ms / episode | "
+                "projected 20,000-episode fold (min) | peak MiB |",
+                "|---|---|---:|---:|---:|---:|---:|",
+            ]
             for r in res["runs"]:
                 head = f"| {r['solver']} | {r['loss_resolution']} | {r['episode_batch_size']} |"
                 if r["status"] == "ok":
-                    lines.append(f"{head} {r['episodes_per_s']:.2f} | {r['adaptation_s_per_episode'] * 1000:.1f} | "
-                                 f"{_fmt(r['projected_fold_minutes'])} | {_fmt(r['peak_mib'], 0)} |")  # fmt: skip
+                    lines.append(
+                        f"{head} {r['episodes_per_s']:.2f} | {r['adaptation_s_per_episode'] * 1000:.1f} | "
+                        f"{_fmt(r['projected_fold_minutes'])} | {_fmt(r['peak_mib'], 0)} |"
+                    )
                 else:
                     lines.append(f"{head} {r['status']} | | | |")
             lines.append("")
             for resolution, c in res.get("exact_vs_autograd", {}).items():
-                lines.append(f"- {resolution}-resolution loss, exact vs autograd: identical metric sums "
-                             f"{c['identical_sums']}; pixels predicted differently >= "
-                             f"{100 * c['changed_pixels_fraction']:.4f} %; largest metric difference "
-                             f"{c['max_metric_abs_diff']:.2e}.")  # fmt: skip
+                lines.append(
+                    f"- {resolution}-resolution loss, exact vs autograd: identical metric sums "
+                    f"{c['identical_sums']}; pixels predicted differently >= "
+                    f"{100 * c['changed_pixels_fraction']:.4f} %; largest metric difference "
+                    f"{c['max_metric_abs_diff']:.2e}."
+                )
             lines += [f"- Fold projection: {res['projection_basis']}.", ""]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -578,8 +701,11 @@ def run_suite(args: SuiteArguments, command: str, budget: Budget | None = None) 
         "parts": {},
         "ok": True,
     }
-    _log(budget, f"GPU suite on {report['environment']['device_name']} ({device}), budget {args.budget_s:.0f} s"
-                 f"{', DRY RUN' if args.dry_run else ''}")  # fmt: skip
+    _log(
+        budget,
+        f"GPU suite on {report['environment']['device_name']} ({device}), budget {args.budget_s:.0f} s"
+        f"{', DRY RUN' if args.dry_run else ''}",
+    )
     for name in PARTS:
         if name not in args.parts:
             continue
@@ -594,8 +720,9 @@ def run_suite(args: SuiteArguments, command: str, budget: Budget | None = None) 
             PART_FUNCTIONS[name](args, device, budget, part["results"])
             part["status"] = "ok"
         except Exception as error:  # noqa: BLE001  (a part's failure is recorded; the others still run)
-            part.update(status="failed", error=f"{type(error).__name__}: {error}",
-                        traceback=traceback.format_exc()[-4000:])  # fmt: skip
+            part.update(
+                status="failed", error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc()[-4000:]
+            )
             report["ok"] = False
             _log(budget, f"{name}: FAILED: {part['error']}")
         finally:
@@ -615,12 +742,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = HfArgumentParser(SuiteArguments, description=__doc__.splitlines()[0])
     (args,) = parser.parse_args_into_dataclasses(args=argv)
     if not args.dry_run and (args.device or "cuda").startswith("cuda") and not torch.cuda.is_available():
-        print("gpu_suite: no CUDA device here; run with --dry_run (CPU, tiny sizes) or on a machine with a GPU.",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "gpu_suite: no CUDA device here; run with --dry_run (CPU, tiny sizes) or on a machine with a GPU.",
+            file=sys.stderr,
+        )
         return 2
     report = run_suite(args, command="python bench/gpu_suite.py " + " ".join(argv))
     out = Path(args.output_dir)
-    _log(Budget(args.budget_s), f"report: {out / REPORT_JSON}, {out / REPORT_MD} ({'ok' if report['ok'] else 'FAILED'})")
+    _log(
+        Budget(args.budget_s), f"report: {out / REPORT_JSON}, {out / REPORT_MD} ({'ok' if report['ok'] else 'FAILED'})"
+    )
     return 0 if report["ok"] else 1
 
 

@@ -60,8 +60,11 @@ def worker(size: int, path: str, cap_gb: float) -> dict:
     thirds = [slice(0, canvas // 3), slice(canvas // 3, 2 * canvas // 3), slice(2 * canvas // 3, canvas)]
     for cls, cols in zip((0, 3, NUM_CLASSES - 1), thirds):
         logits[0, cls, :, cols] += 5.0
-    learned = {"mode": "gfss", "base_names": [f"base{i}" for i in range(NUM_CLASSES - 5)],
-               "class_names": [f"novel{i}" for i in range(5)]}  # fmt: skip
+    learned = {
+        "mode": "gfss",
+        "base_names": [f"base{i}" for i in range(NUM_CLASSES - 5)],
+        "class_names": [f"novel{i}" for i in range(5)],
+    }
     outputs = {"logits": logits, "original_size": (size, size)}
     limit = _status_kb("VmSize") * 1024 + int(cap_gb * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -76,11 +79,18 @@ def worker(size: int, path: str, cap_gb: float) -> dict:
     seconds = time.perf_counter() - start
     peak = _status_kb("VmHWM")
     return {
-        "size": size, "path": path, "classes": NUM_CLASSES, "present": [s["label"] for s in segments],
-        "rss_before_mb": round(before / 1024), "peak_rss_mb": round(peak / 1024),
-        "added_mb": round((peak - before) / 1024), "seconds": round(seconds, 2), "error": error,
-        "cap_gb": cap_gb, "ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-    }  # fmt: skip
+        "size": size,
+        "path": path,
+        "classes": NUM_CLASSES,
+        "present": [s["label"] for s in segments],
+        "rss_before_mb": round(before / 1024),
+        "peak_rss_mb": round(peak / 1024),
+        "added_mb": round((peak - before) / 1024),
+        "seconds": round(seconds, 2),
+        "error": error,
+        "cap_gb": cap_gb,
+        "ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
 
 
 def main(argv=None) -> int:
@@ -103,15 +113,19 @@ def main(argv=None) -> int:
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT=")]
             if proc.returncode or not line:
                 raise SystemExit(f"worker {size} {path} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-            result = json.loads(line[-1][len("RESULT="):])
+            result = json.loads(line[-1][len("RESULT=") :])
             results.append(result)
             print(json.dumps(result), flush=True)
-    print(json.dumps({
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, {platform.platform()}",
-        "results": results,
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, {platform.platform()}",
+                "results": results,
+            }
+        )
+    )
     return 0
 
 

@@ -28,8 +28,11 @@ def build(args):
     from gfss_hf import GFSSConfig, GFSSModel
 
     config = GFSSConfig(
-        backbone=args.backbone, image_size=args.image_size, hidden_size=args.hidden_size,
-        projection_dim=args.projection_dim, base_class_names=tuple(f"class{i}" for i in range(15)),
+        backbone=args.backbone,
+        image_size=args.image_size,
+        hidden_size=args.hidden_size,
+        projection_dim=args.projection_dim,
+        base_class_names=tuple(f"class{i}" for i in range(15)),
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -50,8 +53,14 @@ def contrastive_term(model, outputs, labels, args, generator):
 
     with torch.no_grad():
         predictions = model.classifier(outputs.features).argmax(1)
-    x, y = sample_contrastive_pixels(outputs.embeddings, labels, predictions, max_samples=args.max_samples,
-                                     max_views=args.max_views, generator=generator)
+    x, y = sample_contrastive_pixels(
+        outputs.embeddings,
+        labels,
+        predictions,
+        max_samples=args.max_samples,
+        max_views=args.max_views,
+        generator=generator,
+    )
     return contrastive_loss_from_samples(x, y, temperature=0.1)
 
 
@@ -97,8 +106,9 @@ def setup(args):
     model, pixel_values, labels = build(args)
     model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
-    return make_step(model, pixel_values.to(device), labels.to(device), optimizer, args,
-                     torch.Generator().manual_seed(0), device), device
+    return make_step(
+        model, pixel_values.to(device), labels.to(device), optimizer, args, torch.Generator().manual_seed(0), device
+    ), device
 
 
 def peak_memory(args) -> dict:
@@ -120,8 +130,11 @@ def timings(args) -> dict:
     for i in range(args.warmup + args.steps):
         a = step(False)
         b = step(True)
-        print(f"step {i}: CE {a[0]:.3f} s, CE + contrastive {b[0]:.3f} s (term alone {b[1]:.3f} s)", file=sys.stderr,
-              flush=True)
+        print(
+            f"step {i}: CE {a[0]:.3f} s, CE + contrastive {b[0]:.3f} s (term alone {b[1]:.3f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
         if i >= args.warmup:
             ce.append(a[0])
             ctr.append(b[0])
@@ -157,23 +170,32 @@ def main(argv=None):
         memory[variant] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
     runs = timings(args)
     ce = {"step_s_median": statistics.median(runs["ce"]), "peak_mib": memory["ce"]}
-    ctr = {"step_s_median": statistics.median(runs["contrastive"]), "peak_mib": memory["contrastive"],
-           "term_s_median": statistics.median(runs["term"])}
+    ctr = {
+        "step_s_median": statistics.median(runs["contrastive"]),
+        "peak_mib": memory["contrastive"],
+        "term_s_median": statistics.median(runs["term"]),
+    }
     overhead = ctr["step_s_median"] / ce["step_s_median"] - 1.0
     summary = {
         "command": "python bench/pretrain_step.py " + " ".join(argv),
         "machine": f"{platform.processor() or platform.machine()}, {args.threads} thread(s), device {args.device}, "
-                   f"torch {torch.__version__}",
-        "ce_step_s": ce["step_s_median"], "contrastive_step_s": ctr["step_s_median"],
-        "step_overhead": overhead, "contrastive_term_alone_s": ctr["term_s_median"],
+        f"torch {torch.__version__}",
+        "ce_step_s": ce["step_s_median"],
+        "contrastive_step_s": ctr["step_s_median"],
+        "step_overhead": overhead,
+        "contrastive_term_alone_s": ctr["term_s_median"],
         "term_share_of_step": ctr["term_s_median"] / ctr["step_s_median"],
-        "ce_peak_mib": ce["peak_mib"], "contrastive_peak_mib": ctr["peak_mib"], "runs": runs,
+        "ce_peak_mib": ce["peak_mib"],
+        "contrastive_peak_mib": ctr["peak_mib"],
+        "runs": runs,
     }
     print(f"{'variant':<14}{'s/step (median)':>16}{'peak MiB':>10}")
     print(f"{'CE':<14}{ce['step_s_median']:>16.3f}{ce['peak_mib']:>10.0f}")
     print(f"{'CE + ctr':<14}{ctr['step_s_median']:>16.3f}{ctr['peak_mib']:>10.0f}")
-    print(f"step overhead {overhead * 100:+.1f}%; contrastive term alone {ctr['term_s_median']:.3f} s "
-          f"({summary['term_share_of_step'] * 100:.1f}% of a step)")
+    print(
+        f"step overhead {overhead * 100:+.1f}%; contrastive term alone {ctr['term_s_median']:.3f} s "
+        f"({summary['term_share_of_step'] * 100:.1f}% of a step)"
+    )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(summary, fh, indent=2)

@@ -67,15 +67,22 @@ def replay(model: str, episodes_file: str, results_file: str, limit: int | None 
     config = results["config"]
     episodes = load_episodes(episodes_file)[:limit]
     if {e.protocol for e in episodes} != {"paper"}:
-        raise ValueError(f"{episodes_file} holds {sorted({e.protocol for e in episodes})} episodes; this replays 'paper'.")
+        raise ValueError(
+            f"{episodes_file} holds {sorted({e.protocol for e in episodes})} episodes; this replays 'paper'."
+        )
     split = get_split(config["dataset"], config["fold"], config.get("split_kind"))
     synthetic = config.get("synthetic", {})
     source = load_image_source(
-        config["dataset"], "val", fold=config["fold"], split_kind=config.get("split_kind"),
-        data_dir=config.get("data_dir"), cache_dir=config.get("cache_dir"),
-        num_images=synthetic.get("num_val_images"), image_size=synthetic.get("image_size"),
+        config["dataset"],
+        "val",
+        fold=config["fold"],
+        split_kind=config.get("split_kind"),
+        data_dir=config.get("data_dir"),
+        cache_dir=config.get("cache_dir"),
+        num_images=synthetic.get("num_val_images"),
+        image_size=synthetic.get("image_size"),
         seed=synthetic.get("seed", 0),
-    )  # fmt: skip
+    )
     adaptation = dict(config["options"]["adaptation"])
     adaptation_seed = adaptation.pop("seed", 0)
     for key in ("method", "align_corners", "ignore_index"):
@@ -89,15 +96,22 @@ def replay(model: str, episodes_file: str, results_file: str, limit: int | None 
     for spec in tqdm(episodes, desc="replay", disable=not progress):
         c = spec.class_ids[0]
         supports = [source.get_by_id(i) for i in spec.support_ids[c]]
-        masks = [np.where(s["label"] == IGNORE_INDEX, IGNORE_INDEX, s["label"] == c).astype(np.uint8) for s in supports]
+        masks = [
+            np.where(s["label"] == IGNORE_INDEX, IGNORE_INDEX, s["label"] == c).astype(np.uint8) for s in supports
+        ]
         query = source.get_by_id(spec.query_id)
         images = [query["image"]]
         if spec.base_query_id is not None:
             base = source.get_by_id(spec.base_query_id)
             images.append(base["image"])
-        common = dict(support_images=[s["image"] for s in supports], support_masks=masks,
-                      class_names=[names[c]] * len(supports), seed=episode_seed(adaptation_seed, spec),
-                      return_label_map=True, **adaptation)  # fmt: skip
+        common = dict(
+            support_images=[s["image"] for s in supports],
+            support_masks=masks,
+            class_names=[names[c]] * len(supports),
+            seed=episode_seed(adaptation_seed, spec),
+            return_label_map=True,
+            **adaptation,
+        )
         gfss = pipe(images, mode="gfss", **common)
         fss = pipe([query["image"]], mode="fss", **common)
         for key, out, class_id, label in (
@@ -111,7 +125,9 @@ def replay(model: str, episodes_file: str, results_file: str, limit: int | None 
             sums[key][class_id][1] += union
     replayed = {key: _mean_iou(sums[key]) for key in _COMPARED}
     reported = {key: results["metrics"][key] for key in _COMPARED}
-    diffs = [abs(replayed[k] - reported[k]) for k in _COMPARED if reported[k] is not None and not math.isnan(replayed[k])]
+    diffs = [
+        abs(replayed[k] - reported[k]) for k in _COMPARED if reported[k] is not None and not math.isnan(replayed[k])
+    ]
     return {
         "replayed": replayed,
         "reported": reported,
@@ -135,7 +151,9 @@ def main(argv=None) -> dict:
     for key in _COMPARED:
         reported = report["reported"][key]
         print(f"{key:<18} {100 * reported:>11.2f}% {100 * report['replayed'][key]:>9.2f}%")
-    print(f"largest difference: {100 * report['max_abs_difference']:.3f} points over {report['num_episodes']} episodes")
+    print(
+        f"largest difference: {100 * report['max_abs_difference']:.3f} points over {report['num_episodes']} episodes"
+    )
     if args.output:
         atomic_write_text(args.output, json.dumps(report, indent=2))
     return report

@@ -184,12 +184,21 @@ def build_loss_spec(
             teacher = teacher.flatten(0, 1)
     per_support = lambda x: x.repeat_interleave(num_shots)  # noqa: E731  (episode denominators per support)
     return LossSpec(
-        labels=rows.flatten(0, 1), valid=valid.flatten(0, 1), annotated=annotated,
-        ce_weights=None if ce_weights is None else ce_weights.flatten(0, 1), ce_denom=per_support(ce_denom),
-        kd_mask=kd_mask.flatten(0, 1), kd_denom=per_support(kd_denom), teacher_logits=teacher, gamma=float(gamma),
-        kd_scale=kd_scale, num_teacher=num_teacher, num_classes=annotated.shape[1],
-        feature_size=tuple(features.shape[-2:]), align_corners=align_corners,
-    )  # fmt: skip
+        labels=rows.flatten(0, 1),
+        valid=valid.flatten(0, 1),
+        annotated=annotated,
+        ce_weights=None if ce_weights is None else ce_weights.flatten(0, 1),
+        ce_denom=per_support(ce_denom),
+        kd_mask=kd_mask.flatten(0, 1),
+        kd_denom=per_support(kd_denom),
+        teacher_logits=teacher,
+        gamma=float(gamma),
+        kd_scale=kd_scale,
+        num_teacher=num_teacher,
+        num_classes=annotated.shape[1],
+        feature_size=tuple(features.shape[-2:]),
+        align_corners=align_corners,
+    )
 
 
 # -- the starting rows, and labels at the feature resolution -----------------------------------------------
@@ -279,8 +288,9 @@ def _per_support_mean(loss_map: torch.Tensor, denom: torch.Tensor) -> torch.Tens
     return loss_map.flatten(1).sum(1) * inv
 
 
-def reference_loss(weight: torch.Tensor, bias: torch.Tensor | None, features: torch.Tensor,
-                   spec: LossSpec) -> torch.Tensor:  # fmt: skip
+def reference_loss(
+    weight: torch.Tensor, bias: torch.Tensor | None, features: torch.Tensor, spec: LossSpec
+) -> torch.Tensor:
     r"""
     The loss of [`LossSpec`] written plainly: logits upsampled to the label size, `few_shot_cross_entropy` +
     gamma * `distillation_loss` of `gfss_hf.losses`, differentiable by autograd. The definition the exact solver must
@@ -305,8 +315,9 @@ def reference_loss(weight: torch.Tensor, bias: torch.Tensor | None, features: to
         logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=spec.align_corners)
     # -1 is never a row: the ignored pixels of `valid` cannot be confused with a class.
     targets = torch.where(spec.valid, spec.labels, torch.full_like(spec.labels, -1))
-    ce = few_shot_cross_entropy(logits, targets, annotated=spec.annotated, ignore_index=-1,
-                                pixel_weights=spec.ce_weights, reduction="none")  # fmt: skip
+    ce = few_shot_cross_entropy(
+        logits, targets, annotated=spec.annotated, ignore_index=-1, pixel_weights=spec.ce_weights, reduction="none"
+    )
     loss = _per_support_mean(ce, spec.ce_denom.float())
     if spec.teacher_logits is not None:
         kd = distillation_loss(logits, spec.teacher_logits, mask=spec.kd_mask, scale=spec.kd_scale, reduction="none")
@@ -334,8 +345,16 @@ def _fit_autograd(features, weight, bias, spec: LossSpec, steps: int, lr: float,
     return weight, bias, hist
 
 
-def solve(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: LossSpec, steps: int,
-          lr: float, extra=None, solver: str = "exact"):  # fmt: skip
+def solve(
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    spec: LossSpec,
+    steps: int,
+    lr: float,
+    extra=None,
+    solver: str = "exact",
+):
     r"""
     `steps` steps of plain SGD (no momentum, no weight decay) on the classifier for the loss of `spec`.
 
@@ -526,8 +545,11 @@ def _build_objective(spec: LossSpec) -> _Objective:
     """Coefficients of `_Objective` from a [`LossSpec`]."""
     labels_rows, valid, ce_denom = spec.labels, spec.valid, spec.ce_denom
     num_teacher, num_classes, feature_size, align_corners = (
-        spec.num_teacher, spec.num_classes, spec.feature_size, spec.align_corners
-    )  # fmt: skip
+        spec.num_teacher,
+        spec.num_classes,
+        spec.feature_size,
+        spec.align_corners,
+    )
     n, height, width = labels_rows.shape
     dtype = ce_denom.dtype
     inv_ce = torch.where(ce_denom > 0, 1.0 / ce_denom.clamp_min(1e-12), torch.zeros_like(ce_denom))
@@ -567,13 +589,23 @@ def _build_objective(spec: LossSpec) -> _Objective:
     else:
         flat = lambda x: x.reshape(1, n, 1, -1)  # noqa: E731
     return _Objective(
-        flat(a), flat(b), flat(g), r.reshape(n, num_classes, -1), num_teacher, not_annotated, (height, width),
-        upsample, align_corners, bands, shift_coef,
-    )  # fmt: skip
+        flat(a),
+        flat(b),
+        flat(g),
+        r.reshape(n, num_classes, -1),
+        num_teacher,
+        not_annotated,
+        (height, width),
+        upsample,
+        align_corners,
+        bands,
+        shift_coef,
+    )
 
 
-def _shifted_logits(z_low, low_max, h: int, w: int, objective: _Objective, out=None, exp: bool = False,
-                    clamp: bool = True):  # fmt: skip
+def _shifted_logits(
+    z_low, low_max, h: int, w: int, objective: _Objective, out=None, exp: bool = False, clamp: bool = True
+):
     """Logits (N, C, h*w) minus their per-pixel maximum `low_max` (N, 1, h*w), at the loss resolution, clamped
     below at `_EXP_FLOOR` (unless `clamp=False`): (1, N, C, S); their exp with `exp=True`. Written into `out`
     (reused across steps: a fresh tensor this size costs as much as the arithmetic, in page faults) when given."""
@@ -679,8 +711,9 @@ def _exact_pixels(z: torch.Tensor, pixel, support, objective: _Objective, has_kd
     """`_exact_terms` at K pixels of `z` (1, N, C, S): terms (K,) and gradient (K, C)."""
     at = lambda x: x[0, support, 0, pixel][:, None, None]  # noqa: E731  (K, 1, 1)
     logits = z[0, support, :, pixel][:, :, None]  # (K, C, 1)
-    terms, grad = _exact_terms(logits, objective, has_kd, at(objective.a), at(objective.b), at(objective.g),
-                               objective.not_annotated[support])  # fmt: skip
+    terms, grad = _exact_terms(
+        logits, objective, has_kd, at(objective.a), at(objective.b), at(objective.g), objective.not_annotated[support]
+    )
     return terms[:, 0, 0], grad[:, :, 0]
 
 

@@ -301,7 +301,9 @@ def _batch(tensor: torch.Tensor | None, dims: int, name: str, shape_doc: str) ->
         return tensor.unsqueeze(0), False
     if tensor.dim() == dims + 1:
         return tensor, True
-    raise ValueError(f"{name} must have shape {shape_doc} (or with a leading episode axis), got {tuple(tensor.shape)}.")
+    raise ValueError(
+        f"{name} must have shape {shape_doc} (or with a leading episode axis), got {tuple(tensor.shape)}."
+    )
 
 
 def _seeds(seeds, default: int, num: int) -> list[int]:
@@ -519,10 +521,17 @@ def adapt_gfss(
 
     kd_pixels = "all" if config.kd_average_over_padding else "background" if config.kd_skip_novel else "labelled"
     spec = build_loss_spec(
-        labels, annotated.flatten(0, 1), features, (base_w, base_b), ce_weighting=config.ce_weighting,
-        kd_pixels=kd_pixels, gamma=config.gamma, kd_scale=config.kd_scale, ignore_index=ignore,
+        labels,
+        annotated.flatten(0, 1),
+        features,
+        (base_w, base_b),
+        ce_weighting=config.ce_weighting,
+        kd_pixels=kd_pixels,
+        gamma=config.gamma,
+        kd_scale=config.kd_scale,
+        ignore_index=ignore,
         align_corners=align_corners,
-    )  # fmt: skip
+    )
     extra = None
     if query is not None:
         extra = lambda w, b: config.transductive_weight * entropy_term(w, b, query)  # noqa: E731
@@ -592,15 +601,30 @@ def adapt_fss(
     bias_t = features.new_zeros(num_episodes, 2) if bias else None
     annotated = torch.zeros(num_episodes * masks.shape[1], 2, dtype=torch.bool, device=features.device)
     annotated[:, 1] = True  # every support annotates its class; background is "not c*"
-    spec = build_loss_spec(masks, annotated, features, None, ce_weighting=config.ce_weighting, gamma=0.0,
-                           ignore_index=ignore, align_corners=align_corners)  # fmt: skip
+    spec = build_loss_spec(
+        masks,
+        annotated,
+        features,
+        None,
+        ce_weighting=config.ce_weighting,
+        gamma=0.0,
+        ignore_index=ignore,
+        align_corners=align_corners,
+    )
     weight, bias_t, history = solve(features, weight, bias_t, spec, config.steps, config.lr, solver=config.solver)
     result = AdaptedClassifier(weight, bias_t, 1, 1, history, config.normalize_features)
     return result if batched else result.episode(0)
 
 
-def adapt(support_features: torch.Tensor, support_labels: torch.Tensor, base_weight=None, base_bias=None, *,
-          config: AdaptationConfig | None = None, **kwargs) -> AdaptedClassifier:  # fmt: skip
+def adapt(
+    support_features: torch.Tensor,
+    support_labels: torch.Tensor,
+    base_weight=None,
+    base_bias=None,
+    *,
+    config: AdaptationConfig | None = None,
+    **kwargs,
+) -> AdaptedClassifier:
     """
     Dispatch on `config.method`: [`adapt_gfss`] (needs `base_weight`) or [`adapt_fss`] (`base_weight` must be
     `None`). Keyword arguments are those of the chosen function.
@@ -752,12 +776,25 @@ def adapt_classifier(
         weight = model.classifier.weight.detach()[rows]
         bias = None if model.classifier.bias is None else model.classifier.bias.detach()[rows]
         return adapt_gfss(
-            support_features, support_labels, weight.reshape(weight.shape[0], -1), bias,
-            support_classes=support_classes, num_novel_classes=num_novel_classes, annotated=annotated, config=config,
-            seeds=seeds, query_features=query_features, state=state, **facts,
-        )  # fmt: skip
-    unused = {"support_classes": support_classes, "num_teacher_rows": num_teacher_rows,
-              "query_features": query_features, "state": state}  # fmt: skip
+            support_features,
+            support_labels,
+            weight.reshape(weight.shape[0], -1),
+            bias,
+            support_classes=support_classes,
+            num_novel_classes=num_novel_classes,
+            annotated=annotated,
+            config=config,
+            seeds=seeds,
+            query_features=query_features,
+            state=state,
+            **facts,
+        )
+    unused = {
+        "support_classes": support_classes,
+        "num_teacher_rows": num_teacher_rows,
+        "query_features": query_features,
+        "state": state,
+    }
     given = sorted(name for name, value in unused.items() if value is not None)
     if given:
         raise ValueError(f"{given} only apply to method='gfss'; method='fss' trains a fresh 2-way classifier.")
@@ -823,7 +860,9 @@ def learn_classes(
     """
     config = (config if config is not None else AdaptationConfig()).replace(**config_overrides)
     if config.method != "gfss":
-        raise ValueError(f"learn_classes keeps classes in the expanded classifier; got method={config.method!r}, use 'gfss'.")
+        raise ValueError(
+            f"learn_classes keeps classes in the expanded classifier; got method={config.method!r}, use 'gfss'."
+        )
     if config.normalize_features:
         raise ValueError(
             "normalize_features=True fits rows to L2-normalised features, but the model's classifier reads raw "
@@ -841,9 +880,13 @@ def learn_classes(
         )
         features = extract_support_features(model, supports, config.loss_resolution)
         clf = adapt_classifier(
-            model, features, supports.labels.to(features.device), config,
-            num_novel_classes=len(supports.class_names), annotated=supports.annotated.to(features.device),
-        )  # fmt: skip
+            model,
+            features,
+            supports.labels.to(features.device),
+            config,
+            num_novel_classes=len(supports.class_names),
+            annotated=supports.annotated.to(features.device),
+        )
     finally:
         model.train(was_training)
     model.expand_classifier(supports.class_names, weights=clf.novel_weight, bias=clf.novel_bias)

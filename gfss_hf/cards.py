@@ -48,8 +48,15 @@ CONFIGS_DIR = Path(__file__).resolve().parents[1] / "scripts" / "configs"
 # the Hub knows, so it would get neither.
 LIBRARY_NAME = "transformers"
 LICENSE = "apache-2.0"
-TAGS = ("few-shot-segmentation", "generalized-few-shot-segmentation", "semantic-segmentation", "pspnet", "gfss_hf",
-        "custom_code", "vision")  # fmt: skip
+TAGS = (
+    "few-shot-segmentation",
+    "generalized-few-shot-segmentation",
+    "semantic-segmentation",
+    "pspnet",
+    "gfss_hf",
+    "custom_code",
+    "vision",
+)
 
 PROTOCOLS: dict[str, str] = {
     "paper": (
@@ -107,11 +114,34 @@ PLANNED_CHECKPOINTS: tuple[tuple[str, int], ...] = tuple(
 # Keys of a training YAML / `training_config.yaml` that describe the recipe, in card order; paths, logging and
 # infrastructure settings are left out.
 _RECIPE_KEYS = (
-    "dataset", "fold", "split_kind", "min_pixels", "novel_to_background", "backbone", "backbone_weights",
-    "image_size", "num_epochs", "max_steps", "batch_size", "gradient_accumulation_steps", "optimizer",
-    "learning_rate", "momentum", "weight_decay", "lr_schedule", "label_smoothing", "contrastive_weight", "temperature",
-    "base_temperature", "max_samples", "max_views", "background_anchors", "hflip", "seed", "mixed_precision",
-)  # fmt: skip
+    "dataset",
+    "fold",
+    "split_kind",
+    "min_pixels",
+    "novel_to_background",
+    "backbone",
+    "backbone_weights",
+    "image_size",
+    "num_epochs",
+    "max_steps",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "optimizer",
+    "learning_rate",
+    "momentum",
+    "weight_decay",
+    "lr_schedule",
+    "label_smoothing",
+    "contrastive_weight",
+    "temperature",
+    "base_temperature",
+    "max_samples",
+    "max_views",
+    "background_anchors",
+    "hflip",
+    "seed",
+    "mixed_precision",
+)
 
 
 def _dataset_pretty(dataset: str | None) -> str:
@@ -207,8 +237,11 @@ def _model_facts(config: GFSSConfig) -> list[tuple[str, str]]:
         ("Backbone", f"`{config.backbone}`, output stride {config.output_stride}"),
         ("Pyramid bins", ", ".join(str(s) for s in config.pool_scales)),
         ("Feature channels", str(config.hidden_size)),
-        ("Classes", f"{config.num_labels} (background + {config.num_base_classes} base"
-                    + (f" + {config.num_novel_classes} novel)" if config.num_novel_classes else ")")),
+        (
+            "Classes",
+            f"{config.num_labels} (background + {config.num_base_classes} base"
+            + (f" + {config.num_novel_classes} novel)" if config.num_novel_classes else ")"),
+        ),
         ("Input", f"{config.image_size}x{config.image_size} canvas, longer side resized, {config.pad_mode} padding"),
     ]
     if config.use_projection:
@@ -219,6 +252,7 @@ def _model_facts(config: GFSSConfig) -> list[tuple[str, str]]:
     if config.source_checkpoint:
         facts.append(("Converted from", f"`{config.source_checkpoint}`"))
     return facts
+
 
 def _results_table(entries: Sequence[ResultEntry]) -> str:
     """One Markdown table per protocol (their metrics differ), columns in the order of `METRIC_NAMES`."""
@@ -322,8 +356,10 @@ def render_model_card(
                 f"fold={fold}; check that results.json belongs to this checkpoint."
             )
     if repo_id is None:
-        repo_id = f"{DEFAULT_NAMESPACE}/gfss" + (f"-{dataset}" if dataset else "") + (
-            f"-fold{fold}" if fold is not None else ""
+        repo_id = (
+            f"{DEFAULT_NAMESPACE}/gfss"
+            + (f"-{dataset}" if dataset else "")
+            + (f"-fold{fold}" if fold is not None else "")
         )
     model_name = model_name or repo_id.split("/")[-1]
     source = dict(source or {})
@@ -354,16 +390,18 @@ def render_model_card(
         training = load_training_config(training_config_path(dataset)) if dataset else None
         recipe_intro = (
             f"Pre-training on the base classes with `scripts/configs/{dataset}.yaml` (`batch_size` is per process"
-            + ("" if planned else "; the training run did not record its own settings") + "):"
+            + ("" if planned else "; the training run did not record its own settings")
+            + "):"
             if training
             else "The training run did not record its settings."
         )
     summary = source.get("summary") or (
         f"A PSPNet ({config.backbone}) pre-trained on the {config.num_base_classes} base classes of "
-        f"{_dataset_pretty(dataset)}" + (f" (fold {fold})" if fold is not None else "")
+        f"{_dataset_pretty(dataset)}"
+        + (f" (fold {fold})" if fold is not None else "")
         + ", for generalized few-shot semantic segmentation: it segments its base classes and learns new classes "
-        "from a few annotated examples at inference time, following \"Towards Generalized Few-shot Segmentation: On "
-        "Contrastive Learning and Background Information Modeling\" (Liu, Zhang and Lu, 2022)."
+        'from a few annotated examples at inference time, following "Towards Generalized Few-shot Segmentation: On '
+        'Contrastive Learning and Background Information Modeling" (Liu, Zhang and Lu, 2022).'
     )
     variables = dict(
         title=source.get("title") or model_name,

@@ -145,8 +145,10 @@ def check_checkpoint_config(checkpoint: str | os.PathLike, config: TrainingConfi
         + ("" if resuming else ", or resume it with --resume_from_checkpoint latest and its settings")
         + "."
     )
-    what = f"checkpoint {str(checkpoint)!r}" if resuming else (
-        f"output_dir {str(output_dir)!r} already holds checkpoints ({checkpoint.name}) of another run, which"
+    what = (
+        f"checkpoint {str(checkpoint)!r}"
+        if resuming
+        else (f"output_dir {str(output_dir)!r} already holds checkpoints ({checkpoint.name}) of another run, which")
     )
     if state.get("format") != _CHECKPOINT_FORMAT or not isinstance(state.get("config"), dict):
         raise ValueError(
@@ -180,7 +182,9 @@ def _encode(obj: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
         tensors[key] = torch.from_numpy(np.ascontiguousarray(wide))
         return {"__ndarray__": key, "dtype": obj.dtype.str}
     if isinstance(obj, Mapping):
-        return {"__dict__": [[_encode(k, tensors, where), _encode(v, tensors, f"{where}.{k}")] for k, v in obj.items()]}
+        return {
+            "__dict__": [[_encode(k, tensors, where), _encode(v, tensors, f"{where}.{k}")] for k, v in obj.items()]
+        }
     if isinstance(obj, tuple):
         return {"__tuple__": [_encode(v, tensors, f"{where}[{i}]") for i, v in enumerate(obj)]}
     if isinstance(obj, list):
@@ -252,8 +256,9 @@ def _checkpoint_write_error(path: Path, err: OSError) -> OSError:
     return OSError(err.errno, f"writing checkpoint file {str(path)!r} failed: {err.strerror or err}")
 
 
-def save_checkpoint(accelerator, output_dir: Path, state: dict, total_limit: int | None, model, optimizer,
-                    process_state: dict) -> Path:
+def save_checkpoint(
+    accelerator, output_dir: Path, state: dict, total_limit: int | None, model, optimizer, process_state: dict
+) -> Path:
     """
     Write a checkpoint into a temporary folder, then rename it: a killed process never leaves a half checkpoint
     that `latest` would pick. Files: `model.safetensors` (weights), `optimizer.safetensors` (optimizer and
@@ -288,13 +293,17 @@ def save_checkpoint(accelerator, output_dir: Path, state: dict, total_limit: int
             target = tmp / _MODEL_FILE
             # A plain state dict (parameter names as keys), readable by any safetensors tool. Cloned: safetensors
             # refuses tensors that share storage.
-            weights = {k: v.detach().to("cpu").contiguous().clone()
-                       for k, v in accelerator.unwrap_model(model).state_dict().items()}
+            weights = {
+                k: v.detach().to("cpu").contiguous().clone()
+                for k, v in accelerator.unwrap_model(model).state_dict().items()
+            }
             _write_file(target, save(weights, metadata={"format": "pt"}))
             target = tmp / _OPTIMIZER_FILE
             scaler = getattr(accelerator, "scaler", None)
-            _write_state_file(target, {"optimizer": optimizer.state_dict(),
-                                       "scaler": scaler.state_dict() if scaler is not None else None})
+            _write_state_file(
+                target,
+                {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None},
+            )
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _checkpoint_write_error(target, err) from err
@@ -364,5 +373,9 @@ def load_checkpoint(checkpoint: Path, accelerator, model, optimizer, scheduler) 
 
 def rng_state() -> dict[str, Any]:
     """The global RNG states of Python, numpy, torch and CUDA, as [`load_checkpoint`] restores them."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }

@@ -214,5 +214,9 @@ class GFSSConfig(PreTrainedConfig):
         if not 0.0 <= self.label_smoothing < 1.0:
             bad("label_smoothing", self.label_smoothing, "must be in [0, 1)")
         if len(self.base_class_names) + 1 + len(self.novel_class_names) >= self.ignore_index:
-            bad("base_class_names", len(self.base_class_names), f"too many classes for ignore_index={self.ignore_index}")
+            bad(
+                "base_class_names",
+                len(self.base_class_names),
+                f"too many classes for ignore_index={self.ignore_index}",
+            )
         self._validate_names()

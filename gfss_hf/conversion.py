@@ -118,25 +118,47 @@ _NONE_STATED = "none stated by the authors"
 SOURCES: dict[str, SourceInfo] = {
     s.name: s
     for s in (
-        SourceInfo("semseg", "hszhao/semseg", "4f274c3f", "mit", "MIT", ("semseg", "imagenet-semseg"), 473, "mean",
-                   _SEMSEG_GEOMETRY),
-        SourceInfo("pfenet", "dvlab-research/PFENet", "a5056754", "other", _NONE_STATED, ("pfenet",), 473, "zero",
-                   _FLOOR8),
-        SourceInfo("repri", "mboudiaf/RePRI-for-Few-Shot-Segmentation", "aa54b19b", "mit", "MIT", ("repri",), 417,
-                   "zero", _FLOOR8),
+        SourceInfo(
+            "semseg",
+            "hszhao/semseg",
+            "4f274c3f",
+            "mit",
+            "MIT",
+            ("semseg", "imagenet-semseg"),
+            473,
+            "mean",
+            _SEMSEG_GEOMETRY,
+        ),
+        SourceInfo(
+            "pfenet", "dvlab-research/PFENet", "a5056754", "other", _NONE_STATED, ("pfenet",), 473, "zero", _FLOOR8
+        ),
+        SourceInfo(
+            "repri",
+            "mboudiaf/RePRI-for-Few-Shot-Segmentation",
+            "aa54b19b",
+            "mit",
+            "MIT",
+            ("repri",),
+            417,
+            "zero",
+            _FLOOR8,
+        ),
         SourceInfo("cwt", "zhiheLu/CWT-for-FSS", "3c396bac", "gpl-3.0", "GPL-3.0", ("repri",), 473, "zero", _FLOOR8),
         SourceInfo("diam", "sinahmr/DIaM", "a61e1ed5", "mit", "MIT", ("repri",), 417, "zero", _FLOOR8),
         SourceInfo("bcm", "IBM/BCM", "63c782cc", "mit", "MIT", ("repri",), 417, "zero", _FLOOR8),
-        SourceInfo("gfss-capstone", "hmdliu/GFSS-Capstone", "6d0571d9", "mit", "MIT", ("repri",), 473, "mean",
-                   _FLOOR8),
+        SourceInfo(
+            "gfss-capstone", "hmdliu/GFSS-Capstone", "6d0571d9", "mit", "MIT", ("repri",), 473, "mean", _FLOOR8
+        ),
         SourceInfo("bam", "chunbolang/BAM", "c0f935c3", "mit", "MIT", ("bam", "bam-full"), 417, "zero", _FLOOR8),
-        SourceInfo("capl", "dvlab-research/GFS-Seg", "c5bb735d", "other", _NONE_STATED, ("capl",), 473, "zero",
-                   _FLOOR8),
+        SourceInfo(
+            "capl", "dvlab-research/GFS-Seg", "c5bb735d", "other", _NONE_STATED, ("capl",), 473, "zero", _FLOOR8
+        ),
         SourceInfo("pop", "lsa1997/POP", "3bc375cf", "mit", "MIT", ("pop",), 473, "mean"),
-        SourceInfo("timm", "timm/resnet50s.gluon_in1k", "hub", "apache-2.0", "Apache-2.0", ("imagenet-timm",), None,
-                   None),
+        SourceInfo(
+            "timm", "timm/resnet50s.gluon_in1k", "hub", "apache-2.0", "Apache-2.0", ("imagenet-timm",), None, None
+        ),
     )
-}  # fmt: skip
+}
 _DEFAULT_SOURCE = {
     "capl": "capl",
     "pop": "pop",
@@ -505,7 +527,9 @@ def _damage(path: str, err: BaseException) -> str | None:
         while seen is not None and len(chain) < 8:
             chain.append(seen)
             seen = seen.__cause__ or seen.__context__
-        truncated = (isinstance(e, _TRUNCATION_ERRORS) or any(w in str(e).lower() for w in _TRUNCATION_WORDS) for e in chain)
+        truncated = (
+            isinstance(e, _TRUNCATION_ERRORS) or any(w in str(e).lower() for w in _TRUNCATION_WORDS) for e in chain
+        )
         if any(truncated):
             return f"is a truncated or corrupt legacy (pickle) checkpoint ({size} bytes; {err})"
         return None
@@ -1126,7 +1150,9 @@ def _imagenet_to_timm_keys(
     return mapped, dropped
 
 
-def load_backbone_weights(model: GFSSModel, path: str | os.PathLike | None = None, strict: bool = True) -> dict[str, list]:
+def load_backbone_weights(
+    model: GFSSModel, path: str | os.PathLike | None = None, strict: bool = True
+) -> dict[str, list]:
     """
     Load ImageNet weights into `model.backbone` from a local file (never downloaded).
 
@@ -1211,7 +1237,7 @@ def build_model_card(report: ConversionReport, config: GFSSConfig):
             ("file", f"`{report.checkpoint or '-'}`"),
             ("sha256", f"`{report.checkpoint_sha256 or '-'}`"),
             ("classes", f"{where}: {config.num_labels} rows ({', '.join(config.class_names)})"),
-            ("input", f"{config.image_size}x{config.image_size} canvas, `pad_mode=\"{config.pad_mode}\"`"),
+            ("input", f'{config.image_size}x{config.image_size} canvas, `pad_mode="{config.pad_mode}"`'),
             ("dilation", f"`{config.dilation_style}` (PPM align_corners={config.ppm_align_corners})"),
             ("classifier bias", f"classifier_bias={config.classifier_bias}"),
         ],
@@ -1224,8 +1250,7 @@ def build_model_card(report: ConversionReport, config: GFSSConfig):
         ),
     }
     # A converted folder is not on the Hub yet: the card's snippets load it from where it lies.
-    return render_model_card(config, repo_id="path/to/this/folder", license=info.license, source=source,
-                             commands=[])
+    return render_model_card(config, repo_id="path/to/this/folder", license=info.license, source=source, commands=[])
 
 
 def save_converted(

@@ -242,8 +242,10 @@ class EvaluationOptions:
             raise ValueError(f"feature_dtype={self.feature_dtype!r} is not supported; use {list(_FEATURE_DTYPES)}.")
 
     def to_dict(self) -> dict:
-        out = {k: getattr(self, k) for k in ("episode_batch_size", "feature_batch_size", "cache_features",
-                                             "feature_dtype", "cache_max_bytes")}  # fmt: skip
+        out = {
+            k: getattr(self, k)
+            for k in ("episode_batch_size", "feature_batch_size", "cache_features", "feature_dtype", "cache_max_bytes")
+        }
         out["adaptation"] = self.adaptation.to_dict()
         return out
 
@@ -345,7 +347,9 @@ def check_episodes(episodes: Sequence[EpisodeSpec], split: FoldSplit, sources: M
         bad = [c for c in spec.class_ids if c not in novel]
         if bad:
             what = [f"{c} ({names[c]}, a base class of the model)" if c in base else str(c) for c in bad]
-            raise ValueError(f"{where} treats {what} as novel; the novel classes of this fold are {sorted(novel)}. {fix}")
+            raise ValueError(
+                f"{where} treats {what} as novel; the novel classes of this fold are {sorted(novel)}. {fix}"
+            )
         if spec.base_class_id is not None and spec.base_class_id not in base:
             raise ValueError(
                 f"{where} scores base class {spec.base_class_id}, which is not a base class of this fold. {fix}"
@@ -353,9 +357,13 @@ def check_episodes(episodes: Sequence[EpisodeSpec], split: FoldSplit, sources: M
         support_source = "train" if spec.protocol == "capl" else "val"
         supports = spec.all_support_ids()
         if support_source == "val" and spec.query_id in supports:
-            raise ValueError(f"{where} has its query {spec.query_id!r} among its supports; a query is never a support.")
-        for source, ids in (("val", [spec.query_id] + ([spec.base_query_id] if spec.base_query_id else [])),
-                            (support_source, supports)):  # fmt: skip
+            raise ValueError(
+                f"{where} has its query {spec.query_id!r} among its supports; a query is never a support."
+            )
+        for source, ids in (
+            ("val", [spec.query_id] + ([spec.base_query_id] if spec.base_query_id else [])),
+            (support_source, supports),
+        ):
             if source not in known:
                 continue
             missing = [i for i in ids if i not in known[source]]
@@ -414,10 +422,17 @@ def _paper_unit(ctx: _Context, specs: list[EpisodeSpec], accs: dict[str, PooledI
     score_binary_episodes(accs["fss"], fss_pred == 1, q_rows, novel_rows)
 
     gfss = adapt_classifier(
-        ctx.model, sup_feat, sup_masks, ctx.gfss_config, num_teacher_rows=ctx.num_base_rows,
-        support_classes=torch.zeros(e, k, dtype=torch.long), num_novel_classes=1,
-        seeds=seeds, query_features=q_feat if ctx.gfss_config.transductive else None, state=carry,
-    )  # fmt: skip
+        ctx.model,
+        sup_feat,
+        sup_masks,
+        ctx.gfss_config,
+        num_teacher_rows=ctx.num_base_rows,
+        support_classes=torch.zeros(e, k, dtype=torch.long),
+        num_novel_classes=1,
+        seeds=seeds,
+        query_features=q_feat if ctx.gfss_config.transductive else None,
+        state=carry,
+    )
     g_pred = predict(q_feat, gfss, size=ctx.size, align_corners=ctx.align_corners)[:, 0].argmax(1)
     # The novel class is the one row appended after the B + 1 pre-trained rows.
     score_binary_episodes(accs["gfss_novel"], g_pred == ctx.num_base_rows, q_rows, novel_rows)
@@ -428,9 +443,11 @@ def _paper_unit(ctx: _Context, specs: list[EpisodeSpec], accs: dict[str, PooledI
         b_feat = cache.features("val", base_ids)[:, None]
         b_labels = cache.labels("val", base_ids)
         b_rows = torch.stack(
-            [ctx.binary(b_labels[n], specs[j].base_class_id, ctx.row[specs[j].base_class_id])
-             for n, j in enumerate(with_base)]
-        )  # fmt: skip
+            [
+                ctx.binary(b_labels[n], specs[j].base_class_id, ctx.row[specs[j].base_class_id])
+                for n, j in enumerate(with_base)
+            ]
+        )
         b_pred = predict(b_feat, gfss.select(with_base), size=ctx.size, align_corners=ctx.align_corners)
         b_pred = b_pred[:, 0].argmax(1)
         base_rows = torch.tensor([ctx.row[specs[j].base_class_id] for j in with_base], device=ctx.device)
@@ -466,19 +483,30 @@ def _run_unit(
         # DIaM-style transduction adapts on each query: one episode per query, the run's supports shared.
         e = len(specs)
         clf = adapt_classifier(
-            ctx.model, support.features.expand(e, *support.features.shape),
-            support.masks.expand(e, *support.masks.shape), config, num_teacher_rows=ctx.num_base_rows,
-            support_classes=support.classes.expand(e, -1), num_novel_classes=num_novel, query_features=q_feat[:, None],
+            ctx.model,
+            support.features.expand(e, *support.features.shape),
+            support.masks.expand(e, *support.masks.shape),
+            config,
+            num_teacher_rows=ctx.num_base_rows,
+            support_classes=support.classes.expand(e, -1),
+            num_novel_classes=num_novel,
+            query_features=q_feat[:, None],
             seeds=[episode_seed(ctx.options.adaptation.seed, s) for s in specs],
-        )  # fmt: skip
+        )
         logits = predict(q_feat[:, None], clf, size=ctx.size, align_corners=ctx.align_corners)[:, 0]
     else:
         if support.classifier is None:
             support.classifier = adapt_classifier(
-                ctx.model, support.features, support.masks, config, num_teacher_rows=ctx.num_base_rows,
-                support_classes=support.classes, num_novel_classes=num_novel, state=carry,
+                ctx.model,
+                support.features,
+                support.masks,
+                config,
+                num_teacher_rows=ctx.num_base_rows,
+                support_classes=support.classes,
+                num_novel_classes=num_novel,
+                state=carry,
                 seeds=episode_seed(ctx.options.adaptation.seed, specs[0], per_query=False),
-            )  # fmt: skip
+            )
         logits = predict(q_feat, support.classifier, size=ctx.size, align_corners=ctx.align_corners)
     if protocol == "diam":
         labels = cache.labels("val", query_ids)
@@ -591,9 +619,14 @@ def evaluate_episodes(
         sources["train"] = train_source
     check_episodes(episodes, split, sources)
     cache = FeatureCache(
-        model, processor, sources, dtype=options.feature_dtype, enabled=options.cache_features,
-        max_bytes=options.cache_max_bytes, batch_size=options.feature_batch_size,
-    )  # fmt: skip
+        model,
+        processor,
+        sources,
+        dtype=options.feature_dtype,
+        enabled=options.cache_features,
+        max_bytes=options.cache_max_bytes,
+        batch_size=options.feature_batch_size,
+    )
     ctx = _Context(model, split, cache, options)
     batch = options.episode_batch_size
     if batch is None:
@@ -702,8 +735,16 @@ def estimate_evaluation_seconds(
     classes = torch.arange(num_classes).repeat_interleave(shots)
     start = time.perf_counter()
     for _ in range(repeats):
-        adapt_classifier(model, sup, masks, config.replace(method="gfss", transductive=False), support_classes=classes,
-                         num_novel_classes=num_classes, num_teacher_rows=base_rows, seeds=0)  # fmt: skip
+        adapt_classifier(
+            model,
+            sup,
+            masks,
+            config.replace(method="gfss", transductive=False),
+            support_classes=classes,
+            num_novel_classes=num_classes,
+            num_teacher_rows=base_rows,
+            seeds=0,
+        )
         if protocol == "paper":
             adapt_classifier(model, sup[:shots], masks[:shots], config.replace(method="fss"), seeds=0)
     t_adapt = (time.perf_counter() - start) / repeats

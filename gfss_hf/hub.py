@@ -167,8 +167,9 @@ def check_files(folder: Path) -> dict:
             "trust_remote_code=True. Import gfss_hf before saving (it calls register_for_auto_class)."
         )
     if "AutoImageProcessor" not in (preprocessor.get("auto_map") or {}):
-        raise ExportCheckError("preprocessor_config.json has no auto_map.AutoImageProcessor; save the processor "
-                               "after importing gfss_hf.")
+        raise ExportCheckError(
+            "preprocessor_config.json has no auto_map.AutoImageProcessor; save the processor after importing gfss_hf."
+        )
     references = list(auto_map.values()) + list(preprocessor["auto_map"].values())
     for task in (config.get("custom_pipelines") or {}).values():
         references.append(task["impl"])
@@ -180,8 +181,10 @@ def check_files(folder: Path) -> dict:
             continue
         seen.add(name)
         if name not in present:
-            raise ExportCheckError(f"{name} is referenced by the configs (or imported by their code) but missing from "
-                                   f"{folder}; re-stage the export.")
+            raise ExportCheckError(
+                f"{name} is referenced by the configs (or imported by their code) but missing from "
+                f"{folder}; re-stage the export."
+            )
         pending.extend(_relative_imports(folder / name))
     weights = {n for n in present if n.startswith("model") and n.endswith((".safetensors", ".index.json"))}
     unexpected = sorted(
@@ -279,7 +282,11 @@ def check_remote_code(folder: Path, steps: int = 2, timeout: int = 600) -> dict:
         env.pop("PYTHONPATH", None)
         proc = subprocess.run(
             [sys.executable, "-c", _REMOTE_CHECK, str(folder.resolve()), str(tmp), str(steps)],
-            cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout,
+            cwd=tmp,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         report_lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT=")]
         if proc.returncode != 0 or not report_lines:
@@ -287,7 +294,7 @@ def check_remote_code(folder: Path, steps: int = 2, timeout: int = 600) -> dict:
                 "loading the export with trust_remote_code=True in a fresh process without gfss_hf failed:\n"
                 + proc.stderr[-4000:]
             )
-        report = json.loads(report_lines[-1][len("REPORT="):])
+        report = json.loads(report_lines[-1][len("REPORT=") :])
         for key in ("model_module", "processor_module", "pipeline_module"):
             if key in report and "transformers_modules" not in report[key]:
                 raise ExportCheckError(f"{key}={report[key]!r}: the remote code was not used.")
@@ -303,9 +310,15 @@ def check_remote_code(folder: Path, steps: int = 2, timeout: int = 600) -> dict:
         report["query_size"] = [query.width, query.height]
         if "labels" in report:
             pipe = _package_pipeline(model, processor)
-            out = pipe(query, support_images=[load_image(tmp / "support.png")],
-                       support_masks=[load_image(tmp / "support_mask.png", mode=None)], class_names=["probe"],
-                       mode="gfss", steps=steps, return_label_map=True)
+            out = pipe(
+                query,
+                support_images=[load_image(tmp / "support.png")],
+                support_masks=[load_image(tmp / "support_mask.png", mode=None)],
+                class_names=["probe"],
+                mode="gfss",
+                steps=steps,
+                return_label_map=True,
+            )
             remote_map = np.load(tmp / "remote_label_map.npy")
             report["label_map_agreement"] = float((remote_map == out["label_map"]).mean())
             _compare_pipelines(report, list(model.config.class_names))
@@ -316,14 +329,16 @@ def _compare_pipelines(report: dict, class_names: list[str]) -> None:
     """The remote pipeline's episode must give what the package's pipeline gives on the same inputs."""
     names = [*class_names, "probe"]
     if set(report["labels"]) - set(names) or list(report["id2label"].values()) != names:
-        raise ExportCheckError(f"the remote pipeline returned labels {report['labels']} / classes "
-                               f"{report['id2label']}; expected {names}.")
+        raise ExportCheckError(
+            f"the remote pipeline returned labels {report['labels']} / classes {report['id2label']}; expected {names}."
+        )
     if report["mask_sizes"] != [report["query_size"]]:
         raise ExportCheckError(f"remote masks have sizes {report['mask_sizes']}, the query is {report['query_size']}.")
     agreement = report["label_map_agreement"]
     if agreement < 0.999:
-        raise ExportCheckError(f"the remote pipeline's label map agrees with the package's on only {agreement:.1%} "
-                               "of the pixels.")
+        raise ExportCheckError(
+            f"the remote pipeline's label map agrees with the package's on only {agreement:.1%} of the pixels."
+        )
 
 
 def _package_pipeline(model, processor):
@@ -346,13 +361,20 @@ def check_export(folder, results=None, steps: int = 2) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # push
 # ---------------------------------------------------------------------------------------------------------------
-def push_folder(folder, repo_id: str, token: str | None = None, private: bool = False, revision: str | None = None,
-                commit_message: str = DEFAULT_COMMIT_MESSAGE) -> str:
+def push_folder(
+    folder,
+    repo_id: str,
+    token: str | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str = DEFAULT_COMMIT_MESSAGE,
+) -> str:
     """Create the repo if needed and upload the staged folder in one commit. Returns the commit URL."""
     api = HfApi(token=token)
     api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
-    info = api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(folder), revision=revision,
-                             commit_message=commit_message)
+    info = api.upload_folder(
+        repo_id=repo_id, repo_type="model", folder_path=str(folder), revision=revision, commit_message=commit_message
+    )
     return str(getattr(info, "commit_url", info))
 
 
@@ -398,6 +420,7 @@ def publish(
         stage_export(model_dir, staging, repo_id, results=results, with_pipeline=with_pipeline)
         report = check_export(staging, results, steps=check_steps)
         if not dry_run:
-            report["commit_url"] = push_folder(staging, repo_id, token=token, private=private, revision=revision,
-                                               commit_message=commit_message)
+            report["commit_url"] = push_folder(
+                staging, repo_id, token=token, private=private, revision=revision, commit_message=commit_message
+            )
     return report

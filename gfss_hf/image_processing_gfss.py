@@ -40,7 +40,6 @@ POSTPROCESS_BAND_BYTES = 32 * 2**20
 logger = logging.get_logger(__name__)
 
 
-
 @dataclass
 class EncodedSupports:
     r"""
@@ -220,7 +219,9 @@ def load_image(image, name: str = "image", mode: str | None = "RGB", background=
             array = np.repeat(array[..., None], 3, axis=-1)
         return Image.fromarray(np.ascontiguousarray(array), mode="RGB")
     if not isinstance(image, Image.Image):
-        raise TypeError(f"{name}: expected a PIL image, a numpy array, a torch tensor or a path, got {_describe(image)}.")
+        raise TypeError(
+            f"{name}: expected a PIL image, a numpy array, a torch tensor or a path, got {_describe(image)}."
+        )
     _check_size(image.height, image.width, name)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
@@ -246,7 +247,9 @@ def load_mask(mask, name: str = "mask") -> np.ndarray:
     if mask.ndim == 3:
         if mask.shape[-1] == 1:
             mask = mask[..., 0]
-        elif mask.shape[-1] in (3, 4) and (mask[..., 0] == mask[..., 1]).all() and (mask[..., 0] == mask[..., 2]).all():
+        elif (
+            mask.shape[-1] in (3, 4) and (mask[..., 0] == mask[..., 1]).all() and (mask[..., 0] == mask[..., 2]).all()
+        ):
             mask = mask[..., 0]
         else:
             raise ValueError(
@@ -571,7 +574,9 @@ class GFSSImageProcessor(BaseImageProcessor):
             raise ValueError("images is empty; give at least one image.")
         masks = None
         if segmentation_maps is not None:
-            masks = [segmentation_maps] if not isinstance(segmentation_maps, (list, tuple)) else list(segmentation_maps)
+            masks = (
+                [segmentation_maps] if not isinstance(segmentation_maps, (list, tuple)) else list(segmentation_maps)
+            )
             if len(masks) != len(images):
                 raise ValueError(f"got {len(images)} images but {len(masks)} segmentation maps; give one per image.")
         pixel_values, labels, original_sizes, resized_sizes = [], [], [], []
@@ -632,8 +637,9 @@ class GFSSImageProcessor(BaseImageProcessor):
             # Along the width, ATen's kernel on the band's source rows (the height is unchanged, which copies rows
             # exactly); along the height, the two-row blend with ATen's weights, in separate multiplications and one
             # addition so that no fused multiply-add makes a pixel depend on where the band starts.
-            columns = F.interpolate(crop[None, :, low:high], size=(high - low, width), mode="bilinear",
-                                    align_corners=False)[0]  # fmt: skip
+            columns = F.interpolate(
+                crop[None, :, low:high], size=(high - low, width), mode="bilinear", align_corners=False
+            )[0]
             band = columns.index_select(1, row0 - low).mul_(row_w0[:, None])
             yield start, band.add_(columns.index_select(1, row1 - low).mul_(row_w1[:, None]))
 

@@ -69,11 +69,18 @@ METRIC_NAMES: dict[str, str] = {
 # The headline numbers of each protocol (tables, model cards); the per-episode means are kept in results.json for
 # comparison with other code bases only, because IoU pooled over episodes is the protocols' number.
 HEADLINE_METRICS: dict[str, tuple[str, ...]] = {
-    "paper": ("fss_novel_miou", "gfss_novel_miou", "gfss_base_miou", "gfss_mean_miou", "gfss_harmonic_miou",
-              "fss_fb_iou", "gfss_fb_iou"),
+    "paper": (
+        "fss_novel_miou",
+        "gfss_novel_miou",
+        "gfss_base_miou",
+        "gfss_mean_miou",
+        "gfss_harmonic_miou",
+        "fss_fb_iou",
+        "gfss_fb_iou",
+    ),
     "diam": ("base_miou", "novel_miou", "mean_miou", "harmonic_miou"),
     "capl": ("base_miou", "novel_miou", "mean_miou", "harmonic_miou", "total_miou"),
-}  # fmt: skip
+}
 # `<key>_std`: sample standard deviation over runs (`diam`, `capl`), shown as "value ± std".
 STD_SUFFIX = "_std"
 _PAPER_KEYS = tuple(k for k in METRIC_NAMES if k.startswith(("fss_", "gfss_")))

@@ -24,9 +24,7 @@ logger = logging.get_logger(__name__)
 TASK = "few-shot-segmentation"
 _SUPPORT_KEYS = ("support_images", "support_masks", "class_names", "mask_type", "mode", "persist", "seed")
 _ADAPTATION_KEYS = tuple(
-    name
-    for name in AdaptationConfig.__dataclass_fields__
-    if name != "method" and name not in _SUPPORT_KEYS
+    name for name in AdaptationConfig.__dataclass_fields__ if name != "method" and name not in _SUPPORT_KEYS
 )
 # Arguments of the call itself, read by `_sanitize_parameters` and `Pipeline.__call__`.
 _CALL_KEYS = ("return_label_map", "batch_size", "num_workers")
@@ -132,7 +130,9 @@ class FewShotSegmentationPipeline(Pipeline):
                     f"learned=... reuses classes learned before, but supports / fine-tuning options "
                     f"{sorted({**support_kwargs, **adaptation_kwargs})} were given too; pass one or the other."
                 )
-            if not isinstance(learned, dict) or not {"mode", "classifier", "base_names", "class_names"} <= set(learned):
+            if not isinstance(learned, dict) or not {"mode", "classifier", "base_names", "class_names"} <= set(
+                learned
+            ):
                 raise TypeError(
                     f"learned must be the dict returned by pipe.learn(...), got {type(learned).__name__}; call "
                     "state = pipe.learn(support_images=..., support_masks=..., class_names=...) first."
@@ -186,9 +186,13 @@ class FewShotSegmentationPipeline(Pipeline):
         features = extract_support_features(model, supports, config.loss_resolution)
         with torch.enable_grad():  # Pipeline.forward runs under no_grad; the engine's autograd parts need it
             classifier = adapt_classifier(
-                model, features, supports.labels.to(features.device), config,
-                num_novel_classes=len(supports.class_names), annotated=supports.annotated.to(features.device),
-            )  # fmt: skip
+                model,
+                features,
+                supports.labels.to(features.device),
+                config,
+                num_novel_classes=len(supports.class_names),
+                annotated=supports.annotated.to(features.device),
+            )
         base_names = list(model.config.class_names)
         names = supports.class_names
         if persist:
@@ -216,8 +220,12 @@ class FewShotSegmentationPipeline(Pipeline):
         else:
             # One 2-way classifier per class: P(class n) from its own classifier, P(background) = 1 - the best one;
             # returned as log-probabilities so that post-processing treats every mode alike.
-            per_class = predict(features[None].expand(len(_learned["class_names"]), *features.shape),
-                                _learned["classifier"], size=size, align_corners=align)  # fmt: skip
+            per_class = predict(
+                features[None].expand(len(_learned["class_names"]), *features.shape),
+                _learned["classifier"],
+                size=size,
+                align_corners=align,
+            )
             fg = per_class.float().softmax(dim=2)[:, :, 1].permute(1, 0, 2, 3)  # (Q, N, S, S)
             probs = torch.cat([1.0 - fg.amax(dim=1, keepdim=True), fg], dim=1)
             logits = probs.clamp_min(1e-12).log()
@@ -296,4 +304,6 @@ def register_pipeline() -> None:
         _, impl, _ = PIPELINE_REGISTRY.check_task(TASK)
         if impl.get("impl") is FewShotSegmentationPipeline:
             return
-    PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=FewShotSegmentationPipeline, pt_model=AutoModel, type="image")
+    PIPELINE_REGISTRY.register_pipeline(
+        TASK, pipeline_class=FewShotSegmentationPipeline, pt_model=AutoModel, type="image"
+    )

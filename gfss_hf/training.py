@@ -110,8 +110,15 @@ class PretrainingDataset(Dataset):
         limit (`int`, *optional*): use only the first `limit` samples.
     """
 
-    def __init__(self, source, processor: GFSSImageProcessor, label_map: Callable | None = None, hflip: bool = False,
-                 seed: int = 0, limit: int | None = None):
+    def __init__(
+        self,
+        source,
+        processor: GFSSImageProcessor,
+        label_map: Callable | None = None,
+        hflip: bool = False,
+        seed: int = 0,
+        limit: int | None = None,
+    ):
         self.source = source
         self.processor = processor
         self.label_map = label_map
@@ -141,8 +148,9 @@ class PretrainingDataset(Dataset):
         }
 
 
-def build_pretraining_datasets(config: TrainingConfig, split=None,
-                               rebuild_data: bool = False) -> tuple[PretrainingDataset, PretrainingDataset]:
+def build_pretraining_datasets(
+    config: TrainingConfig, split=None, rebuild_data: bool = False
+) -> tuple[PretrainingDataset, PretrainingDataset]:
     """
     The base-training view (labels: background 0, base 1..B, novel 255 unless `novel_to_background`) and the
     validation view with the same label space, both prepared at `config.image_size`.
@@ -163,19 +171,33 @@ def build_pretraining_datasets(config: TrainingConfig, split=None,
         kwargs = dict(image_size=max(config.image_size, 32), seed=config.dataset_seed, fold=config.fold)
         if config.min_pixels is not None:
             kwargs["min_pixels"] = config.min_pixels
-        train_source = _LazySynthetic(split="train", num_images=config.num_train_images, view="base_train",
-                                      novel_to_background=config.novel_to_background, **kwargs)
+        train_source = _LazySynthetic(
+            split="train",
+            num_images=config.num_train_images,
+            view="base_train",
+            novel_to_background=config.novel_to_background,
+            **kwargs,
+        )
         val_source = _LazySynthetic(split="val", num_images=config.num_val_images or 200, view="full", **kwargs)
         len(train_source)  # renders and filters now, in the main process
     else:
         check_data_dir(config.dataset, config.data_dir)
         # Builders key their cache by config (the folder builder also by a fingerprint of its files); rebuild_data
         # regenerates it regardless, for edits a fingerprint cannot see.
-        views = {view: build_view(config.dataset, view, fold=config.fold, data_dir=config.data_dir,
-                                  cache_dir=config.cache_dir, split_kind=config.split_kind,
-                                  min_pixels=config.min_pixels, novel_to_background=config.novel_to_background,
-                                  rebuild=rebuild_data)
-                 for view in ("base_train", "val")}  # fmt: skip
+        views = {
+            view: build_view(
+                config.dataset,
+                view,
+                fold=config.fold,
+                data_dir=config.data_dir,
+                cache_dir=config.cache_dir,
+                split_kind=config.split_kind,
+                min_pixels=config.min_pixels,
+                novel_to_background=config.novel_to_background,
+                rebuild=rebuild_data,
+            )
+            for view in ("base_train", "val")
+        }
         train_source, val_source = views["base_train"], views["val"]
     if len(train_source) == 0:
         raise ValueError(
@@ -268,8 +290,9 @@ def _tracker(report_to: str) -> str | None:
     return None
 
 
-def preflight(config: TrainingConfig, resume_from_checkpoint=None, push_to_hub: bool = False,
-              hub_model_id: str | None = None):
+def preflight(
+    config: TrainingConfig, resume_from_checkpoint=None, push_to_hub: bool = False, hub_model_id: str | None = None
+):
     """
     Check everything that can be wrong with a run's inputs before any model is built or batch read: the config
     values, the fold, the data folder layout, the resume checkpoint and the Hub target.
@@ -372,7 +395,10 @@ def pretrain(
             model.parameters(), lr=config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay
         )
     train_loader = DataLoader(
-        train_set, batch_size=config.batch_size, shuffle=True, drop_last=len(train_set) >= config.batch_size * world,
+        train_set,
+        batch_size=config.batch_size,
+        shuffle=True,
+        drop_last=len(train_set) >= config.batch_size * world,
         num_workers=config.num_workers,
     )
     val_loader = DataLoader(val_set, batch_size=config.batch_size, shuffle=False, num_workers=config.num_workers)
@@ -411,8 +437,10 @@ def pretrain(
         output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(output_dir / "training_config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     if tracker is not None:
-        accelerator.init_trackers("gfss_pretrain", config={k: v for k, v in config.to_dict().items()
-                                                           if isinstance(v, (int, float, str, bool))})
+        accelerator.init_trackers(
+            "gfss_pretrain",
+            config={k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))},
+        )
     log_path = output_dir / "train_log.jsonl"
     if checkpoint is not None and accelerator.is_main_process and log_path.is_file():
         # A killed run may have logged steps past its last checkpoint; the resumed run logs them again.
@@ -420,8 +448,9 @@ def pretrain(
         atomic_write_text(log_path, "".join(line + "\n" for line in kept))
     elif checkpoint is None and accelerator.is_main_process and log_path.is_file():
         atomic_write_text(log_path, "")  # a new run does not append to a previous run's log
-    progress = tqdm(total=total_steps, initial=global_step, disable=not accelerator.is_local_main_process,
-                    desc="pre-training")
+    progress = tqdm(
+        total=total_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="pre-training"
+    )
     device_type = accelerator.device.type
     fork_devices = [accelerator.device.index or 0] if device_type == "cuda" else []
     completed = True
@@ -430,10 +459,17 @@ def pretrain(
     model.train()
 
     def state_dict_for_checkpoint():
-        return {"global_step": global_step, "steps_per_epoch": steps_per_epoch,
-                "total_steps": total_steps, "world_size": world, "history": history, "eval": evals,
-                "scheduler": scheduler.state_dict(), "accelerator_step": accelerator.step,
-                "config": config.to_dict()}
+        return {
+            "global_step": global_step,
+            "steps_per_epoch": steps_per_epoch,
+            "total_steps": total_steps,
+            "world_size": world,
+            "history": history,
+            "eval": evals,
+            "scheduler": scheduler.state_dict(),
+            "accelerator_step": accelerator.step,
+            "config": config.to_dict(),
+        }
 
     for epoch in range(start_epoch, num_epochs):
         if global_step >= total_steps:
@@ -449,12 +485,19 @@ def pretrain(
                 # so a resumed run draws the masks of the uninterrupted one.
                 with torch.random.fork_rng(devices=fork_devices, device_type=device_type):
                     torch.manual_seed(_step_seed(config.seed, global_step, micro, rank))
-                    outputs = model(pixel_values=batch["pixel_values"], labels=batch["labels"],
-                                    output_embeddings=use_contrastive)
+                    outputs = model(
+                        pixel_values=batch["pixel_values"], labels=batch["labels"], output_embeddings=use_contrastive
+                    )
                 ce = outputs.loss
                 if use_contrastive:
-                    contrastive = _contrastive_term(unwrapped, outputs, batch["labels"], config, accelerator,
-                                                    _step_seed(config.seed, global_step, micro, rank, 1))
+                    contrastive = _contrastive_term(
+                        unwrapped,
+                        outputs,
+                        batch["labels"],
+                        config,
+                        accelerator,
+                        _step_seed(config.seed, global_step, micro, rank, 1),
+                    )
                     loss = ce + config.contrastive_weight * contrastive
                 else:
                     contrastive = torch.zeros((), device=ce.device)
@@ -476,8 +519,14 @@ def pretrain(
             progress.update(1)
             if global_step % config.logging_steps == 0 or global_step == total_steps:
                 values = (accelerator.reduce(running, reduction="mean") / running_count).tolist()
-                record = {"step": global_step, "epoch": epoch, "loss": values[0], "ce": values[1],
-                          "contrastive": values[2], "lr": scheduler.get_last_lr()[0]}
+                record = {
+                    "step": global_step,
+                    "epoch": epoch,
+                    "loss": values[0],
+                    "ce": values[1],
+                    "contrastive": values[2],
+                    "lr": scheduler.get_last_lr()[0],
+                }
                 history.append(record)
                 running.zero_()
                 running_count = 0
@@ -487,20 +536,34 @@ def pretrain(
                     with open(log_path, "a") as fh:
                         fh.write(json.dumps(record) + "\n")
             end_of_epoch = global_step % steps_per_epoch == 0
-            if end_of_epoch and config.eval_every_epochs and (epoch + 1) % config.eval_every_epochs == 0 \
-                    and global_step < total_steps:
-                result = {"step": global_step, "epoch": epoch + 1,
-                          **evaluate_base_miou(model, val_loader, accelerator, num_classes)}
+            if (
+                end_of_epoch
+                and config.eval_every_epochs
+                and (epoch + 1) % config.eval_every_epochs == 0
+                and global_step < total_steps
+            ):
+                result = {
+                    "step": global_step,
+                    "epoch": epoch + 1,
+                    **evaluate_base_miou(model, val_loader, accelerator, num_classes),
+                }
                 evals.append(result)
-                accelerator.log({f"val/{k}": v for k, v in result.items() if k not in ("step", "epoch")},
-                                step=global_step)
+                accelerator.log(
+                    {f"val/{k}": v for k, v in result.items() if k not in ("step", "epoch")}, step=global_step
+                )
                 logger.info(f"epoch {epoch + 1}: {result}")
             stop = config.stop_after_steps is not None and global_step >= config.stop_after_steps
-            if (config.checkpointing_steps and global_step % config.checkpointing_steps == 0) or \
-                    (stop and global_step < total_steps):
+            if (config.checkpointing_steps and global_step % config.checkpointing_steps == 0) or (
+                stop and global_step < total_steps
+            ):
                 last_checkpoint = save_checkpoint(
-                    accelerator, output_dir, state_dict_for_checkpoint(), config.checkpoints_total_limit, model,
-                    optimizer, {"rng": rng_state(), "running": running, "running_count": running_count},
+                    accelerator,
+                    output_dir,
+                    state_dict_for_checkpoint(),
+                    config.checkpoints_total_limit,
+                    model,
+                    optimizer,
+                    {"rng": rng_state(), "running": running, "running_count": running_count},
                 )
             if global_step >= total_steps:
                 break
@@ -511,9 +574,15 @@ def pretrain(
             break
     progress.close()
 
-    summary = {"global_step": global_step, "completed": completed, "history": history, "eval": evals,
-               "output_dir": str(output_dir), "checkpoint": str(last_checkpoint) if last_checkpoint else None,
-               "world_size": world}
+    summary = {
+        "global_step": global_step,
+        "completed": completed,
+        "history": history,
+        "eval": evals,
+        "output_dir": str(output_dir),
+        "checkpoint": str(last_checkpoint) if last_checkpoint else None,
+        "world_size": world,
+    }
     if completed:
         final = evaluate_base_miou(model, val_loader, accelerator, num_classes)
         summary["final_eval"] = final
@@ -560,8 +629,10 @@ def _read_log(path: Path) -> list[tuple[str, dict]]:
                 raise ValueError("no integer 'step'")
         except ValueError as err:
             if number == len(lines):
-                logger.warning(f"dropped the partial last line {number} of {path} ({line[:80]!r}): a run was "
-                               "stopped while writing it; the resumed run logs that step again")
+                logger.warning(
+                    f"dropped the partial last line {number} of {path} ({line[:80]!r}): a run was "
+                    "stopped while writing it; the resumed run logs that step again"
+                )
                 break
             raise ValueError(
                 f"line {number} of {str(path)!r} is not a log record ({err}): {line[:80]!r}; fix or delete the line "
@@ -571,8 +642,9 @@ def _read_log(path: Path) -> list[tuple[str, dict]]:
     return out
 
 
-def _contrastive_term(model: GFSSModel, outputs, labels: torch.Tensor, config: TrainingConfig, accelerator,
-                      seed: int) -> torch.Tensor:
+def _contrastive_term(
+    model: GFSSModel, outputs, labels: torch.Tensor, config: TrainingConfig, accelerator, seed: int
+) -> torch.Tensor:
     """Sample on this process with the GLOBAL pair count, then contrast against the samples of every process."""
     embeddings = outputs.embeddings
     size = embeddings.shape[-2:]
@@ -580,17 +652,30 @@ def _contrastive_term(model: GFSSModel, outputs, labels: torch.Tensor, config: T
         # Predictions at the feature resolution (the decoder keeps the backbone's size, so this is also the size of
         # backbone-sourced embeddings) decide hard (mispredicted) vs easy views.
         predictions = model.classifier(outputs.features.to(model.classifier.weight.dtype)).argmax(1)
-    num_pairs = count_contrastive_pairs(labels, size, max_views=config.max_views, ignore_index=model.config.ignore_index)
+    num_pairs = count_contrastive_pairs(
+        labels, size, max_views=config.max_views, ignore_index=model.config.ignore_index
+    )
     if accelerator.num_processes > 1:
         num_pairs = int(accelerator.reduce(torch.tensor(num_pairs, device=labels.device), reduction="sum").item())
     generator = torch.Generator().manual_seed(seed)
     x, y = sample_contrastive_pixels(
-        embeddings, labels, predictions, max_samples=config.max_samples, max_views=config.max_views,
-        ignore_index=model.config.ignore_index, num_pairs=num_pairs, generator=generator,
+        embeddings,
+        labels,
+        predictions,
+        max_samples=config.max_samples,
+        max_views=config.max_views,
+        ignore_index=model.config.ignore_index,
+        num_pairs=num_pairs,
+        generator=generator,
     )
     return contrastive_loss_from_samples(
-        x, y, temperature=config.temperature, base_temperature=config.base_temperature, background_index=0,
-        background_anchors=config.background_anchors, gather=accelerator.num_processes > 1,
+        x,
+        y,
+        temperature=config.temperature,
+        base_temperature=config.base_temperature,
+        background_index=0,
+        background_anchors=config.background_anchors,
+        gather=accelerator.num_processes > 1,
     )
 
 
@@ -599,7 +684,13 @@ def _save_final(model: GFSSModel, output_dir: Path, summary: dict, config: Train
     for weights in output_dir.glob("*.safetensors"):
         apply_umask(weights)  # safetensors (0.8) creates its files 0600, unlike a plain write
     GFSSImageProcessor.from_config(model.config).save_pretrained(str(output_dir))
-    results = {"global_step": summary["global_step"], "final_eval": summary["final_eval"], "eval": summary["eval"],
-               "dataset": config.dataset, "fold": config.fold, "world_size": summary["world_size"],
-               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    results = {
+        "global_step": summary["global_step"],
+        "final_eval": summary["final_eval"],
+        "eval": summary["eval"],
+        "dataset": config.dataset,
+        "fold": config.fold,
+        "world_size": summary["world_size"],
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     atomic_write_text(output_dir / "eval_results.json", json.dumps(results, indent=2))

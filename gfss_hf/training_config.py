@@ -184,8 +184,10 @@ class TrainingConfig:
         values = dict(values)
         model = values.get("model", {})
         if not isinstance(model, Mapping):
-            raise ValueError(f"`model` in {source} must be a mapping of GFSSConfig fields (e.g. model: {{backbone: "
-                             f"resnet18}}), got {type(model).__name__}.")
+            raise ValueError(
+                f"`model` in {source} must be a mapping of GFSSConfig fields (e.g. model: {{backbone: "
+                f"resnet18}}), got {type(model).__name__}."
+            )
         model = dict(model)
         flat = [k for k in values if k in MODEL_KEYS]
         dotted = [k for k in values if isinstance(k, str) and k.startswith("model.")]
@@ -252,7 +254,9 @@ class TrainingConfig:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             problem = " ".join(str(err).split())
-            raise ValueError(f"config file {str(path)!r} cannot be parsed as YAML ({problem}); fix its syntax.") from err
+            raise ValueError(
+                f"config file {str(path)!r} cannot be parsed as YAML ({problem}); fix its syntax."
+            ) from err
         if not isinstance(values, dict):
             raise ValueError(f"{str(path)!r} must hold a mapping of `key: value` lines, got {type(values).__name__}.")
         # Unknown keys are reported against where they were written: the file or the overrides.
@@ -290,7 +294,13 @@ class TrainingConfig:
         for name in ("num_epochs", "batch_size", "gradient_accumulation_steps", "logging_steps", "num_train_images"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, "must be a positive integer")
-        for name in ("max_steps", "checkpointing_steps", "checkpoints_total_limit", "stop_after_steps", "num_val_images"):
+        for name in (
+            "max_steps",
+            "checkpointing_steps",
+            "checkpoints_total_limit",
+            "stop_after_steps",
+            "num_val_images",
+        ):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 bad(name, "must be a positive integer or null")
@@ -325,9 +335,22 @@ _EXPECTED_TYPES = {
 
 # The GFSSConfig fields a training YAML may set under `model:`; the others (class names, dataset, fold, the
 # projection switch, label smoothing, the weights path) are derived from the run by `build_model`.
-MODEL_KEYS = ("backbone", "backbone_kwargs", "output_stride", "dilation_style", "hidden_size", "pool_scales",
-              "ppm_align_corners", "dropout", "classifier_bias", "logits_align_corners", "image_size", "pad_mode",
-              "projection_dim", "projection_source")  # fmt: skip
+MODEL_KEYS = (
+    "backbone",
+    "backbone_kwargs",
+    "output_stride",
+    "dilation_style",
+    "hidden_size",
+    "pool_scales",
+    "ppm_align_corners",
+    "dropout",
+    "classifier_bias",
+    "logits_align_corners",
+    "image_size",
+    "pad_mode",
+    "projection_dim",
+    "projection_source",
+)
 
 
 def model_defaults() -> dict[str, Any]:
@@ -351,10 +374,11 @@ def _check_value(owner: str, name: str, annotation: str, value, default) -> None
     key = f"model.{name}" if owner.endswith(".model") else name
     example = f"--set {key}={json.dumps(default) if default is not None else 'VALUE'}"
     if annotation.startswith("Literal["):
-        allowed = ast.literal_eval(f"({annotation[len('Literal['):-1]},)")
+        allowed = ast.literal_eval(f"({annotation[len('Literal[') : -1]},)")
         if value not in allowed:
-            raise ValueError(f"{owner}.{name}={value!r} is invalid: allowed values are {list(allowed)}; e.g. "
-                             f"{example}.")
+            raise ValueError(
+                f"{owner}.{name}={value!r} is invalid: allowed values are {list(allowed)}; e.g. {example}."
+            )
         return
     kinds = [k.strip().split("[")[0] for k in annotation.split("|")]
     optional = "None" in kinds

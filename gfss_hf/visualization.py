@@ -89,7 +89,9 @@ def _as_label_map(label_map, name: str = "label_map") -> np.ndarray:
             )
         label_map = np.asarray(label_map)
     if not isinstance(label_map, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array, a torch tensor or a PIL image, got {type(label_map).__name__}.")
+        raise TypeError(
+            f"{name} must be a numpy array, a torch tensor or a PIL image, got {type(label_map).__name__}."
+        )
     if label_map.ndim != 2:
         raise ValueError(f"{name} must have shape (H, W), got {label_map.shape}; pass one label map at a time.")
     if not (np.issubdtype(label_map.dtype, np.integer) or label_map.dtype == bool):
@@ -185,7 +187,9 @@ def legend_entries(id2label: Mapping[int, str] | Sequence[str], label_map=None) 
         id2label (`Mapping[int, str]` or `Sequence[str]`): class names by id (a list: `names[i]` is id `i`).
         label_map (`np.ndarray`, *optional*): restrict the rows to the ids present.
     """
-    names = dict(enumerate(id2label)) if not isinstance(id2label, Mapping) else {int(k): v for k, v in id2label.items()}
+    names = (
+        dict(enumerate(id2label)) if not isinstance(id2label, Mapping) else {int(k): v for k, v in id2label.items()}
+    )
     if label_map is None:
         ids = sorted(names)
     else:

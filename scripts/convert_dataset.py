@@ -51,12 +51,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     common.add_argument("--output_dir", required=True, help="the folder dataset to write (new or empty)")
     common.add_argument("--classes", nargs="+", default=None, help="source class names to keep, in output order")
     common.add_argument("--rename", nargs="+", default=None, metavar="OLD=NEW")
-    common.add_argument("--unselected", default="background", choices=["background", "ignore"],
-                        help="what the classes not kept become")  # fmt: skip
+    common.add_argument(
+        "--unselected", default="background", choices=["background", "ignore"], help="what the classes not kept become"
+    )
     folds = common.add_mutually_exclusive_group()
     folds.add_argument("--num_folds", type=int, default=None, help="default: min(4, number of classes - 1)")
-    folds.add_argument("--folds", nargs="+", default=None, metavar="A,B",
-                       help="novel classes of each fold, comma-separated output names")  # fmt: skip
+    folds.add_argument(
+        "--folds",
+        nargs="+",
+        default=None,
+        metavar="A,B",
+        help="novel classes of each fold, comma-separated output names",
+    )
     common.add_argument("--dataset_name", default=None, help="the 'dataset' entry of classes.json")
     common.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
     common.add_argument("--no_progress", action="store_true")
@@ -77,16 +83,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     index = sub.add_parser("index", parents=[common], help="index label images (CamVid-like, Cityscapes-like)")
     index.add_argument("--data_dir", required=True)
     index.add_argument("--layout", default=None, choices=["camvid", "cityscapes"], help="default: detected")
-    index.add_argument("--preset", default=None, choices=["camvid"],
-                       help="camvid: the 11 class names, void 11, no background class")  # fmt: skip
+    index.add_argument(
+        "--preset", default=None, choices=["camvid"], help="camvid: the 11 class names, void 11, no background class"
+    )
     index.add_argument("--names", nargs="+", default=None, help="class names by value")
-    index.add_argument("--no_background", action="store_true",
-                       help="with --names: value k is names[k] (written as k + 1); 0 never occurs in the output")
+    index.add_argument(
+        "--no_background",
+        action="store_true",
+        help="with --names: value k is names[k] (written as k + 1); 0 never occurs in the output",
+    )
     index.add_argument("--void", nargs="+", type=int, default=[], help="values that become 255 (ignore)")
-    index.add_argument("--mapping", nargs="+", default=None, metavar="VALUE=NAME",
-                       help="value -> class name (Cityscapes labelIds); 'background' maps to 0")  # fmt: skip
-    index.add_argument("--unlisted", default="ignore", choices=["ignore", "background"],
-                       help="with --mapping: what values not listed become")  # fmt: skip
+    index.add_argument(
+        "--mapping",
+        nargs="+",
+        default=None,
+        metavar="VALUE=NAME",
+        help="value -> class name (Cityscapes labelIds); 'background' maps to 0",
+    )
+    index.add_argument(
+        "--unlisted",
+        default="ignore",
+        choices=["ignore", "background"],
+        help="with --mapping: what values not listed become",
+    )
     return parser.parse_args(sys.argv[1:] if argv is None else argv)
 
 
@@ -98,11 +117,13 @@ def _coco_splits(args) -> dict:
             pattern = f"instances_{split}{args.year or '*'}.json"
             found = sorted((root / "annotations").glob(pattern))
             if found:
-                year = found[-1].stem[len(f"instances_{split}"):]
+                year = found[-1].stem[len(f"instances_{split}") :]
                 splits[split] = (found[-1], root / f"{split}{year}")
         if not splits:
-            raise SystemExit(f"no annotations/instances_<split><year>.json under {str(root)!r}; give the COCO root or "
-                             "--train_json/--train_images.")  # fmt: skip
+            raise SystemExit(
+                f"no annotations/instances_<split><year>.json under {str(root)!r}; give the COCO root or "
+                "--train_json/--train_images."
+            )
     for split in ("train", "val"):
         ann, images = getattr(args, f"{split}_json"), getattr(args, f"{split}_images")
         if bool(ann) != bool(images):
@@ -128,20 +149,36 @@ def main(argv=None):
             if args.names or args.mapping:
                 raise SystemExit("--preset camvid sets the class names; drop --names / --mapping.")
             class_names, void, has_background = list(CAMVID_CLASSES), [CAMVID_VOID, *args.void], False
-        names, samples = index_mask_samples(args.data_dir, names=class_names, mapping=mapping,
-                                            has_background=has_background, void=void, unlisted=args.unlisted,
-                                            layout=args.layout)  # fmt: skip
+        names, samples = index_mask_samples(
+            args.data_dir,
+            names=class_names,
+            mapping=mapping,
+            has_background=has_background,
+            void=void,
+            unlisted=args.unlisted,
+            layout=args.layout,
+        )
     result = write_folder_dataset(
-        args.output_dir, names, samples, classes=args.classes, rename=_pairs(args.rename, "--rename"),
-        unselected=args.unselected, num_folds=args.num_folds,
-        folds=[f.split(",") for f in args.folds] if args.folds else None, dataset_name=args.dataset_name,
+        args.output_dir,
+        names,
+        samples,
+        classes=args.classes,
+        rename=_pairs(args.rename, "--rename"),
+        unselected=args.unselected,
+        num_folds=args.num_folds,
+        folds=[f.split(",") for f in args.folds] if args.folds else None,
+        dataset_name=args.dataset_name,
         # A class left out becomes background: value 0 then occurs even in a dataset without a background class.
         has_background=has_background or (args.classes is not None and args.unselected == "background"),
-        source_format=args.format, overwrite=args.overwrite, progress=not args.no_progress,
-    )  # fmt: skip
+        source_format=args.format,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
     total = sum(sum(c.values()) for c in result.pixel_counts.values())
-    print(f"wrote {result.output_dir}: {len(result.pixel_counts)} images ({len(result.train_ids)} train, "
-          f"{len(result.val_ids)} val), {len(result.names)} classes")  # fmt: skip
+    print(
+        f"wrote {result.output_dir}: {len(result.pixel_counts)} images ({len(result.train_ids)} train, "
+        f"{len(result.val_ids)} val), {len(result.names)} classes"
+    )
     for k, name in enumerate(result.names, start=1):
         pixels = sum(c.get(k, 0) for c in result.pixel_counts.values())
         print(f"  {k:3d} {name}: {100 * pixels / max(total, 1):.2f} % of pixels")

@@ -74,19 +74,35 @@ def parse_args(argv=None):
     parser.add_argument("--episodes", type=int, default=300, help="episodes per evaluation")
     parser.add_argument("--val_images", type=int, default=120, help="val images episodes are drawn from")
     parser.add_argument("--adaptation_steps", type=int, default=100)
-    parser.add_argument("--loss_resolution", default="feature", choices=("feature", "input"),
-                        help="fine-tuning loss on feature-size labels (default here: 7-18x faster at 96 px, same "
-                             "numbers within noise on this dataset) or on input-size logits (the paper's, exact)")
+    parser.add_argument(
+        "--loss_resolution",
+        default="feature",
+        choices=("feature", "input"),
+        help="fine-tuning loss on feature-size labels (default here: 7-18x faster at 96 px, same "
+        "numbers within noise on this dataset) or on input-size logits (the paper's, exact)",
+    )
     parser.add_argument("--seed", type=int, default=42, help="episode seed")
     parser.add_argument("--quick", action="store_true", help="tiny budget (tests): few steps, episodes, images")
     parser.add_argument("--overwrite", action="store_true", help="retrain models that already exist")
-    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=[m[0] for m in MODELS],
-                        help="which pre-trainings to run (model_ce_novel_bg: novel pixels labelled background, "
-                             "BAM's convention, instead of ignored)")
-    parser.add_argument("--jobs", type=int, default=min(len(DEFAULT_MODELS), os.cpu_count() or 1),
-                        help="models pre-trained and evaluated in parallel processes (default: one per core, max 2)")
-    parser.add_argument("--model", choices=[m[0] for m in MODELS],
-                        help="(internal) only this model: pre-train, evaluate, write <output_dir>/<model>/demo.json")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=list(DEFAULT_MODELS),
+        choices=[m[0] for m in MODELS],
+        help="which pre-trainings to run (model_ce_novel_bg: novel pixels labelled background, "
+        "BAM's convention, instead of ignored)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=min(len(DEFAULT_MODELS), os.cpu_count() or 1),
+        help="models pre-trained and evaluated in parallel processes (default: one per core, max 2)",
+    )
+    parser.add_argument(
+        "--model",
+        choices=[m[0] for m in MODELS],
+        help="(internal) only this model: pre-train, evaluate, write <output_dir>/<model>/demo.json",
+    )
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
@@ -108,20 +124,30 @@ def train_models(args, out: Path, models) -> dict[str, Path]:
         if (target / "model.safetensors").is_file() and not args.overwrite:
             print(f"[demo] {label}: reusing {target} (pass --overwrite to retrain)", flush=True)
             continue
-        overrides = {"output_dir": str(target), "fold": args.fold, "contrastive_weight": weight, "num_workers": 0,
-                     "novel_to_background": novel_bg}
+        overrides = {
+            "output_dir": str(target),
+            "fold": args.fold,
+            "contrastive_weight": weight,
+            "num_workers": 0,
+            "novel_to_background": novel_bg,
+        }
         if args.max_steps is not None:
             overrides["max_steps"] = args.max_steps
         if args.quick:
             overrides.update(num_train_images=64, num_val_images=16, max_steps=args.max_steps or 6, batch_size=4)
         config = TrainingConfig.from_yaml(CONFIG, overrides=overrides)
-        print(f"[demo] pre-training {label} ({config.model_settings['backbone']}, {config.image_size} px) -> {target}",
-              flush=True)
+        print(
+            f"[demo] pre-training {label} ({config.model_settings['backbone']}, {config.image_size} px) -> {target}",
+            flush=True,
+        )
         start = time.time()
         summary = pretrain(config)
         base = (summary.get("final_eval") or {}).get("base_miou")
-        print(f"[demo] {label}: {summary['global_step']} steps in {time.time() - start:.0f} s"
-              + (f", val base mIoU {100 * base:.1f}" if base is not None else ""), flush=True)
+        print(
+            f"[demo] {label}: {summary['global_step']} steps in {time.time() - start:.0f} s"
+            + (f", val base mIoU {100 * base:.1f}" if base is not None else ""),
+            flush=True,
+        )
     return paths
 
 
@@ -134,12 +160,14 @@ def evaluate_models(args, paths, split, val, models) -> dict:
         for shots in (1, 5):
             episodes = build_episodes("paper", split, val, shots=shots, num_episodes=args.episodes, seed=args.seed)
             for key, name, overrides in VARIANTS:
-                adaptation = AdaptationConfig(steps=args.adaptation_steps, loss_resolution=args.loss_resolution,
-                                              **overrides)
+                adaptation = AdaptationConfig(
+                    steps=args.adaptation_steps, loss_resolution=args.loss_resolution, **overrides
+                )
                 options = EvaluationOptions(adaptation=adaptation, progress=True)
                 print(f"[demo] {label}, {shots}-shot, {name}", flush=True)
-                result = evaluate_episodes(model, episodes, split=split, val_source=val, processor=processor,
-                                           options=options)
+                result = evaluate_episodes(
+                    model, episodes, split=split, val_source=val, processor=processor, options=options
+                )
                 results[folder][f"{shots}shot/{key}"] = {
                     "metrics": result.metrics,
                     "num_episodes": result.num_episodes,
@@ -155,8 +183,10 @@ def _pct(value) -> str:
 
 def results_table(results, models=MODELS) -> str:
     """Rows: pre-training x method; columns: 1-shot and 5-shot novel / base / mean mIoU (percent)."""
-    header = ("| pre-training | method | 1-shot novel | 1-shot base | 1-shot mean | 5-shot novel | 5-shot base "
-              "| 5-shot mean |")
+    header = (
+        "| pre-training | method | 1-shot novel | 1-shot base | 1-shot mean | 5-shot novel | 5-shot base "
+        "| 5-shot mean |"
+    )
     lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|"]
     for folder, label, *_ in models:
         if folder not in results:
@@ -209,8 +239,10 @@ def qualitative_figure(model_dir: Path, split, val, path: Path, seed: int, steps
         novel = spec.class_ids[0]
         support = val.get_by_id(spec.support_ids[novel][0])
         query = val.get_by_id(spec.query_id)
-        batch = processor([support["image"], query["image"]],
-                          segmentation_maps=[np.asarray(support["label"]), np.asarray(query["label"])])
+        batch = processor(
+            [support["image"], query["image"]],
+            segmentation_maps=[np.asarray(support["label"]), np.asarray(query["label"])],
+        )
         size = batch["pixel_values"].shape[-2:]
         with torch.no_grad():
             features = model.extract_features(batch["pixel_values"])
@@ -252,8 +284,9 @@ def qualitative_figure(model_dir: Path, split, val, path: Path, seed: int, steps
 def _val_split(args):
     """Episodes come from a val split the pre-training never saw (its own seed offset in the renderer)."""
     training = TrainingConfig.from_yaml(CONFIG)
-    return SyntheticSegmentation(split="val", num_images=args.val_images, image_size=training.image_size,
-                                 seed=training.dataset_seed)  # fmt: skip
+    return SyntheticSegmentation(
+        split="val", num_images=args.val_images, image_size=training.image_size, seed=training.dataset_seed
+    )
 
 
 def _relay(stream, label: str) -> None:
@@ -294,8 +327,10 @@ def run_parallel(args, argv, out: Path) -> tuple[dict[str, Path], dict]:
             code = proc.wait()
             relay.join()
             if code != 0:
-                raise SystemExit(f"[demo] the {label} job failed (exit {code}); its output is above. Re-run it "
-                                 f"alone with: python scripts/demo.py {' '.join(argv)} --model {folder}")
+                raise SystemExit(
+                    f"[demo] the {label} job failed (exit {code}); its output is above. Re-run it "
+                    f"alone with: python scripts/demo.py {' '.join(argv)} --model {folder}"
+                )
             paths[folder] = out / folder
             results[folder] = json.loads((out / folder / "demo.json").read_text(encoding="utf-8"))
     return paths, results
@@ -340,32 +375,49 @@ def main(argv=None) -> int:
         "results": results,
     }
     atomic_write_text(out / "results.json", json.dumps(payload, indent=2, default=float))
-    header = (f"Procedural dataset, fold {args.fold}, `paper` protocol, {args.episodes} episodes per cell, "
-              f"{args.adaptation_steps} fine-tuning steps ({args.loss_resolution}-resolution loss), mIoU in %; "
-              f"{stamp}, {machine}; {time.time() - start:.0f} s.\n\n")
+    header = (
+        f"Procedural dataset, fold {args.fold}, `paper` protocol, {args.episodes} episodes per cell, "
+        f"{args.adaptation_steps} fine-tuning steps ({args.loss_resolution}-resolution loss), mIoU in %; "
+        f"{stamp}, {machine}; {time.time() - start:.0f} s.\n\n"
+    )
     atomic_write_text(out / "results.md", header + table + "\n")
     # Model cards: the main method (gamma = 10) of each model, 1-shot and 5-shot.
     for folder, *_ in selected(args):
         entries = []
         for shots in (1, 5):
             m = results[folder][f"{shots}shot/gamma10"]["metrics"]
-            entries.append({
-                "protocol": "paper", "dataset": "synthetic", "fold": args.fold, "shots": shots,
-                # The 2-way number of the FSS head (gamma plays no part in it); GFSS numbers of gamma = 10.
-                "metrics": {"fss_novel_miou": results[folder][f"{shots}shot/gamma0"]["metrics"]["fss_novel_miou"],
-                            "gfss_novel_miou": m["gfss_novel_miou"], "gfss_base_miou": m["gfss_base_miou"]},
-                "episodes": args.episodes,
-            })
-        card = render_model_card(paths[folder], {"results": entries}, repo_id=f"gfss-hf/gfss-synthetic-{folder}",
-                                 model_name=f"gfss-synthetic-{folder}")
+            entries.append(
+                {
+                    "protocol": "paper",
+                    "dataset": "synthetic",
+                    "fold": args.fold,
+                    "shots": shots,
+                    # The 2-way number of the FSS head (gamma plays no part in it); GFSS numbers of gamma = 10.
+                    "metrics": {
+                        "fss_novel_miou": results[folder][f"{shots}shot/gamma0"]["metrics"]["fss_novel_miou"],
+                        "gfss_novel_miou": m["gfss_novel_miou"],
+                        "gfss_base_miou": m["gfss_base_miou"],
+                    },
+                    "episodes": args.episodes,
+                }
+            )
+        card = render_model_card(
+            paths[folder],
+            {"results": entries},
+            repo_id=f"gfss-hf/gfss-synthetic-{folder}",
+            model_name=f"gfss-synthetic-{folder}",
+        )
         save_model_card(card, paths[folder] / "README.md")
     shutil.copyfile(paths[SHOWCASE] / "README.md", out / "model_card.md")
     qualitative_figure(paths[SHOWCASE], split, val, out / "qualitative.png", args.seed, args.adaptation_steps)
     print()
     print(header + table)
     folders = ", ".join(f"{m[0]}/" for m in selected(args))
-    print(f"\n[demo] done in {time.time() - start:.0f} s; wrote {out}/: {folders}, results.json, results.md, "
-          "model_card.md, qualitative.png", flush=True)
+    print(
+        f"\n[demo] done in {time.time() - start:.0f} s; wrote {out}/: {folders}, results.json, results.md, "
+        "model_card.md, qualitative.png",
+        flush=True,
+    )
     return 0
 
 

@@ -46,8 +46,9 @@ _LONG_RUN_SECONDS = 600
 # The method's flags are AdaptationConfig's fields (names, types, defaults, help from its docstring), so a field
 # added to it is a flag here without an edit. Left out: `method` (the protocol decides which heads run), `seed`
 # (`--seed` is the episodes' seed), and what the model decides (`align_corners`, `ignore_index`).
-METHOD_FLAGS = dataclass_flags(AdaptationConfig, exclude=("method", "seed", "align_corners", "ignore_index"),
-                               group="method (few-shot adaptation)")
+METHOD_FLAGS = dataclass_flags(
+    AdaptationConfig, exclude=("method", "seed", "align_corners", "ignore_index"), group="method (few-shot adaptation)"
+)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -59,8 +60,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("model", help="a save_pretrained folder or a Hub id (model + image processor)")
     parser.add_argument("--config", help="YAML file of option defaults (keys: the option names below)")
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="synthetic", choices=list(DATASET_NAMES),
-                      help="folder: your own images/ + masks/ + classes.json (as scripts/pretrain.py trains on)")
+    data.add_argument(
+        "--dataset",
+        default="synthetic",
+        choices=list(DATASET_NAMES),
+        help="folder: your own images/ + masks/ + classes.json (as scripts/pretrain.py trains on)",
+    )
     data.add_argument("--data_dir", help="dataset folder (PASCAL / COCO 2014 or 2017 / folder)")
     data.add_argument("--cache_dir", help="datasets cache of the builders")
     data.add_argument("--fold", type=int, default=None, help="default: the model config's fold, else 0")
@@ -75,15 +80,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     proto.add_argument("--num_episodes", type=int, default=20000, help="paper protocol")
     proto.add_argument("--runs", type=int, default=5, help="diam / capl: support sets")
     proto.add_argument("--seed", type=int, default=42)
-    proto.add_argument("--min_pixels", type=int, default=None,
-                       help="area threshold in pixels (default: the published one for PASCAL / COCO, else the same "
-                            "share of the median image area: 0.92 %% paper/capl, 9.4 %% diam)")
+    proto.add_argument(
+        "--min_pixels",
+        type=int,
+        default=None,
+        help="area threshold in pixels (default: the published one for PASCAL / COCO, else the same "
+        "share of the median image area: 0.92 %% paper/capl, 9.4 %% diam)",
+    )
     proto.add_argument("--episodes", help="replay the episodes of this file (from --save_episodes)")
     proto.add_argument("--save_episodes", help="write the episodes to this file")
     infra = parser.add_argument_group("infrastructure")
     infra.add_argument("--output_dir", default="evaluation_results")
-    infra.add_argument("--episode_batch_size", type=int, default=None,
-                       help="default: 8, or 1 on CPU with --loss_resolution input (faster there)")
+    infra.add_argument(
+        "--episode_batch_size",
+        type=int,
+        default=None,
+        help="default: 8, or 1 on CPU with --loss_resolution input (faster there)",
+    )
     infra.add_argument("--feature_batch_size", type=int, default=1)
     infra.add_argument("--no_cache", action="store_true", help="recompute features for every episode")
     infra.add_argument("--feature_dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -111,7 +124,9 @@ def check_output_dir(path: str) -> None:
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
             pass
     except OSError as err:
-        raise SystemExit(f"--output_dir {path!r} is not writable ({err.strerror}); give a folder you can write to.") from err
+        raise SystemExit(
+            f"--output_dir {path!r} is not writable ({err.strerror}); give a folder you can write to."
+        ) from err
 
 
 def evaluation_function(args: argparse.Namespace, accelerator: Accelerator) -> dict:
@@ -127,8 +142,14 @@ def evaluation_function(args: argparse.Namespace, accelerator: Accelerator) -> d
     fold = args.fold if args.fold is not None else (model.config.fold or 0)
     split = load_fold_split(args.dataset, fold, args.split_kind, args.data_dir)
     check_model_matches_split(model, split)
-    common = dict(fold=fold, split_kind=args.split_kind, data_dir=args.data_dir, cache_dir=args.cache_dir,
-                  image_size=args.synthetic_image_size, seed=args.synthetic_seed)  # fmt: skip
+    common = dict(
+        fold=fold,
+        split_kind=args.split_kind,
+        data_dir=args.data_dir,
+        cache_dir=args.cache_dir,
+        image_size=args.synthetic_image_size,
+        seed=args.synthetic_seed,
+    )
     val = load_image_source(args.dataset, "val", num_images=args.num_val_images, **common)
     train = None
     if args.protocol == "capl":
@@ -140,14 +161,23 @@ def evaluation_function(args: argparse.Namespace, accelerator: Accelerator) -> d
     if args.episodes:
         episodes = load_episodes(args.episodes)
         if {e.protocol for e in episodes} != {args.protocol}:
-            raise ValueError(f"{args.episodes} holds {sorted({e.protocol for e in episodes})} episodes, not "
-                             f"{args.protocol!r}; pass the matching --protocol.")  # fmt: skip
+            raise ValueError(
+                f"{args.episodes} holds {sorted({e.protocol for e in episodes})} episodes, not "
+                f"{args.protocol!r}; pass the matching --protocol."
+            )
         check_episodes(episodes, split, {"val": val, **({"train": train} if train is not None else {})})
     else:
         episodes = build_episodes(
-            args.protocol, split, val, shots=args.shots, num_episodes=args.num_episodes, seed=args.seed,
-            runs=args.runs, train_source=train, min_pixels=args.min_pixels,
-        )  # fmt: skip
+            args.protocol,
+            split,
+            val,
+            shots=args.shots,
+            num_episodes=args.num_episodes,
+            seed=args.seed,
+            runs=args.runs,
+            train_source=train,
+            min_pixels=args.min_pixels,
+        )
     if args.save_episodes and accelerator.is_main_process:
         save_episodes(args.save_episodes, episodes)
 
@@ -175,9 +205,15 @@ def evaluation_function(args: argparse.Namespace, accelerator: Accelerator) -> d
             advice.append("a GPU, or several processes (accelerate launch)")
             accelerator.print("This is long; to shorten it: " + "; ".join(advice) + ".")
     result = evaluate_episodes(
-        model, episodes, split=split, val_source=val, train_source=train, processor=processor, options=options,
+        model,
+        episodes,
+        split=split,
+        val_source=val,
+        train_source=train,
+        processor=processor,
+        options=options,
         accelerator=accelerator,
-    )  # fmt: skip
+    )
     config = {
         "model": args.model,
         "dataset": args.dataset,
@@ -194,8 +230,12 @@ def evaluation_function(args: argparse.Namespace, accelerator: Accelerator) -> d
         "model_config": {"backbone": model.config.backbone, "image_size": model.config.image_size},
     }
     if args.dataset == "synthetic":
-        config["synthetic"] = {"num_val_images": args.num_val_images, "num_train_images": args.num_train_images,
-                               "image_size": args.synthetic_image_size, "seed": args.synthetic_seed}  # fmt: skip
+        config["synthetic"] = {
+            "num_val_images": args.num_val_images,
+            "num_train_images": args.num_train_images,
+            "image_size": args.synthetic_image_size,
+            "seed": args.synthetic_seed,
+        }
     payload = {}
     if accelerator.is_main_process:
         payload = save_results(args.output_dir, result, config)

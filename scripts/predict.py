@@ -50,27 +50,42 @@ def adaptation_fields() -> list[dataclasses.Field]:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a save_pretrained folder or a Hub id (model + image processor)")
-    parser.add_argument("--queries", nargs="+", required=True,
-                        help="query images: files, folders (every image in them) or quoted glob patterns")
+    parser.add_argument(
+        "--queries",
+        nargs="+",
+        required=True,
+        help="query images: files, folders (every image in them) or quoted glob patterns",
+    )
     parser.add_argument("--output_dir", required=True, help="where the PNGs and predictions.json are written")
     sup = parser.add_argument_group("supports (omit all three to segment the model's own classes)")
     sup.add_argument("--support_images", nargs="+", default=None)
     sup.add_argument("--support_masks", nargs="+", default=None, help="one mask per support image, same order")
-    sup.add_argument("--class_names", nargs="+", default=None,
-                     help="binary masks: the class of each support (or one name for all); label maps: the names of "
-                          "the values 1..N")  # fmt: skip
+    sup.add_argument(
+        "--class_names",
+        nargs="+",
+        default=None,
+        help="binary masks: the class of each support (or one name for all); label maps: the names of the values 1..N",
+    )
     sup.add_argument("--mask_type", default="binary", choices=["binary", "label_map"])
-    sup.add_argument("--mode", default="gfss", choices=["gfss", "fss"],
-                     help="gfss: the model's classes + the new ones; fss: each new class against background")
-    sup.add_argument("--persist_to", default=None,
-                     help="save a model that keeps the learned classes here (gfss; a new or empty folder)")
+    sup.add_argument(
+        "--mode",
+        default="gfss",
+        choices=["gfss", "fss"],
+        help="gfss: the model's classes + the new ones; fss: each new class against background",
+    )
+    sup.add_argument(
+        "--persist_to",
+        default=None,
+        help="save a model that keeps the learned classes here (gfss; a new or empty folder)",
+    )
     tune = parser.add_argument_group("fine-tuning (fields of gfss_hf.adaptation.AdaptationConfig)")
     for field in adaptation_fields():
         default = field.default
         flag = f"--{field.name}"
         if isinstance(default, bool):
-            tune.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                              help=f"(default: {default})")  # fmt: skip
+            tune.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default, help=f"(default: {default})"
+            )
         else:
             kind = type(default) if default is not None else str
             tune.add_argument(flag, type=kind, default=default, help=f"(default: {default})")
@@ -91,8 +106,11 @@ def find_queries(patterns: list[str]) -> list[Path]:
         elif path.is_file():
             hits = [path]
         elif _GLOB_CHARS & set(pattern):
-            hits = sorted(Path(p) for p in glob.glob(str(path), recursive=True)
-                          if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_EXTENSIONS)  # fmt: skip
+            hits = sorted(
+                Path(p)
+                for p in glob.glob(str(path), recursive=True)
+                if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_EXTENSIONS
+            )
         else:
             raise SystemExit(f"--queries {pattern!r} is neither a file, a folder nor a glob pattern; check the path.")
         if not hits:
@@ -127,13 +145,17 @@ def check_args(args: argparse.Namespace) -> None:
     given = {k: getattr(args, k) for k in ("support_images", "support_masks", "class_names")}
     if any(v is not None for v in given.values()) and not all(v is not None for v in given.values()):
         missing = [f"--{k}" for k, v in given.items() if v is None]
-        raise SystemExit(f"{', '.join(missing)} missing: learning classes needs --support_images, --support_masks and "
-                         "--class_names together (or none of them, to segment the model's own classes).")  # fmt: skip
+        raise SystemExit(
+            f"{', '.join(missing)} missing: learning classes needs --support_images, --support_masks and "
+            "--class_names together (or none of them, to segment the model's own classes)."
+        )
     if args.support_images is not None:
         images, masks, names = args.support_images, args.support_masks, args.class_names
         if len(images) != len(masks):
-            raise SystemExit(f"{len(images)} --support_images but {len(masks)} --support_masks; give one mask per "
-                             "image, in the same order.")  # fmt: skip
+            raise SystemExit(
+                f"{len(images)} --support_images but {len(masks)} --support_masks; give one mask per "
+                "image, in the same order."
+            )
         if args.mask_type == "binary" and len(names) not in (1, len(images)):
             raise SystemExit(
                 f"{len(names)} --class_names for {len(images)} supports; with binary masks give one class name per "
@@ -143,15 +165,19 @@ def check_args(args: argparse.Namespace) -> None:
             if not Path(path).is_file():
                 raise SystemExit(f"support file {path!r} does not exist; check the path.")
     elif args.persist_to:
-        raise SystemExit("--persist_to saves learned classes, but no supports were given; add --support_images, "
-                         "--support_masks and --class_names.")  # fmt: skip
+        raise SystemExit(
+            "--persist_to saves learned classes, but no supports were given; add --support_images, "
+            "--support_masks and --class_names."
+        )
     if args.persist_to and args.mode != "gfss":
         raise SystemExit("--persist_to keeps learned classes in the model's classifier, which needs --mode gfss.")
     if args.persist_to:
         target = Path(args.persist_to)
         if target.exists() and (not target.is_dir() or any(target.iterdir())):
-            raise SystemExit(f"--persist_to {str(target)!r} exists and is not an empty folder; give a new folder so "
-                             "that no model is overwritten.")  # fmt: skip
+            raise SystemExit(
+                f"--persist_to {str(target)!r} exists and is not an empty folder; give a new folder so "
+                "that no model is overwritten."
+            )
     if not 0.0 <= args.alpha <= 1.0:
         raise SystemExit(f"--alpha {args.alpha} must be in [0, 1].")
     out = Path(args.output_dir)
@@ -162,8 +188,9 @@ def check_args(args: argparse.Namespace) -> None:
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
             pass
     except OSError as err:
-        raise SystemExit(f"--output_dir {str(out)!r} is not writable ({err.strerror}); give a folder you can write "
-                         "to.") from err  # fmt: skip
+        raise SystemExit(
+            f"--output_dir {str(out)!r} is not writable ({err.strerror}); give a folder you can write to."
+        ) from err
 
 
 def _png_bytes(image) -> bytes:
@@ -189,9 +216,14 @@ def predict_function(args: argparse.Namespace) -> dict:
     if args.support_images is not None:
         names = args.class_names[0] if args.mask_type == "binary" and len(args.class_names) == 1 else args.class_names
         learned = pipe.learn(
-            support_images=args.support_images, support_masks=args.support_masks, class_names=names,
-            mask_type=args.mask_type, mode=args.mode, persist=bool(args.persist_to), **options,
-        )  # fmt: skip
+            support_images=args.support_images,
+            support_masks=args.support_masks,
+            class_names=names,
+            mask_type=args.mask_type,
+            mode=args.mode,
+            persist=bool(args.persist_to),
+            **options,
+        )
         if args.persist_to:
             save_model_atomically(pipe, Path(args.persist_to))
 
@@ -207,26 +239,42 @@ def predict_function(args: argparse.Namespace) -> dict:
         atomic_write_bytes(out / overlay_file, _png_bytes(picture))
         scores = {s["label"]: s["score"] for s in result["segments"]}
         ids, counts = (v.tolist() for v in np.unique(label_map, return_counts=True))
-        records.append({
-            "file": str(query), "label_map": label_file, "overlay": overlay_file,
-            "height": int(label_map.shape[0]), "width": int(label_map.shape[1]),
-            "classes": [{"id": i, "label": id2label[i], "pixels": n, "area": round(n / label_map.size, 6),
-                         "score": scores.get(id2label[i])} for i, n in zip(ids, counts)],
-        })  # fmt: skip
+        records.append(
+            {
+                "file": str(query),
+                "label_map": label_file,
+                "overlay": overlay_file,
+                "height": int(label_map.shape[0]),
+                "width": int(label_map.shape[1]),
+                "classes": [
+                    {
+                        "id": i,
+                        "label": id2label[i],
+                        "pixels": n,
+                        "area": round(n / label_map.size, 6),
+                        "score": scores.get(id2label[i]),
+                    }
+                    for i, n in zip(ids, counts)
+                ],
+            }
+        )
     payload = {
         "gfss_hf_version": gfss_hf.__version__,
         "model": args.model,
         "id2label": {str(k): v for k, v in id2label.items()},
         "settings": {
             "mode": args.mode if learned is not None else "model",
-            "supports": None if learned is None else [
-                {"image": i, "mask": m} for i, m in zip(args.support_images, args.support_masks)],
-            "class_names": args.class_names, "mask_type": args.mask_type,
+            "supports": None
+            if learned is None
+            else [{"image": i, "mask": m} for i, m in zip(args.support_images, args.support_masks)],
+            "class_names": args.class_names,
+            "mask_type": args.mask_type,
             "adaptation": dataclasses.asdict(adaptation) if learned is not None else None,
-            "persist_to": args.persist_to, "alpha": args.alpha,
+            "persist_to": args.persist_to,
+            "alpha": args.alpha,
         },
         "queries": records,
-    }  # fmt: skip
+    }
     atomic_write_bytes(out / "predictions.json", (json.dumps(payload, indent=2) + "\n").encode("utf-8"))
     return payload
 
@@ -234,8 +282,10 @@ def predict_function(args: argparse.Namespace) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     payload = predict_function(args)
-    print(f"{len(payload['queries'])} queries segmented into {len(payload['id2label'])} classes; "
-          f"wrote {args.output_dir}/predictions.json")  # fmt: skip
+    print(
+        f"{len(payload['queries'])} queries segmented into {len(payload['id2label'])} classes; "
+        f"wrote {args.output_dir}/predictions.json"
+    )
     return payload
 
 

@@ -33,11 +33,18 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "synthetic.yaml"
 # types, choices and help come from TrainingConfig. Every other key: --set KEY=VALUE.
 CONFIG_FLAGS = dataclass_flags(
     TrainingConfig,
-    include=("fold", "data_dir", "output_dir", "mixed_precision", "gradient_accumulation_steps", "checkpointing_steps",
-             "backbone_weights"),
+    include=(
+        "fold",
+        "data_dir",
+        "output_dir",
+        "mixed_precision",
+        "gradient_accumulation_steps",
+        "checkpointing_steps",
+        "backbone_weights",
+    ),
     optional=True,
     group="settings that override the YAML file",
-)  # fmt: skip
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,16 +54,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--resume_from_checkpoint", default=None, help="'latest' (in --output_dir) or the path of a checkpoint."
     )
     parser.add_argument(
-        "--rebuild_data", action="store_true",
+        "--rebuild_data",
+        action="store_true",
         help="Rebuild the prepared dataset cache (it is keyed by the files' names, sizes and mtimes; use this after "
         "an edit that kept them).",
     )
-    parser.add_argument("--push_to_hub", action="store_true",
-                        help="Publish the final model to the Hub (a staged, checked export, as push_to_hub.py).")
+    parser.add_argument(
+        "--push_to_hub",
+        action="store_true",
+        help="Publish the final model to the Hub (a staged, checked export, as push_to_hub.py).",
+    )
     parser.add_argument("--hub_model_id", default=None, help="Repo id for --push_to_hub, e.g. user/gfss-pascal5i-f0.")
     parser.add_argument("--hub_token", default=None, help="Token for --push_to_hub (default: the logged-in one).")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="Override a YAML value (repeatable), e.g. --set num_epochs=5 --set model.backbone=resnet18.",
     )
     return parser.parse_args(argv)
@@ -82,7 +97,9 @@ def training_function(config: TrainingConfig, args: argparse.Namespace) -> dict:
     )
     final = summary.get("final_eval")
     if final is not None and int(os.environ.get("RANK", "0")) == 0:
-        print(f"done: {summary['global_step']} steps, base mIoU {final['base_miou']:.4f}, saved to {config.output_dir}")
+        print(
+            f"done: {summary['global_step']} steps, base mIoU {final['base_miou']:.4f}, saved to {config.output_dir}"
+        )
     return summary
 
 

@@ -17,6 +17,7 @@ python scripts/push_to_hub.py --model_dir outputs/pascal5i-fold0 --repo_id gfss-
 The staging, the checks (`--dry_run` runs them and stops; a real push runs them first and refuses to upload a
 folder that fails) and the upload are `gfss_hf.hub.publish`, the same path as `pretrain(push_to_hub=True)`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,10 +61,19 @@ def main(argv=None) -> int:
             parser.error(f"--results {path!r} does not exist; run scripts/evaluate.py first or omit it.")
 
     try:
-        report = publish(args.model_dir, args.repo_id, args.results, token=args.token, private=args.private,
-                         revision=args.revision, commit_message=args.commit_message,
-                         with_pipeline=not args.no_pipeline, check_steps=args.check_steps,
-                         staging_dir=args.staging_dir, dry_run=args.dry_run)
+        report = publish(
+            args.model_dir,
+            args.repo_id,
+            args.results,
+            token=args.token,
+            private=args.private,
+            revision=args.revision,
+            commit_message=args.commit_message,
+            with_pipeline=not args.no_pipeline,
+            check_steps=args.check_steps,
+            staging_dir=args.staging_dir,
+            dry_run=args.dry_run,
+        )
     except ExportCheckError as err:
         logger.error(f"export check failed: {err}")
         return 1

@@ -46,7 +46,9 @@ def find_example_indices(class_name: str, fold: int = EXAMPLE_FOLD) -> tuple[int
         share = np.bincount(label.ravel(), minlength=256) / label.size
         if support is None and share[class_id] >= _SUPPORT_SHARE:
             support = i
-        elif support is not None and share[class_id] >= _QUERY_SHARE and any(share[b] >= _QUERY_SHARE for b in base_ids):
+        elif (
+            support is not None and share[class_id] >= _QUERY_SHARE and any(share[b] >= _QUERY_SHARE for b in base_ids)
+        ):
             return support, i
     raise RuntimeError(f"no support/query pair for {class_name!r} in the first {_SEARCH_LIMIT} val images.")
 
@@ -75,8 +77,12 @@ def render_examples(folder: str | os.PathLike = EXAMPLES_DIR) -> list[dict[str, 
         layer[mask] = (*PAINT_COLOUR, 255)
         composite = support.copy()
         composite[mask] = PAINT_COLOUR
-        files = {"query": f"example{i}_query.png", "support": f"example{i}_support.png",
-                 "layer": f"example{i}_support_paint.png", "composite": f"example{i}_support_composite.png"}
+        files = {
+            "query": f"example{i}_query.png",
+            "support": f"example{i}_support.png",
+            "layer": f"example{i}_support_paint.png",
+            "composite": f"example{i}_support_composite.png",
+        }
         for key, array in (("query", query), ("support", support), ("layer", layer), ("composite", composite)):
             atomic_write_bytes(folder / files[key], _png(array))
         manifest.append({"class_name": name, **files})

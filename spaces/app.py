@@ -47,9 +47,25 @@ BRUSH_COLOUR = "#ff2d7a"
 NOVEL_COLOUR = "#ff2d7a"
 # Base-class colours (Tableau 20 without the pinks, which mark the novel class); background stays uncoloured.
 BASE_COLOURS = (
-    "#1f77b4", "#aec7e8", "#ff7f0e", "#ffbb78", "#2ca02c", "#98df8a", "#d62728", "#ff9896", "#9467bd", "#c5b0d5",
-    "#8c564b", "#c49c94", "#7f7f7f", "#c7c7c7", "#bcbd22", "#dbdb8d", "#17becf", "#9edae5",
-)  # fmt: skip
+    "#1f77b4",
+    "#aec7e8",
+    "#ff7f0e",
+    "#ffbb78",
+    "#2ca02c",
+    "#98df8a",
+    "#d62728",
+    "#ff9896",
+    "#9467bd",
+    "#c5b0d5",
+    "#8c564b",
+    "#c49c94",
+    "#7f7f7f",
+    "#c7c7c7",
+    "#bcbd22",
+    "#dbdb8d",
+    "#17becf",
+    "#9edae5",
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -73,7 +89,10 @@ def load_examples(folder: str | os.PathLike = EXAMPLES_DIR) -> list[tuple[str, d
     try:
         manifest = json.loads((folder / "examples.json").read_text(encoding="utf-8"))
         examples = [
-            (str(entry["class_name"]), {key: folder / entry[key] for key in ("query", "support", "layer", "composite")})
+            (
+                str(entry["class_name"]),
+                {key: folder / entry[key] for key in ("query", "support", "layer", "composite")},
+            )
             for entry in manifest
         ]
     except (OSError, ValueError, KeyError, TypeError):
@@ -165,8 +184,11 @@ def _load_pipeline(source: str):
     pipeline_few_shot_segmentation.register_pipeline()  # idempotent; importing gfss_hf registers it too
     # An exported repository names its own pipeline code in config.json (`custom_pipelines`); naming the installed
     # class runs the package's code instead of asking for trust_remote_code.
-    return pipeline("few-shot-segmentation", model=source,
-                    pipeline_class=pipeline_few_shot_segmentation.FewShotSegmentationPipeline)
+    return pipeline(
+        "few-shot-segmentation",
+        model=source,
+        pipeline_class=pipeline_few_shot_segmentation.FewShotSegmentationPipeline,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -263,8 +285,9 @@ def _check_class_name(class_name, known: list[str]) -> str:
         raise gr.Error(f"The class name has {len(name)} characters; use at most {MAX_CLASS_NAME}.")
     clash = [k for k in known if k.lower() == name.lower()]
     if clash:
-        raise gr.Error(f"'{name}' is already a class of the model ({clash[0]}); choose a new name for the class "
-                       "you painted.")
+        raise gr.Error(
+            f"'{name}' is already a class of the model ({clash[0]}); choose a new name for the class you painted."
+        )
     return name
 
 
@@ -368,7 +391,7 @@ def segment(segmenter: FewShotSegmenter, query, supports, class_name, mode="GFSS
         rows.append(f'| <span style="color:{colour}">&#9632;</span> {cell} | {kind} | {share:.1f} % | {score_text} |')
     novel_found = any(label == name for _, label in annotations)
     legend = [
-        f"**Novel class:** <span style=\"color:{NOVEL_COLOUR}\">&#9632;</span> {name} "
+        f'**Novel class:** <span style="color:{NOVEL_COLOUR}">&#9632;</span> {name} '
         + ("" if novel_found else "(not found in the query)"),
         "",
         f"**Base classes of the model:** {', '.join(base) if base else '(none)'}"
@@ -399,8 +422,9 @@ def _intro(segmenter: FewShotSegmenter) -> str:
     return f"Model: `{segmenter.source}`. {known}"
 
 
-def build_app(model: str | os.PathLike | None = None, examples_dir: str | os.PathLike | None = None,
-              default_steps: int = 100) -> gr.Blocks:
+def build_app(
+    model: str | os.PathLike | None = None, examples_dir: str | os.PathLike | None = None, default_steps: int = 100
+) -> gr.Blocks:
     """
     Build the Gradio app without launching it.
 
@@ -440,32 +464,58 @@ def build_app(model: str | os.PathLike | None = None, examples_dir: str | os.Pat
         with gr.Row():
             with gr.Column():
                 query = gr.Image(label="Query image", type="pil", sources=["upload", "clipboard"], elem_id="query")
-                class_name = gr.Textbox(label="New class name", placeholder="e.g. star-plain", max_lines=1,
-                                        elem_id="class-name")
-                mode = gr.Radio(["GFSS", "FSS"], value="GFSS", label="Mode", elem_id="mode",
-                                info="GFSS: base classes + the new class. FSS: the new class vs background.")
-                gamma = gr.Slider(0, 50, value=10, step=0.5, label="gamma (distillation weight, GFSS)",
-                                  elem_id="gamma")
+                class_name = gr.Textbox(
+                    label="New class name", placeholder="e.g. star-plain", max_lines=1, elem_id="class-name"
+                )
+                mode = gr.Radio(
+                    ["GFSS", "FSS"],
+                    value="GFSS",
+                    label="Mode",
+                    elem_id="mode",
+                    info="GFSS: base classes + the new class. FSS: the new class vs background.",
+                )
+                gamma = gr.Slider(
+                    0, 50, value=10, step=0.5, label="gamma (distillation weight, GFSS)", elem_id="gamma"
+                )
                 with gr.Accordion("Advanced", open=False):
-                    steps = gr.Slider(1, 300, value=default_steps, step=1, label="Adaptation steps (SGD)",
-                                      elem_id="steps")
+                    steps = gr.Slider(
+                        1, 300, value=default_steps, step=1, label="Adaptation steps (SGD)", elem_id="steps"
+                    )
             with gr.Column():
                 support_inputs = [
-                    gr.ImageMask(label="Support image 1: paint the new class", type="pil", brush=brush,
-                                 sources=["upload", "clipboard"], elem_id="support-1")
+                    gr.ImageMask(
+                        label="Support image 1: paint the new class",
+                        type="pil",
+                        brush=brush,
+                        sources=["upload", "clipboard"],
+                        elem_id="support-1",
+                    )
                 ]
                 with gr.Accordion("More shots (optional)", open=False):
                     for i in range(2, MAX_SUPPORTS + 1):
                         support_inputs.append(
-                            gr.ImageMask(label=f"Support image {i}", type="pil", brush=brush,
-                                         sources=["upload", "clipboard"], elem_id=f"support-{i}")
+                            gr.ImageMask(
+                                label=f"Support image {i}",
+                                type="pil",
+                                brush=brush,
+                                sources=["upload", "clipboard"],
+                                elem_id=f"support-{i}",
+                            )
                         )
         if examples:
             gr.Examples(
                 examples=[
-                    [str(p["query"]),
-                     {"background": str(p["support"]), "layers": [str(p["layer"])], "composite": str(p["composite"])},
-                     name, "GFSS", 10]
+                    [
+                        str(p["query"]),
+                        {
+                            "background": str(p["support"]),
+                            "layers": [str(p["layer"])],
+                            "composite": str(p["composite"]),
+                        },
+                        name,
+                        "GFSS",
+                        10,
+                    ]
                     for name, p in examples
                 ],
                 inputs=[query, support_inputs[0], class_name, mode, gamma],
@@ -475,13 +525,15 @@ def build_app(model: str | os.PathLike | None = None, examples_dir: str | os.Pat
         run = gr.Button("Segment", variant="primary", elem_id="run")
         with gr.Row():
             overlay = gr.AnnotatedImage(label="Prediction (hover the legend)", elem_id="overlay")
-            masks = gr.Gallery(label="Per-class masks", columns=3, height="auto", object_fit="contain", preview=False,
-                               elem_id="masks")
+            masks = gr.Gallery(
+                label="Per-class masks", columns=3, height="auto", object_fit="contain", preview=False, elem_id="masks"
+            )
         legend = gr.Markdown(elem_id="legend")
 
         def _run(query_image, s1, s2, s3, name, mode_value, gamma_value, steps_value):
-            annotated, gallery, text = segment(segmenter, query_image, [s1, s2, s3], name, mode_value,
-                                               gamma_value, steps_value)
+            annotated, gallery, text = segment(
+                segmenter, query_image, [s1, s2, s3], name, mode_value, gamma_value, steps_value
+            )
             colours = _colour_map(*segmenter.class_names(), (name or "").strip())
             return gr.AnnotatedImage(value=annotated, color_map=colours), gallery, text
 

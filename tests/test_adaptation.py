@@ -100,7 +100,9 @@ def test_few_shot_cross_entropy_two_way_is_plain_cross_entropy():
     logits = torch.randn(2, 2, 5, 5)
     labels = torch.randint(0, 2, (2, 5, 5))
     labels[0, 0] = 255
-    torch.testing.assert_close(few_shot_cross_entropy(logits, labels), F.cross_entropy(logits, labels, ignore_index=255))
+    torch.testing.assert_close(
+        few_shot_cross_entropy(logits, labels), F.cross_entropy(logits, labels, ignore_index=255)
+    )
 
 
 @pytest.mark.parametrize("num_novel", [1, 2])
@@ -125,8 +127,11 @@ def test_losses_reject_bad_input():
     with pytest.raises(ValueError, match="not a classifier row"):
         few_shot_cross_entropy(torch.randn(1, 3, 2, 2), torch.full((1, 2, 2), 7))
     with pytest.raises(ValueError, match="row 0"):
-        few_shot_cross_entropy(torch.randn(1, 3, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long),
-                               annotated=torch.tensor([[True, False, False]]))  # fmt: skip
+        few_shot_cross_entropy(
+            torch.randn(1, 3, 2, 2),
+            torch.zeros(1, 2, 2, dtype=torch.long),
+            annotated=torch.tensor([[True, False, False]]),
+        )
     with pytest.raises(ValueError, match="scale="):
         distillation_loss(torch.randn(1, 3, 2, 2), torch.randn(1, 2, 2, 2), scale="printed")
     with pytest.raises(ValueError, match="extend the teacher"):
@@ -151,8 +156,15 @@ def _toy_episode(seed=0, shots=2, num_novel=1, dim=6, feat=5, size=17, teacher_r
 
 def _autograd_step(features, labels, base_weight, base_bias, classes, config, align_corners=True):
     """One step of the library's plain autograd reference (`gfss_hf._solver.reference_loss` + autograd)."""
-    return adapt_gfss(features, labels, base_weight, base_bias, support_classes=classes,
-                      config=config.replace(steps=1, solver="autograd"), align_corners=align_corners)  # fmt: skip
+    return adapt_gfss(
+        features,
+        labels,
+        base_weight,
+        base_bias,
+        support_classes=classes,
+        config=config.replace(steps=1, solver="autograd"),
+        align_corners=align_corners,
+    )
 
 
 def test_reference_solver_is_the_mean_of_the_losses():
@@ -220,8 +232,12 @@ def test_fss_engine_is_plain_cross_entropy():
     one = adapt(features, labels, config=config.replace(steps=1), bias=True)
     w = init.weight.clone().requires_grad_(True)
     b = init.bias.clone().requires_grad_(True)
-    logits = F.interpolate(torch.einsum("cd,kdhw->kchw", w, features) + b[None, :, None, None], size=labels.shape[-2:],
-                           mode="bilinear", align_corners=True)  # fmt: skip
+    logits = F.interpolate(
+        torch.einsum("cd,kdhw->kchw", w, features) + b[None, :, None, None],
+        size=labels.shape[-2:],
+        mode="bilinear",
+        align_corners=True,
+    )
     ref = F.cross_entropy(logits, labels, ignore_index=255)
     torch.testing.assert_close(one.loss_history[0], ref.detach(), rtol=1e-5, atol=1e-6)
     gw, gb = torch.autograd.grad(ref, [w, b])
@@ -233,8 +249,9 @@ def test_reference_weighting_survives_an_empty_foreground():
     """METHOD.md 8.3: the reference's n_bg / n_fg divides by zero when a mask has no foreground; here it does not."""
     features, labels, _, base_weight, _ = _toy_episode(shots=1)
     labels[labels == 1] = 0
-    clf = adapt_gfss(features, labels, base_weight, num_novel_classes=1,
-                     config=AdaptationConfig(ce_weighting="reference", steps=3))  # fmt: skip
+    clf = adapt_gfss(
+        features, labels, base_weight, num_novel_classes=1, config=AdaptationConfig(ce_weighting="reference", steps=3)
+    )
     assert torch.isfinite(clf.weight).all() and torch.isfinite(clf.loss_history).all()
 
 
@@ -243,11 +260,22 @@ def test_reference_weighting_survives_an_empty_foreground():
 # ---------------------------------------------------------------------------------------------------------------------
 def _objective_for(h, w, height, width, align_corners, classes=3):
     labels = torch.zeros(1, height, width, dtype=torch.long)
-    spec = LossSpec(labels=labels, valid=torch.ones_like(labels, dtype=torch.bool),
-                    annotated=torch.zeros(1, classes, dtype=torch.bool), ce_weights=None, ce_denom=torch.ones(1),
-                    kd_mask=None, kd_denom=None, teacher_logits=None, gamma=0.0, kd_scale="reference",
-                    num_teacher=classes, num_classes=classes, feature_size=(h, w),
-                    align_corners=align_corners)  # fmt: skip
+    spec = LossSpec(
+        labels=labels,
+        valid=torch.ones_like(labels, dtype=torch.bool),
+        annotated=torch.zeros(1, classes, dtype=torch.bool),
+        ce_weights=None,
+        ce_denom=torch.ones(1),
+        kd_mask=None,
+        kd_denom=None,
+        teacher_logits=None,
+        gamma=0.0,
+        kd_scale="reference",
+        num_teacher=classes,
+        num_classes=classes,
+        feature_size=(h, w),
+        align_corners=align_corners,
+    )
     return _build_objective(spec)
 
 
@@ -260,8 +288,14 @@ def _unband(banded, bands, n, c, height, width):
 
 # (h, w) -> (H, W): uniform bands (473 = 8 * 59 + 1), uneven bands, a single feature row, small maps, and more
 # feature columns than `_DENSE_COLUMNS` (the columns through ATen instead of a dense matrix).
-SIZES = [((60, 60), (473, 473)), ((7, 5), (50, 23)), ((1, 4), (9, 13)), ((12, 9), (96, 70)), ((5, 5), (17, 17)),
-         ((3, _DENSE_COLUMNS + 4), (19, 8 * _DENSE_COLUMNS + 5))]  # fmt: skip
+SIZES = [
+    ((60, 60), (473, 473)),
+    ((7, 5), (50, 23)),
+    ((1, 4), (9, 13)),
+    ((12, 9), (96, 70)),
+    ((5, 5), (17, 17)),
+    ((3, _DENSE_COLUMNS + 4), (19, 8 * _DENSE_COLUMNS + 5)),
+]
 
 
 @pytest.mark.parametrize("align_corners", [True, False])
@@ -274,8 +308,9 @@ def test_band_upsampling_equals_bilinear_interpolation_and_its_adjoint(sizes, al
     g = torch.Generator().manual_seed(h * 100 + height)
     z_low = torch.randn(n, c, h * w, generator=g) * 4
     low_max = z_low.amax(dim=1, keepdim=True)
-    expected = F.interpolate((z_low - low_max).view(n, c, h, w), size=(height, width), mode="bilinear",
-                             align_corners=align_corners)  # fmt: skip
+    expected = F.interpolate(
+        (z_low - low_max).view(n, c, h, w), size=(height, width), mode="bilinear", align_corners=align_corners
+    )
     logits = _shifted_logits(z_low, low_max, h, w, objective)
     torch.testing.assert_close(_unband(logits, bands, n, c, height, width), expected, rtol=1e-5, atol=1e-4)
     exp = _shifted_logits(z_low, low_max, h, w, objective, exp=True)
@@ -333,7 +368,9 @@ def test_batched_equals_one_by_one():
     feats = torch.stack([e[0] for e in episodes])
     labels = torch.stack([e[1] for e in episodes])
     classes = torch.stack([e[2] for e in episodes])
-    batched = adapt_gfss(feats, labels, base_weight, base_bias, support_classes=classes, config=config, seeds=[5, 6, 7])
+    batched = adapt_gfss(
+        feats, labels, base_weight, base_bias, support_classes=classes, config=config, seeds=[5, 6, 7]
+    )
     assert batched.weight.shape == (3, 6, 6) and batched.loss_history.shape == (3, 20)
     for i, (f, lab, cls, _, _) in enumerate(episodes):
         single = adapt_gfss(f, lab, base_weight, base_bias, support_classes=cls, config=config, seeds=5 + i)
@@ -344,10 +381,18 @@ def test_batched_equals_one_by_one():
     logits = predict(query, batched, size=(17, 17))
     assert logits.shape == (3, 2, 6, 17, 17)
     torch.testing.assert_close(logits[1], predict(query[1], batched.episode(1), size=(17, 17)), rtol=1e-5, atol=1e-6)
-    fss = adapt_fss(feats, (labels > 0).long() * (labels != 255) + 255 * (labels == 255),
-                    config=AdaptationConfig(method="fss", steps=5), seeds=[1, 2, 3])  # fmt: skip
-    one = adapt_fss(feats[2], (labels[2] > 0).long() * (labels[2] != 255) + 255 * (labels[2] == 255),
-                    config=AdaptationConfig(method="fss", steps=5), seeds=3)  # fmt: skip
+    fss = adapt_fss(
+        feats,
+        (labels > 0).long() * (labels != 255) + 255 * (labels == 255),
+        config=AdaptationConfig(method="fss", steps=5),
+        seeds=[1, 2, 3],
+    )
+    one = adapt_fss(
+        feats[2],
+        (labels[2] > 0).long() * (labels[2] != 255) + 255 * (labels[2] == 255),
+        config=AdaptationConfig(method="fss", steps=5),
+        seeds=3,
+    )
     torch.testing.assert_close(fss.weight[2], one.weight, rtol=1e-4, atol=1e-6)
 
 
@@ -378,8 +423,9 @@ def test_episodes_do_not_carry_over_unless_legacy():
     assert state.episodes == 2
     assert not torch.allclose(drifted.weight, alone.weight, atol=1e-4)
     # A fresh state reproduces the independent episode exactly.
-    fresh = adapt_gfss(second[0], second[1], base_weight, support_classes=second[2], config=legacy,
-                       state=CarryOverState())  # fmt: skip
+    fresh = adapt_gfss(
+        second[0], second[1], base_weight, support_classes=second[2], config=legacy, state=CarryOverState()
+    )
     assert torch.equal(fresh.weight, alone.weight)
     with pytest.raises(ValueError, match="CarryOverState"):
         adapt_gfss(first[0], first[1], base_weight, support_classes=first[2], config=legacy)
@@ -391,8 +437,9 @@ def test_transductive_term_changes_the_result_and_needs_the_query():
     f, lab, cls, bw, _ = _toy_episode()
     query = torch.randn(1, 6, 5, 5)
     plain = adapt_gfss(f, lab, bw, support_classes=cls, config=AdaptationConfig(steps=5))
-    trans = adapt_gfss(f, lab, bw, support_classes=cls, query_features=query,
-                       config=AdaptationConfig(steps=5, transductive=True))  # fmt: skip
+    trans = adapt_gfss(
+        f, lab, bw, support_classes=cls, query_features=query, config=AdaptationConfig(steps=5, transductive=True)
+    )
     assert not torch.allclose(plain.weight, trans.weight)
     with pytest.raises(ValueError, match="query_features"):
         adapt_gfss(f, lab, bw, support_classes=cls, config=AdaptationConfig(transductive=True))
@@ -441,7 +488,13 @@ def _make_setup(pretrained_tiny_dir):
     labels = batch["labels"]
     pred = predict(features, model.classifier.weight.detach().flatten(1), size=labels.shape[-2:]).argmax(1)
     base_iou = [_pooled_iou(pred, labels, c) for c in range(1, model.config.num_base_classes + 1)]
-    return {"model": model, "features": features, "labels": labels, "split": split, "base_miou": float(np.mean(base_iou))}
+    return {
+        "model": model,
+        "features": features,
+        "labels": labels,
+        "split": split,
+        "base_miou": float(np.mean(base_iou)),
+    }
 
 
 def _require_functional_model(setup):
@@ -601,8 +654,20 @@ def test_normalize_features_fits_and_predicts_on_unit_feature_vectors():
         ({"steps": True}, r"steps=True .*integer"),
         ({"steps": "10"}, r"steps='10' .*integer"),
     ],
-    ids=["lr-inf", "lr-nan", "gamma-nan", "gamma-inf", "init_std-nan", "transductive_weight-inf", "lr-str",
-         "steps-fraction", "steps-inf", "seed-fraction", "steps-bool", "steps-str"],  # fmt: skip
+    ids=[
+        "lr-inf",
+        "lr-nan",
+        "gamma-nan",
+        "gamma-inf",
+        "init_std-nan",
+        "transductive_weight-inf",
+        "lr-str",
+        "steps-fraction",
+        "steps-inf",
+        "seed-fraction",
+        "steps-bool",
+        "steps-str",
+    ],
 )
 def test_config_refuses_non_finite_and_non_integral_numbers(overrides, match):
     with pytest.raises(ValueError, match=match):

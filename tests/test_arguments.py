@@ -42,8 +42,12 @@ def test_evaluate_has_a_flag_for_every_adaptation_field():
     script = _script("evaluate")
     names = {f.name for f in dataclasses.fields(script.METHOD_FLAGS)}
     # Every field but those the protocol or the model decide: a new AdaptationConfig field needs no edit here.
-    assert names == {f.name for f in dataclasses.fields(AdaptationConfig)} - {"method", "seed", "align_corners",
-                                                                              "ignore_index"}
+    assert names == {f.name for f in dataclasses.fields(AdaptationConfig)} - {
+        "method",
+        "seed",
+        "align_corners",
+        "ignore_index",
+    }
     args = script.parse_args(["model_dir", "--steps", "7", "--kd_skip_novel", "--loss_resolution", "feature"])
     assert (args.steps, args.kd_skip_novel, args.loss_resolution, args.gamma) == (7, True, "feature", 10.0)
     assert "distillation" in script.parse_args.__globals__["HfArgumentParser"]([script.METHOD_FLAGS]).format_help()

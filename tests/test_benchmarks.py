@@ -23,10 +23,27 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_evaluation_benchmark_matches_the_reference_style_loop(tmp_path):
     report_path = tmp_path / "report.json"
     cmd = [
-        sys.executable, str(ROOT / "bench" / "evaluation.py"), "--num_images", "2", "--num_episodes", "6",
-        "--reference_episodes", "3", "--image_size", "64", "--backbone", "resnet18", "--hidden_size", "32",
-        "--steps", "3", "--episode_batch_size", "4", "--output", str(report_path),
-    ]  # fmt: skip
+        sys.executable,
+        str(ROOT / "bench" / "evaluation.py"),
+        "--num_images",
+        "2",
+        "--num_episodes",
+        "6",
+        "--reference_episodes",
+        "3",
+        "--image_size",
+        "64",
+        "--backbone",
+        "resnet18",
+        "--hidden_size",
+        "32",
+        "--steps",
+        "3",
+        "--episode_batch_size",
+        "4",
+        "--output",
+        str(report_path),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(report_path.read_text(encoding="utf-8"))
@@ -46,8 +63,17 @@ def test_evaluation_benchmark_matches_the_reference_style_loop(tmp_path):
 
 @pytest.mark.slow
 def test_episode_benchmark_runs_and_reports_both_loss_resolutions():
-    cmd = [sys.executable, str(ROOT / "bench" / "episode.py"), "--image-size", "65", "--base-classes", "3",
-           "--steps", "4", "--naive"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "episode.py"),
+        "--image-size",
+        "65",
+        "--base-classes",
+        "3",
+        "--steps",
+        "4",
+        "--naive",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
@@ -104,12 +130,19 @@ def test_gpu_suite_dry_run_reports_every_part_with_finite_numbers(tmp_path):
     assert len(forward) == 8 and all(m["status"] == "ok" and m["images_per_s"] > 0 for m in forward)  # 2 batches x 4
     pretrain = report["parts"]["pretrain"]["results"]["measurements"]
     assert {(m["precision"], m["contrastive"]) for m in pretrain if m["status"] == "ok"} == {
-        ("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)
+        ("fp32", False),
+        ("fp32", True),
+        ("bf16", False),
+        ("bf16", True),
     }
     assert all(m["pascal_100_epochs_h"] > 0 and m["coco_20_epochs_h"] > 0 for m in pretrain)
     protocol = report["parts"]["protocol"]["results"]
-    ran = {(r["solver"], r["loss_resolution"], r["episode_batch_size"]) for r in protocol["runs"] if r["status"] == "ok"}
-    assert {("exact", res, 4) for res in ("feature", "input")} | {("autograd", res, 4) for res in ("feature", "input")} <= ran
+    ran = {
+        (r["solver"], r["loss_resolution"], r["episode_batch_size"]) for r in protocol["runs"] if r["status"] == "ok"
+    }
+    assert {("exact", res, 4) for res in ("feature", "input")} | {
+        ("autograd", res, 4) for res in ("feature", "input")
+    } <= ran
     assert {("exact", "feature", 1), ("exact", "input", 1)} <= ran  # several episode batch sizes
     assert all(r["projected_fold_minutes"] > 0 for r in protocol["runs"])
     for resolution in ("feature", "input"):
@@ -137,7 +170,9 @@ def test_gpu_suite_budget_skips_parts_and_a_crashing_part_is_recorded(gpu_suite,
     args = gpu_suite.SuiteArguments(output_dir=str(tmp_path / "spent"), dry_run=True, budget_s=0.0)
     report = gpu_suite.run_suite(args, command="test", budget=gpu_suite.Budget(0.0))
     assert report["ok"] is True  # skipped is not failed
-    assert {name: part["status"] for name, part in report["parts"].items()} == dict.fromkeys(gpu_suite.PARTS, "skipped")
+    assert {name: part["status"] for name, part in report["parts"].items()} == dict.fromkeys(
+        gpu_suite.PARTS, "skipped"
+    )
     assert json.loads((tmp_path / "spent" / "gpu_suite.json").read_text(encoding="utf-8"))["parts"] == report["parts"]
 
     def crash(*args, **kwargs):

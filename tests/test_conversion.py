@@ -85,10 +85,22 @@ def canon():
 
 
 # Spec tables, written out here independently of gfss_hf.conversion.
-RULE_S_STEM = {"layer0.0": "conv1.0", "layer0.1": "conv1.1", "layer0.3": "conv1.3", "layer0.4": "conv1.4",
-               "layer0.6": "conv1.6", "layer0.7": "bn1"}  # fmt: skip
-RULE_F_STEM = {"conv1": "conv1.0", "bn1": "conv1.1", "conv2": "conv1.3", "bn2": "conv1.4", "conv3": "conv1.6",
-               "bn3": "bn1"}  # fmt: skip
+RULE_S_STEM = {
+    "layer0.0": "conv1.0",
+    "layer0.1": "conv1.1",
+    "layer0.3": "conv1.3",
+    "layer0.4": "conv1.4",
+    "layer0.6": "conv1.6",
+    "layer0.7": "bn1",
+}
+RULE_F_STEM = {
+    "conv1": "conv1.0",
+    "bn1": "conv1.1",
+    "conv2": "conv1.3",
+    "bn2": "conv1.4",
+    "conv3": "conv1.6",
+    "bn3": "bn1",
+}
 
 
 def backbone_part(canon, stem_table, prefix="", with_nbt=True):
@@ -189,17 +201,34 @@ def build_layout(layout, canon):
             ppm_part(canon, "learner_base.0.features."),
             head_part(canon, "learner_base.1.0", "learner_base.1.1", "learner_base.1.4"),
         )
-        meta = extra({"down_query.0.weight": (256, 1536, 1, 1), "down_supp.0.weight": (256, 1536, 1, 1),
-                      "init_merge.0.0.weight": (256, 513, 1, 1), "ASPP_meta.layer6_0.0.weight": (256, 256, 1, 1),
-                      "res1_meta.0.weight": (256, 1280, 1, 1), "res2_meta.0.weight": (256, 256, 3, 3),
-                      "cls_meta.0.weight": (256, 256, 3, 3), "cls_meta.3.weight": (2, 256, 1, 1), "cls_meta.3.bias": (2,),
-                      "gram_merge.weight": (1, 2, 1, 1), "cls_merge.weight": (1, 2, 1, 1)})  # fmt: skip
+        meta = extra(
+            {
+                "down_query.0.weight": (256, 1536, 1, 1),
+                "down_supp.0.weight": (256, 1536, 1, 1),
+                "init_merge.0.0.weight": (256, 513, 1, 1),
+                "ASPP_meta.layer6_0.0.weight": (256, 256, 1, 1),
+                "res1_meta.0.weight": (256, 1280, 1, 1),
+                "res2_meta.0.weight": (256, 256, 3, 3),
+                "cls_meta.0.weight": (256, 256, 3, 3),
+                "cls_meta.3.weight": (2, 256, 1, 1),
+                "cls_meta.3.bias": (2,),
+                "gram_merge.weight": (1, 2, 1, 1),
+                "cls_merge.weight": (1, 2, 1, 1),
+            }
+        )
         return {**src, **meta}, expect, set(meta)
     if layout == "pfenet":
         src, expect = backbone_part(canon, RULE_S_STEM)
-        shapes = {"down_query.0.weight": (256, 1536, 1, 1), "down_supp.0.weight": (256, 1536, 1, 1),
-                  "res1.0.weight": (256, 1024, 1, 1), "res2.0.weight": (256, 256, 3, 3), "res2.2.weight": (256, 256, 3, 3),
-                  "cls.0.weight": (256, 256, 3, 3), "cls.3.weight": (2, 256, 1, 1), "cls.3.bias": (2,)}  # fmt: skip
+        shapes = {
+            "down_query.0.weight": (256, 1536, 1, 1),
+            "down_supp.0.weight": (256, 1536, 1, 1),
+            "res1.0.weight": (256, 1024, 1, 1),
+            "res2.0.weight": (256, 256, 3, 3),
+            "res2.2.weight": (256, 256, 3, 3),
+            "cls.0.weight": (256, 256, 3, 3),
+            "cls.3.weight": (2, 256, 1, 1),
+            "cls.3.bias": (2,),
+        }
         for i in range(4):
             shapes[f"init_merge.{i}.0.weight"] = (256, 513, 1, 1)
             shapes[f"beta_conv.{i}.0.weight"] = shapes[f"beta_conv.{i}.2.weight"] = (256, 256, 3, 3)
@@ -214,10 +243,21 @@ def build_layout(layout, canon):
         src, expect = merge(
             backbone_part(canon, RULE_S_STEM), ppm_part(canon, "ppm.features."), head_part(canon, "cls.0", "cls.1")
         )
-        drops = extra({"cls.4.weight": (512, 512, 1, 1), "cls.4.bias": (512,), "aux.0.weight": (256, 1024, 3, 3),
-                       **bn_shapes("aux.1", 256), "aux.4.weight": (256, 256, 1, 1), "aux.4.bias": (256,),
-                       "main_proto": (21, 512), "aux_proto": (21, 256), "gamma_conv.0.weight": (512, 1024),
-                       "gamma_conv.2.weight": (1, 512), "gamma_conv.2.bias": (1,)})  # fmt: skip
+        drops = extra(
+            {
+                "cls.4.weight": (512, 512, 1, 1),
+                "cls.4.bias": (512,),
+                "aux.0.weight": (256, 1024, 3, 3),
+                **bn_shapes("aux.1", 256),
+                "aux.4.weight": (256, 256, 1, 1),
+                "aux.4.bias": (256,),
+                "main_proto": (21, 512),
+                "aux_proto": (21, 256),
+                "gamma_conv.0.weight": (512, 1024),
+                "gamma_conv.2.weight": (1, 512),
+                "gamma_conv.2.bias": (1,),
+            }
+        )
         assert len(src) + len(drops) == 375  # the spec's count
         return {**src, **drops}, expect, set(drops)
     if layout == "pop":
@@ -229,9 +269,16 @@ def build_layout(layout, canon):
         # POP concatenates [stages, layer4]: its weight is ours with the two input halves swapped.
         ours = canon["decoder.bottleneck.0.weight"]
         src["decoder.bottleneck.0.weight"] = torch.cat([ours[:, 2048:], ours[:, :2048]], dim=1)
-        drops = extra({"decoder.bottleneck.3.weight": (512, 512, 1, 1), "decoder.bottleneck.3.bias": (512,),
-                       "base_emb": (15, 512), "classifier.0.weight": (512, 512, 1, 1),
-                       "classifier.2.weight": (512, 512, 1, 1), "classifier.4.weight": (1, 512, 1, 1)})  # fmt: skip
+        drops = extra(
+            {
+                "decoder.bottleneck.3.weight": (512, 512, 1, 1),
+                "decoder.bottleneck.3.bias": (512,),
+                "base_emb": (15, 512),
+                "classifier.0.weight": (512, 512, 1, 1),
+                "classifier.2.weight": (512, 512, 1, 1),
+                "classifier.4.weight": (1, 512, 1, 1),
+            }
+        )
         assert len(src) + len(drops) == 366  # the spec's count
         return {**src, **drops}, expect, set(drops)
     if layout == "imagenet-semseg":
@@ -239,8 +286,17 @@ def build_layout(layout, canon):
         fc = extra({"fc.weight": (1000, 2048), "fc.bias": (1000,)})
         return {**src, **fc}, expect, set(fc)
     if layout == "imagenet-timm":
-        src, expect = backbone_part(canon, {"conv1.0": "conv1.0", "conv1.1": "conv1.1", "conv1.3": "conv1.3",
-                                            "conv1.4": "conv1.4", "conv1.6": "conv1.6", "bn1": "bn1"})  # fmt: skip
+        src, expect = backbone_part(
+            canon,
+            {
+                "conv1.0": "conv1.0",
+                "conv1.1": "conv1.1",
+                "conv1.3": "conv1.3",
+                "conv1.4": "conv1.4",
+                "conv1.6": "conv1.6",
+                "bn1": "bn1",
+            },
+        )
         fc = extra({"fc.weight": (1000, 2048), "fc.bias": (1000,)})
         return {**src, **fc}, expect, set(fc)
     raise AssertionError(layout)
@@ -353,11 +409,17 @@ class RefPSPNet(nn.Module):
     def __init__(self, head, classes):
         super().__init__()
         self.layer0 = nn.Sequential(
-            nn.Conv2d(3, 64, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
-            nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
-            nn.Conv2d(64, 128, 3, padding=1, bias=False), nn.BatchNorm2d(128), nn.ReLU(),
+            nn.Conv2d(3, 64, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, 3, padding=1, bias=False),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.Conv2d(64, 128, 3, padding=1, bias=False),
+            nn.BatchNorm2d(128),
+            nn.ReLU(),
             nn.MaxPool2d(3, stride=2, padding=1),
-        )  # fmt: skip
+        )
         self.layer1 = ref_layer(128, 64, 3, 1, 1)
         self.layer2 = ref_layer(256, 128, 4, 2, 1)
         self.layer3 = ref_layer(512, 256, 6, 1, 2)
@@ -379,9 +441,12 @@ class RefPSPNet(nn.Module):
             self.cls = nn.Sequential(*bottleneck, nn.Conv2d(512, classes, 1))
         if head == "semseg":
             self.aux = nn.Sequential(
-                nn.Conv2d(1024, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(), nn.Dropout2d(0.1),
+                nn.Conv2d(1024, 256, 3, padding=1, bias=False),
+                nn.BatchNorm2d(256),
+                nn.ReLU(),
+                nn.Dropout2d(0.1),
                 nn.Conv2d(256, classes, 1),
-            )  # fmt: skip
+            )
 
     def forward(self, x):
         size = x.shape[-2:]
@@ -446,19 +511,32 @@ def test_refuses_resnet101_vgg_and_wrong_stems(canon):
         detect_layout(r101)
     with pytest.raises(ValueError, match="ResNet-101"):
         convert_state_dict(r101, "pascal5i", 0, layout="repri")
-    vgg = {"layer0.0.weight": torch.zeros(64, 3, 3, 3), "layer0.0.bias": torch.zeros(64), "layer0.1.weight": torch.ones(64),
-           "ppm.features.0.1.weight": torch.zeros(512, 512, 1, 1), "bottleneck.0.weight": torch.zeros(512, 4096, 3, 3)}  # fmt: skip
+    vgg = {
+        "layer0.0.weight": torch.zeros(64, 3, 3, 3),
+        "layer0.0.bias": torch.zeros(64),
+        "layer0.1.weight": torch.ones(64),
+        "ppm.features.0.1.weight": torch.zeros(512, 512, 1, 1),
+        "bottleneck.0.weight": torch.zeros(512, 4096, 3, 3),
+    }
     with pytest.raises(ValueError, match=r"VGG.*layer0\.0\.bias|layer0\.0\.bias.*VGG"):
         detect_layout(vgg)
     no_bias_vgg = {k: v for k, v in vgg.items() if k != "layer0.0.bias"}
     with pytest.raises(ValueError, match=r"VGG.*layer1\.0\.conv1\.weight|layer1\.0\.conv1\.weight.*VGG"):
         detect_layout(no_bias_vgg)
-    plain = {"conv1.weight": torch.zeros(64, 3, 7, 7), "bn1.weight": torch.ones(64),
-             "layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1), "fc.weight": torch.zeros(1000, 2048)}  # fmt: skip
+    plain = {
+        "conv1.weight": torch.zeros(64, 3, 7, 7),
+        "bn1.weight": torch.ones(64),
+        "layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1),
+        "fc.weight": torch.zeros(1000, 2048),
+    }
     with pytest.raises(ValueError, match="7x7"):
         detect_layout(plain)
-    narrow = {"conv1.0.weight": torch.zeros(32, 3, 3, 3), "conv1.3.weight": torch.zeros(32, 32, 3, 3),
-              "bn1.weight": torch.ones(64), "layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1)}  # fmt: skip
+    narrow = {
+        "conv1.0.weight": torch.zeros(32, 3, 3, 3),
+        "conv1.3.weight": torch.zeros(32, 32, 3, 3),
+        "bn1.weight": torch.ones(64),
+        "layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1),
+    }
     with pytest.raises(ValueError, match="32-wide"):
         detect_layout(narrow)
     with pytest.raises(ValueError, match="could not recognise"):

@@ -177,9 +177,13 @@ def test_errors(setup):
 
     with pytest.raises(ValueError, match="one process"):
         evaluate_episodes(
-            model, episodes, split=split, val_source=val, accelerator=TwoProcesses(),
+            model,
+            episodes,
+            split=split,
+            val_source=val,
+            accelerator=TwoProcesses(),
             options=EvaluationOptions(adaptation=AdaptationConfig(legacy_carry_over=True), progress=False),
-        )  # fmt: skip
+        )
     with pytest.raises(ValueError, match="base classes"):
         evaluate_episodes(model, episodes, split=get_split("synthetic", 1), val_source=val)
     with pytest.raises(ValueError, match="mix protocols"):
@@ -223,8 +227,19 @@ def hand_built_paper_episodes(rng, count=12, size=16):
         b_gt = rng.integers(0, NUM_BASE_ROWS, (size, size))  # every base class present on the base image
         b_map = np.where(rng.random((size, size)) < 0.85, b_gt, rng.integers(0, NUM_BASE_ROWS + 1, (size, size)))
         b_valid = rng.random((size, size)) > 0.1
-        episodes.append(dict(novel_row=novel_row, valid=valid, q_gt=q_gt, fss_fg=fss_fg, gfss_map=gfss_map,
-                             base_row=base_row, b_gt=b_gt, b_map=b_map, b_valid=b_valid))  # fmt: skip
+        episodes.append(
+            dict(
+                novel_row=novel_row,
+                valid=valid,
+                q_gt=q_gt,
+                fss_fg=fss_fg,
+                gfss_map=gfss_map,
+                base_row=base_row,
+                b_gt=b_gt,
+                b_map=b_map,
+                b_valid=b_valid,
+            )
+        )
     return episodes
 
 
@@ -234,14 +249,24 @@ def test_paper_protocol_pooling_matches_its_definition():
 
     episodes = hand_built_paper_episodes(np.random.default_rng(0))
     # Brute force, from the protocol's text: binary IoU of the episode's class, pooled over that class's episodes.
-    fss = {c: brute_iou([(e["fss_fg"], e["q_gt"], e["valid"]) for e in episodes if e["novel_row"] == c])
-           for c in range(NUM_BASE_ROWS, NUM_ROWS)}  # fmt: skip
-    novel = {c: brute_iou([(e["gfss_map"] == NUM_BASE_ROWS, e["q_gt"], e["valid"]) for e in episodes
-                           if e["novel_row"] == c]) for c in range(NUM_BASE_ROWS, NUM_ROWS)}  # fmt: skip
-    base = {b: brute_iou([(e["b_map"] == b, e["b_gt"] == b, e["b_valid"]) for e in episodes if e["base_row"] == b])
-            for b in range(1, NUM_BASE_ROWS)}  # fmt: skip
-    fb = [brute_iou([(~e["fss_fg"], ~e["q_gt"], e["valid"]) for e in episodes]),
-          brute_iou([(e["fss_fg"], e["q_gt"], e["valid"]) for e in episodes])]  # fmt: skip
+    fss = {
+        c: brute_iou([(e["fss_fg"], e["q_gt"], e["valid"]) for e in episodes if e["novel_row"] == c])
+        for c in range(NUM_BASE_ROWS, NUM_ROWS)
+    }
+    novel = {
+        c: brute_iou(
+            [(e["gfss_map"] == NUM_BASE_ROWS, e["q_gt"], e["valid"]) for e in episodes if e["novel_row"] == c]
+        )
+        for c in range(NUM_BASE_ROWS, NUM_ROWS)
+    }
+    base = {
+        b: brute_iou([(e["b_map"] == b, e["b_gt"] == b, e["b_valid"]) for e in episodes if e["base_row"] == b])
+        for b in range(1, NUM_BASE_ROWS)
+    }
+    fb = [
+        brute_iou([(~e["fss_fg"], ~e["q_gt"], e["valid"]) for e in episodes]),
+        brute_iou([(e["fss_fg"], e["q_gt"], e["valid"]) for e in episodes]),
+    ]
     expected = {
         "fss_novel_miou": brute_mean(fss.values()),
         "gfss_novel_miou": brute_mean(novel.values()),
@@ -259,8 +284,9 @@ def test_paper_protocol_pooling_matches_its_definition():
     g_pred = t(np.stack([e["gfss_map"] for e in episodes]))
     score_binary_episodes(accs["gfss_novel"], g_pred == NUM_BASE_ROWS, q_target, novel_rows)
     base_rows = t([e["base_row"] for e in episodes])[:, None, None]
-    b_target = t(np.stack([np.where(e["b_valid"], (e["b_gt"] == e["base_row"]) * e["base_row"], 255)
-                           for e in episodes]))  # fmt: skip
+    b_target = t(
+        np.stack([np.where(e["b_valid"], (e["b_gt"] == e["base_row"]) * e["base_row"], 255) for e in episodes])
+    )
     b_pred = t(np.stack([e["b_map"] for e in episodes]))
     score_binary_episodes(accs["gfss_base"], b_pred == base_rows, b_target, base_rows)
     metrics, runs = summarise_accumulators("paper", accs, NUM_BASE_ROWS)
@@ -291,8 +317,9 @@ def test_run_protocols_pooling_matches_their_definition(protocol):
         iou = [brute_iou([(pred == c, gt == c, valid)]) for c in range(NUM_ROWS)]
         base = brute_mean(iou[0 if protocol == "capl" else 1 : NUM_BASE_ROWS])  # capl counts background in base
         novel = brute_mean(iou[NUM_BASE_ROWS:])
-        runs.append({"base_miou": base, "novel_miou": novel, "mean_miou": (base + novel) / 2,
-                     "total_miou": brute_mean(iou)})  # fmt: skip
+        runs.append(
+            {"base_miou": base, "novel_miou": novel, "mean_miou": (base + novel) / 2, "total_miou": brute_mean(iou)}
+        )
         accs[f"run{run}"] = PooledIoU(NUM_ROWS)
         for q in range(len(gt)):  # one query at a time, as the protocol predicts them
             accs[f"run{run}"].update(torch.as_tensor(pred[q]), torch.as_tensor(gt[q]))

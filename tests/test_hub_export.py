@@ -12,15 +12,23 @@ from gfss_hf import GFSSConfig, GFSSImageProcessor, GFSSModel
 
 def test_trust_remote_code_load_without_package(tmp_path):
     torch.manual_seed(0)
-    config = GFSSConfig(backbone="test_resnet", hidden_size=32, image_size=64, projection_dim=16,
-                        base_class_names=("a", "b"))
+    config = GFSSConfig(
+        backbone="test_resnet", hidden_size=32, image_size=64, projection_dim=16, base_class_names=("a", "b")
+    )
     model = GFSSModel(config).eval()
     model.expand_classifier(["novel"])
     model.save_pretrained(tmp_path / "model")
     GFSSImageProcessor.from_config(config).save_pretrained(tmp_path / "model")
     saved = sorted(p.name for p in (tmp_path / "model").iterdir())
-    for name in ("configuration_gfss.py", "modeling_gfss.py", "losses.py", "image_processing_gfss.py",
-                 "model.safetensors", "config.json", "preprocessor_config.json"):
+    for name in (
+        "configuration_gfss.py",
+        "modeling_gfss.py",
+        "losses.py",
+        "image_processing_gfss.py",
+        "model.safetensors",
+        "config.json",
+        "preprocessor_config.json",
+    ):
         assert name in saved
     auto_map = json.loads((tmp_path / "model" / "config.json").read_text())["auto_map"]
     assert set(auto_map) >= {"AutoConfig", "AutoModel", "AutoModelForSemanticSegmentation"}
@@ -53,7 +61,12 @@ def test_trust_remote_code_load_without_package(tmp_path):
     """)
     env_script = tmp_path / "check.py"
     env_script.write_text(script)
-    result = subprocess.run([sys.executable, str(env_script)], capture_output=True, text=True, cwd=tmp_path,
-                            env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin",
-                                 "OMP_NUM_THREADS": "1"}, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(env_script)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
     assert "REMOTE-OK" in result.stdout, result.stderr[-3000:]

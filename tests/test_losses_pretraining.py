@@ -167,9 +167,15 @@ def test_sampler_downsamples_labels_nearest_and_uses_the_generator():
     big = labels.repeat_interleave(4, dim=1).repeat_interleave(4, dim=2)  # 32x32, exactly nearest-invertible
     emb = F.normalize(torch.randn(2, 4, 8, 8, generator=g), dim=1)
     pred = torch.randint(0, 3, (2, 8, 8), generator=g)
-    a = sample_contrastive_pixels(emb, big, pred, max_samples=24, max_views=4, generator=torch.Generator().manual_seed(5))
-    b = sample_contrastive_pixels(emb, labels, pred, max_samples=24, max_views=4, generator=torch.Generator().manual_seed(5))
-    c = sample_contrastive_pixels(emb, labels, pred, max_samples=24, max_views=4, generator=torch.Generator().manual_seed(6))
+    a = sample_contrastive_pixels(
+        emb, big, pred, max_samples=24, max_views=4, generator=torch.Generator().manual_seed(5)
+    )
+    b = sample_contrastive_pixels(
+        emb, labels, pred, max_samples=24, max_views=4, generator=torch.Generator().manual_seed(5)
+    )
+    c = sample_contrastive_pixels(
+        emb, labels, pred, max_samples=24, max_views=4, generator=torch.Generator().manual_seed(6)
+    )
     torch.testing.assert_close(a[0], b[0])
     assert torch.equal(a[1], b[1])
     assert not torch.equal(a[0], c[0])  # another seed draws other pixels
@@ -177,7 +183,12 @@ def test_sampler_downsamples_labels_nearest_and_uses_the_generator():
     gens = [torch.Generator().manual_seed(10), torch.Generator().manual_seed(11)]
     full = sample_contrastive_pixels(emb, labels, pred, max_samples=24, max_views=4, generator=gens, num_pairs=6)
     alone = sample_contrastive_pixels(
-        emb[1:], labels[1:], pred[1:], max_samples=24, max_views=4, generator=[torch.Generator().manual_seed(11)],
+        emb[1:],
+        labels[1:],
+        pred[1:],
+        max_samples=24,
+        max_views=4,
+        generator=[torch.Generator().manual_seed(11)],
         num_pairs=6,
     )
     n_img1 = alone[0].shape[0]

@@ -192,7 +192,13 @@ def test_load_backbone_weights_flat_deep_stem(tmp_path):
     model = GFSSModel(tiny_config(backbone="resnet50s", hidden_size=16, use_projection=False))
     source = timm.create_model("resnet50s", pretrained=False).state_dict()
     # the flat layout of a semseg-style ImageNet file: conv1/bn1/conv2/bn2/conv3/bn3
-    flat_names = {"conv1.0.": "conv1.", "conv1.1.": "bn1.", "conv1.3.": "conv2.", "conv1.4.": "bn2.", "conv1.6.": "conv3."}
+    flat_names = {
+        "conv1.0.": "conv1.",
+        "conv1.1.": "bn1.",
+        "conv1.3.": "conv2.",
+        "conv1.4.": "bn2.",
+        "conv1.6.": "conv3.",
+    }
     flat = {}
     for key, value in source.items():
         new = key

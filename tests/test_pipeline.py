@@ -35,8 +35,15 @@ def samples(pretrained_tiny_dir):
     other_id = split.novel_ids[1]
     rich_other = [i for i in range(len(data)) if (data[i]["label"] == other_id).sum() >= 300]
     assert len(rich) >= 3 and len(rich_other) >= 1
-    return {"data": data, "novel_id": novel_id, "rich": rich, "other_id": other_id, "rich_other": rich_other,
-            "novel_name": split.novel_names[0], "other_name": split.novel_names[1]}  # fmt: skip
+    return {
+        "data": data,
+        "novel_id": novel_id,
+        "rich": rich,
+        "other_id": other_id,
+        "rich_other": rich_other,
+        "novel_name": split.novel_names[0],
+        "other_name": split.novel_names[1],
+    }
 
 
 def _pil(sample):
@@ -60,8 +67,14 @@ def test_pipeline_end_to_end_with_pil_inputs(pipe, samples):
     support, query = data[samples["rich"][0]], data[samples["rich"][1]]
     # A non-square query: masks must come back at its original size.
     query_image = _pil(query).resize((80, 64))
-    out = pipe([query_image, _pil(query)], support_images=[_pil(support)], support_masks=[_mask(support, cid)],
-               class_names=[samples["novel_name"]], return_label_map=True, **FAST)  # fmt: skip
+    out = pipe(
+        [query_image, _pil(query)],
+        support_images=[_pil(support)],
+        support_masks=[_mask(support, cid)],
+        class_names=[samples["novel_name"]],
+        return_label_map=True,
+        **FAST,
+    )
     assert len(out) == 2
     first = out[0]
     assert first["label_map"].shape == (64, 80)
@@ -72,8 +85,14 @@ def test_pipeline_end_to_end_with_pil_inputs(pipe, samples):
         assert segment["label"] in names and 0.0 < segment["score"] <= 1.0
         assert set(np.unique(np.asarray(segment["mask"]))) <= {0, 255}
     # The learned class is found where it was annotated (the support itself, class-balanced loss as the reference).
-    fit = pipe(_pil(support), support_images=[_pil(support)], support_masks=[_mask(support, cid)],
-               class_names=[samples["novel_name"]], return_label_map=True, ce_weighting="reference")  # fmt: skip
+    fit = pipe(
+        _pil(support),
+        support_images=[_pil(support)],
+        support_masks=[_mask(support, cid)],
+        class_names=[samples["novel_name"]],
+        return_label_map=True,
+        ce_weighting="reference",
+    )
     novel_row = names.index(samples["novel_name"])
     pred = fit["label_map"] == novel_row
     target = support["label"] == cid
@@ -82,8 +101,13 @@ def test_pipeline_end_to_end_with_pil_inputs(pipe, samples):
     # The model itself is untouched without persist=True.
     assert samples["novel_name"] not in pipe.model.config.class_names
     # Plain list output by default.
-    segments = pipe(_pil(query), support_images=[_pil(support)], support_masks=[_mask(support, cid, white=False)],
-                    class_names=samples["novel_name"], **FAST)  # fmt: skip
+    segments = pipe(
+        _pil(query),
+        support_images=[_pil(support)],
+        support_masks=[_mask(support, cid, white=False)],
+        class_names=samples["novel_name"],
+        **FAST,
+    )
     assert isinstance(segments, list) and {"label", "score", "mask"} <= set(segments[0])
     assert samples["novel_name"] in [s["label"] for s in segments]
 
@@ -108,8 +132,11 @@ def test_exif_rotated_phone_jpegs(pipe, samples, tmp_path):
     drawn = np.pad((support["label"] == cid).astype(np.uint8), ((0, 0), (0, 32)))  # drawn on the displayed image
     assert support_shown.shape[:2] == drawn.shape == (96, 128)
     kwargs = dict(support_masks=[drawn], class_names=[samples["novel_name"]], return_label_map=True, **FAST)
-    from_files = pipe([str(tmp_path / "query.jpg"), Image.open(tmp_path / "query.jpg")],
-                      support_images=[str(tmp_path / "support.jpg")], **kwargs)  # fmt: skip
+    from_files = pipe(
+        [str(tmp_path / "query.jpg"), Image.open(tmp_path / "query.jpg")],
+        support_images=[str(tmp_path / "support.jpg")],
+        **kwargs,
+    )
     shown = pipe(query_shown, support_images=[support_shown], **kwargs)
     for out in from_files:
         assert out["label_map"].shape == (96, 128)
@@ -151,11 +178,25 @@ def test_fss_mode_and_label_maps(pipe, samples):
         m[sample["label"] == oid] = 2
         maps.append(m)
     names = [samples["novel_name"], samples["other_name"]]
-    out = pipe(_pil(a), support_images=[_pil(a), _pil(b)], support_masks=maps, class_names=names,
-               mask_type="label_map", return_label_map=True, **FAST)  # fmt: skip
+    out = pipe(
+        _pil(a),
+        support_images=[_pil(a), _pil(b)],
+        support_masks=maps,
+        class_names=names,
+        mask_type="label_map",
+        return_label_map=True,
+        **FAST,
+    )
     assert out["id2label"][len(out["id2label"]) - 1] == names[1]
-    fss = pipe(_pil(a), support_images=[_pil(a), _pil(b)], support_masks=[_mask(a, cid), _mask(b, oid)],
-               class_names=names, mode="fss", return_label_map=True, ce_weighting="reference")  # fmt: skip
+    fss = pipe(
+        _pil(a),
+        support_images=[_pil(a), _pil(b)],
+        support_masks=[_mask(a, cid), _mask(b, oid)],
+        class_names=names,
+        mode="fss",
+        return_label_map=True,
+        ce_weighting="reference",
+    )
     assert fss["id2label"] == {0: "background", 1: names[0], 2: names[1]}
     pred, target = fss["label_map"] == 1, a["label"] == cid
     assert (pred & target).sum() / max((pred | target).sum(), 1) > 0.3
@@ -166,8 +207,13 @@ def test_learn_once_then_reuse_for_many_queries(pipe, samples, mode, monkeypatch
     data, cid = samples["data"], samples["novel_id"]
     support = data[samples["rich"][0]]
     queries = [_pil(data[i]) for i in samples["rich"][1:3]]
-    supports = dict(support_images=[_pil(support)], support_masks=[_mask(support, cid)],
-                    class_names=[samples["novel_name"]], mode=mode, **FAST)  # fmt: skip
+    supports = dict(
+        support_images=[_pil(support)],
+        support_masks=[_mask(support, cid)],
+        class_names=[samples["novel_name"]],
+        mode=mode,
+        **FAST,
+    )
     state = pipe.learn(**supports)
     # The same classifier as learning inside the call (same seed): reuse changes no prediction.
     expected = pipe(queries, **supports, return_label_map=True)
@@ -189,9 +235,15 @@ def test_learn_once_then_reuse_for_many_queries(pipe, samples, mode, monkeypatch
 def test_persist_save_load_and_learn_more(pipe, samples, tmp_path):
     data, cid = samples["data"], samples["novel_id"]
     support, query = data[samples["rich"][0]], data[samples["rich"][2]]
-    adapted = pipe(_pil(query), support_images=[_pil(support)], support_masks=[_mask(support, cid)],
-                   class_names=[samples["novel_name"]], persist=True, return_label_map=True,
-                   ce_weighting="reference")  # fmt: skip
+    adapted = pipe(
+        _pil(query),
+        support_images=[_pil(support)],
+        support_masks=[_mask(support, cid)],
+        class_names=[samples["novel_name"]],
+        persist=True,
+        return_label_map=True,
+        ce_weighting="reference",
+    )
     model = pipe.model
     assert model.config.novel_class_names == (samples["novel_name"],)
     plain = pipe(_pil(query), return_label_map=True)
@@ -203,8 +255,12 @@ def test_persist_save_load_and_learn_more(pipe, samples, tmp_path):
     pipe.save_pretrained(tmp_path / "learned")
     # A folder saved by the pipeline declares `custom_pipelines` (for trust_remote_code users); with gfss_hf installed,
     # name the class to use the local code.
-    reloaded = pipeline("few-shot-segmentation", model=str(tmp_path / "learned"), device="cpu",
-                        pipeline_class=FewShotSegmentationPipeline)
+    reloaded = pipeline(
+        "few-shot-segmentation",
+        model=str(tmp_path / "learned"),
+        device="cpu",
+        pipeline_class=FewShotSegmentationPipeline,
+    )
     again = reloaded(_pil(query), return_label_map=True)
     assert again["id2label"] == plain["id2label"]
     np.testing.assert_array_equal(again["label_map"], plain["label_map"])
@@ -212,14 +268,29 @@ def test_persist_save_load_and_learn_more(pipe, samples, tmp_path):
     assert "few-shot-segmentation" in config["custom_pipelines"]
     # Learning one more class appends a row after the first learned one.
     other = data[samples["rich_other"][0]]
-    reloaded(_pil(query), support_images=[_pil(other)], support_masks=[_mask(other, samples["other_id"])],
-             class_names=[samples["other_name"]], persist=True, **FAST)  # fmt: skip
+    reloaded(
+        _pil(query),
+        support_images=[_pil(other)],
+        support_masks=[_mask(other, samples["other_id"])],
+        class_names=[samples["other_name"]],
+        persist=True,
+        **FAST,
+    )
     assert reloaded.model.config.novel_class_names == (samples["novel_name"], samples["other_name"])
-    torch.testing.assert_close(reloaded.model.classifier.weight[: model.classifier.weight.shape[0]],
-                               model.classifier.weight, rtol=1e-6, atol=0)  # fmt: skip
+    torch.testing.assert_close(
+        reloaded.model.classifier.weight[: model.classifier.weight.shape[0]],
+        model.classifier.weight,
+        rtol=1e-6,
+        atol=0,
+    )
     with pytest.raises(ValueError, match="already a class"):
-        reloaded(_pil(query), support_images=[_pil(other)], support_masks=[_mask(other, samples["other_id"])],
-                 class_names=[samples["other_name"]], **FAST)  # fmt: skip
+        reloaded(
+            _pil(query),
+            support_images=[_pil(other)],
+            support_masks=[_mask(other, samples["other_id"])],
+            class_names=[samples["other_name"]],
+            **FAST,
+        )
 
 
 def test_learn_classes_writes_rows_into_the_model(pretrained_tiny_dir, samples, tmp_path):
@@ -227,8 +298,9 @@ def test_learn_classes_writes_rows_into_the_model(pretrained_tiny_dir, samples, 
     rows_before = model.classifier.weight.detach().clone()
     data, cid = samples["data"], samples["novel_id"]
     shots = [data[i] for i in samples["rich"][:2]]
-    learned = learn_classes(model, [_pil(s) for s in shots], [_mask(s, cid) for s in shots], samples["novel_name"],
-                            steps=20)  # fmt: skip
+    learned = learn_classes(
+        model, [_pil(s) for s in shots], [_mask(s, cid) for s in shots], samples["novel_name"], steps=20
+    )
     assert learned == [samples["novel_name"]]
     assert torch.equal(model.classifier.weight[: rows_before.shape[0]], rows_before)
     assert model.config.id2label[len(rows_before)] == samples["novel_name"]
@@ -263,10 +335,16 @@ def test_trust_remote_code_in_a_fresh_process(pipe, samples, tmp_path):
         print("NEW", out["id2label"][len(out["id2label"]) - 1])
         """
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": ""}  # fmt: skip
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
-                            timeout=300)  # fmt: skip
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_MODULES_CACHE": str(tmp_path / "modules"),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": "",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "NEW new" in result.stdout
 
@@ -285,55 +363,174 @@ def _box_mask(h, w):
     "kwargs,match",
     [
         ({"support_images": [], "support_masks": [], "class_names": []}, "no supports"),
-        ({"support_images": [_rgb(40, 40)], "support_masks": [_box_mask(40, 40)] * 2, "class_names": ["x"]},
-         "one mask per image"),
-        ({"support_images": [_rgb(40, 40)] * 2, "support_masks": [_box_mask(40, 40)] * 2, "class_names": ["x"] * 3},
-         "class_names"),
-        ({"support_images": [_rgb(40, 40)], "support_masks": [_box_mask(40, 30)], "class_names": ["x"]},
-         "size of its image"),
-        ({"support_images": [_rgb(40, 40)], "support_masks": [np.zeros((40, 40), np.uint8)], "class_names": ["x"]},
-         "no foreground"),
-        ({"support_images": [_rgb(40, 2000)], "support_masks": [np.pad(np.ones((1, 1), np.uint8), ((20, 19), (0, 1999)))],
-          "class_names": ["x"]}, "after resizing"),
-        ({"support_images": [_rgb(40, 40)], "support_masks": [_box_mask(40, 40) * 7], "class_names": ["x"]},
-         "besides 0/1/255"),
-        ({"support_images": [_rgb(40, 40)], "support_masks": [_box_mask(40, 40)], "class_names": ["background"]},
-         "already a class"),
-        ({"support_images": [_rgb(40, 40)] * 2, "support_masks": [_box_mask(40, 40)] * 2, "class_names": ["x", "x"],
-          "mask_type": "label_map"}, "repeats"),
-        ({"support_images": [_rgb(0, 40)], "support_masks": [np.zeros((0, 40), np.uint8)], "class_names": ["x"]},
-         "0"),
-        ({"support_images": [np.zeros((20000, 4, 3), np.uint8)], "support_masks": [np.ones((20000, 4), np.uint8)],
-          "class_names": ["x"]}, "4x20000"),
-        ({"support_images": [_rgb(40, 40)], "support_masks": [_box_mask(40, 40)], "class_names": ["x"], "mode": "x"},
-         "mode="),
-        ({"support_images": [_rgb(40, 40)], "support_masks": [_box_mask(40, 40)], "class_names": ["x"], "mode": "fss",
-          "persist": True}, "persist"),
-        ({"support_images": [_rgb(40, 40)], "support_masks": [_box_mask(40, 40)], "class_names": ["x"],
-          "kd_scale": "printed"}, "kd_scale"),
-        ({"support_images": [_rgb(40, 40)], "support_masks": [_box_mask(40, 40)], "class_names": ["x"], "lr": np.inf},
-         "lr=inf .*finite"),
-        ({"support_images": [_rgb(40, 40)], "support_masks": [_box_mask(40, 40)], "class_names": ["x"],
-          "gamma": np.nan}, "gamma=nan .*finite"),
-        ({"support_images": [_rgb(40, 40)], "support_masks": [_box_mask(40, 40)], "class_names": ["x"], "steps": 2.7},
-         "steps=2.7 .*integer"),
-        ({"support_images": [_rgb(40, 40)], "support_masks": [np.ones((40, 40), np.uint8)], "class_names": ["x"]},
-         "no background pixel"),
-        ({"support_images": [_rgb(40, 40)], "support_masks": [np.full((40, 40), 255, np.uint8)], "class_names": ["x"]},
-         "no background pixel"),
-        ({"support_images": [_rgb(40, 40)] * 2, "support_masks": [np.ones((40, 40), np.uint8)] * 2,
-          "class_names": ["x", "x"]}, "no background pixel"),
-        ({"support_images": [_rgb(40, 40)], "support_masks": [np.ones((40, 40), np.uint8)], "class_names": ["x"],
-          "mask_type": "label_map"}, "no background pixel"),
-        ({"support_images": [_rgb(40, 40)], "support_masks": [_box_mask(40, 40)], "class_names": [None]},
-         "class_names.*string"),
-        ({"support_images": [_rgb(40, 40)], "support_masks": [_box_mask(40, 40)], "class_names": ["Star-Striped "]},
-         "already a class"),
+        (
+            {"support_images": [_rgb(40, 40)], "support_masks": [_box_mask(40, 40)] * 2, "class_names": ["x"]},
+            "one mask per image",
+        ),
+        (
+            {"support_images": [_rgb(40, 40)] * 2, "support_masks": [_box_mask(40, 40)] * 2, "class_names": ["x"] * 3},
+            "class_names",
+        ),
+        (
+            {"support_images": [_rgb(40, 40)], "support_masks": [_box_mask(40, 30)], "class_names": ["x"]},
+            "size of its image",
+        ),
+        (
+            {"support_images": [_rgb(40, 40)], "support_masks": [np.zeros((40, 40), np.uint8)], "class_names": ["x"]},
+            "no foreground",
+        ),
+        (
+            {
+                "support_images": [_rgb(40, 2000)],
+                "support_masks": [np.pad(np.ones((1, 1), np.uint8), ((20, 19), (0, 1999)))],
+                "class_names": ["x"],
+            },
+            "after resizing",
+        ),
+        (
+            {"support_images": [_rgb(40, 40)], "support_masks": [_box_mask(40, 40) * 7], "class_names": ["x"]},
+            "besides 0/1/255",
+        ),
+        (
+            {"support_images": [_rgb(40, 40)], "support_masks": [_box_mask(40, 40)], "class_names": ["background"]},
+            "already a class",
+        ),
+        (
+            {
+                "support_images": [_rgb(40, 40)] * 2,
+                "support_masks": [_box_mask(40, 40)] * 2,
+                "class_names": ["x", "x"],
+                "mask_type": "label_map",
+            },
+            "repeats",
+        ),
+        ({"support_images": [_rgb(0, 40)], "support_masks": [np.zeros((0, 40), np.uint8)], "class_names": ["x"]}, "0"),
+        (
+            {
+                "support_images": [np.zeros((20000, 4, 3), np.uint8)],
+                "support_masks": [np.ones((20000, 4), np.uint8)],
+                "class_names": ["x"],
+            },
+            "4x20000",
+        ),
+        (
+            {
+                "support_images": [_rgb(40, 40)],
+                "support_masks": [_box_mask(40, 40)],
+                "class_names": ["x"],
+                "mode": "x",
+            },
+            "mode=",
+        ),
+        (
+            {
+                "support_images": [_rgb(40, 40)],
+                "support_masks": [_box_mask(40, 40)],
+                "class_names": ["x"],
+                "mode": "fss",
+                "persist": True,
+            },
+            "persist",
+        ),
+        (
+            {
+                "support_images": [_rgb(40, 40)],
+                "support_masks": [_box_mask(40, 40)],
+                "class_names": ["x"],
+                "kd_scale": "printed",
+            },
+            "kd_scale",
+        ),
+        (
+            {
+                "support_images": [_rgb(40, 40)],
+                "support_masks": [_box_mask(40, 40)],
+                "class_names": ["x"],
+                "lr": np.inf,
+            },
+            "lr=inf .*finite",
+        ),
+        (
+            {
+                "support_images": [_rgb(40, 40)],
+                "support_masks": [_box_mask(40, 40)],
+                "class_names": ["x"],
+                "gamma": np.nan,
+            },
+            "gamma=nan .*finite",
+        ),
+        (
+            {
+                "support_images": [_rgb(40, 40)],
+                "support_masks": [_box_mask(40, 40)],
+                "class_names": ["x"],
+                "steps": 2.7,
+            },
+            "steps=2.7 .*integer",
+        ),
+        (
+            {"support_images": [_rgb(40, 40)], "support_masks": [np.ones((40, 40), np.uint8)], "class_names": ["x"]},
+            "no background pixel",
+        ),
+        (
+            {
+                "support_images": [_rgb(40, 40)],
+                "support_masks": [np.full((40, 40), 255, np.uint8)],
+                "class_names": ["x"],
+            },
+            "no background pixel",
+        ),
+        (
+            {
+                "support_images": [_rgb(40, 40)] * 2,
+                "support_masks": [np.ones((40, 40), np.uint8)] * 2,
+                "class_names": ["x", "x"],
+            },
+            "no background pixel",
+        ),
+        (
+            {
+                "support_images": [_rgb(40, 40)],
+                "support_masks": [np.ones((40, 40), np.uint8)],
+                "class_names": ["x"],
+                "mask_type": "label_map",
+            },
+            "no background pixel",
+        ),
+        (
+            {"support_images": [_rgb(40, 40)], "support_masks": [_box_mask(40, 40)], "class_names": [None]},
+            "class_names.*string",
+        ),
+        (
+            {"support_images": [_rgb(40, 40)], "support_masks": [_box_mask(40, 40)], "class_names": ["Star-Striped "]},
+            "already a class",
+        ),
     ],
-    ids=["no-supports", "mask-count", "name-count", "mask-size", "empty-mask", "empty-after-resize", "non-binary",
-         "base-name", "repeated-name", "zero-size", "huge", "mode", "fss-persist", "bad-option", "lr-inf", "gamma-nan",
-         "steps-fraction", "all-ones-mask", "all-255-mask", "all-foreground-k-shot", "all-foreground-label-map",
-         "none-name", "base-name-variant"],  # fmt: skip
+    ids=[
+        "no-supports",
+        "mask-count",
+        "name-count",
+        "mask-size",
+        "empty-mask",
+        "empty-after-resize",
+        "non-binary",
+        "base-name",
+        "repeated-name",
+        "zero-size",
+        "huge",
+        "mode",
+        "fss-persist",
+        "bad-option",
+        "lr-inf",
+        "gamma-nan",
+        "steps-fraction",
+        "all-ones-mask",
+        "all-255-mask",
+        "all-foreground-k-shot",
+        "all-foreground-label-map",
+        "none-name",
+        "base-name-variant",
+    ],
 )
 def test_bad_inputs_raise_clear_errors(pipe, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -351,8 +548,9 @@ def test_unknown_argument_is_rejected_before_fine_tuning(pipe, monkeypatch):
 
     monkeypatch.setattr(pipe, "learn", fail)
     with pytest.raises(TypeError, match="unexpected arguments") as err:
-        pipe(_rgb(40, 40), support_images=[_rgb(40, 40)], support_masks=[_box_mask(40, 40)], class_names=["x"],
-             stpes=5)  # fmt: skip
+        pipe(
+            _rgb(40, 40), support_images=[_rgb(40, 40)], support_masks=[_box_mask(40, 40)], class_names=["x"], stpes=5
+        )
     assert str(err.value).count("'seed'") == 1 and "stpes" in str(err.value)
 
 
@@ -378,6 +576,11 @@ def test_grayscale_rgba_and_16_bit_images(pipe, samples):
     rgba = _pil(support).convert("RGBA")
     deep = Image.fromarray(np.asarray(gray).astype(np.uint16) * 257)  # mode "I;16"
     mask = _mask(support, cid)
-    out = pipe([gray, rgba, deep], support_images=[gray, rgba, deep], support_masks=[mask] * 3,
-               class_names=samples["novel_name"], steps=3)  # fmt: skip
+    out = pipe(
+        [gray, rgba, deep],
+        support_images=[gray, rgba, deep],
+        support_masks=[mask] * 3,
+        class_names=samples["novel_name"],
+        steps=3,
+    )
     assert len(out) == 3 and all(seg["mask"].size == gray.size for seg in out[2])

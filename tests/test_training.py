@@ -16,10 +16,20 @@ from gfss_hf.training_config import TrainingConfig
 REPO = Path(__file__).resolve().parents[1]
 
 TINY = dict(
-    dataset="synthetic", fold=0, num_train_images=24, num_val_images=8,
-    model=dict(backbone="test_resnet", hidden_size=16, image_size=64, projection_dim=8), batch_size=4, max_samples=64,
-    max_views=3, num_workers=0, learning_rate=0.05,
-    logging_steps=1, report_to="none", eval_every_epochs=1, num_epochs=1,
+    dataset="synthetic",
+    fold=0,
+    num_train_images=24,
+    num_val_images=8,
+    model=dict(backbone="test_resnet", hidden_size=16, image_size=64, projection_dim=8),
+    batch_size=4,
+    max_samples=64,
+    max_views=3,
+    num_workers=0,
+    learning_rate=0.05,
+    logging_steps=1,
+    report_to="none",
+    eval_every_epochs=1,
+    num_epochs=1,
 )
 
 
@@ -52,7 +62,9 @@ def test_shipped_configs_load(name):
 def test_unknown_keys_are_listed_with_the_valid_ones(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"dataset": "synthetic", "learning_rat": 0.1, "epochs": 3}))
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['epochs', 'learning_rat'\].*valid keys are: .*learning_rate"):
+    with pytest.raises(
+        ValueError, match=r"unknown key\(s\) \['epochs', 'learning_rat'\].*valid keys are: .*learning_rate"
+    ):
         TrainingConfig.from_yaml(path)
     with pytest.raises(ValueError, match="unknown key"):
         TrainingConfig.from_yaml(REPO / "scripts" / "configs" / "synthetic.yaml", overrides=["nope=1"])
@@ -61,8 +73,12 @@ def test_unknown_keys_are_listed_with_the_valid_ones(tmp_path):
 def test_overrides_are_parsed_as_yaml_and_bad_values_rejected():
     config = TrainingConfig.from_yaml(
         REPO / "scripts" / "configs" / "synthetic.yaml",
-        overrides=["max_steps=7", "base_temperature=0.07", "model.backbone_kwargs={channels: [8, 8, 8, 8]}",
-                   "hflip=false"],
+        overrides=[
+            "max_steps=7",
+            "base_temperature=0.07",
+            "model.backbone_kwargs={channels: [8, 8, 8, 8]}",
+            "hflip=false",
+        ],
     )
     assert config.max_steps == 7 and config.base_temperature == 0.07 and config.hflip is False
     assert config.model["backbone_kwargs"] == {"channels": [8, 8, 8, 8]} and config.model["backbone"] == "resnet18"
@@ -74,21 +90,28 @@ def test_overrides_are_parsed_as_yaml_and_bad_values_rejected():
         TrainingConfig(dataset="imagenet")
 
 
-@pytest.mark.parametrize("key,value,match", [
-    ("temperature", float("nan"), r"temperature=nan is invalid: expected a finite number"),
-    ("contrastive_weight", float("inf"), r"contrastive_weight=inf is invalid: expected a finite number"),
-    ("learning_rate", float("-inf"), r"learning_rate=-inf is invalid: expected a finite number"),
-    ("base_temperature", float("nan"), r"base_temperature=nan is invalid: expected a finite number"),
-    ("dropout", float("nan"), r"dropout=nan is invalid"),
-    ("label_smoothing", float("inf"), r"label_smoothing=inf is invalid"),
-    ("learning_rate", "abc", r"learning_rate='abc' is invalid: expected a finite number, got str; e.g. --set learnin"),
-    ("seed", "abc", r"seed='abc' is invalid: expected an integer, got str; e.g. --set seed=0"),
-    ("seed", 1.5, r"seed=1.5 is invalid: expected an integer, got float"),
-    ("num_epochs", True, r"num_epochs=True is invalid: expected an integer"),
-    ("max_steps", "ten", r"max_steps='ten' is invalid: expected an integer or null"),
-    ("hflip", "yes please", r"hflip='yes please' is invalid: expected true or false"),
-    ("pool_scales", 3, r"pool_scales=3 is invalid: expected a list"),
-])
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("temperature", float("nan"), r"temperature=nan is invalid: expected a finite number"),
+        ("contrastive_weight", float("inf"), r"contrastive_weight=inf is invalid: expected a finite number"),
+        ("learning_rate", float("-inf"), r"learning_rate=-inf is invalid: expected a finite number"),
+        ("base_temperature", float("nan"), r"base_temperature=nan is invalid: expected a finite number"),
+        ("dropout", float("nan"), r"dropout=nan is invalid"),
+        ("label_smoothing", float("inf"), r"label_smoothing=inf is invalid"),
+        (
+            "learning_rate",
+            "abc",
+            r"learning_rate='abc' is invalid: expected a finite number, got str; e.g. --set learnin",
+        ),
+        ("seed", "abc", r"seed='abc' is invalid: expected an integer, got str; e.g. --set seed=0"),
+        ("seed", 1.5, r"seed=1.5 is invalid: expected an integer, got float"),
+        ("num_epochs", True, r"num_epochs=True is invalid: expected an integer"),
+        ("max_steps", "ten", r"max_steps='ten' is invalid: expected an integer or null"),
+        ("hflip", "yes please", r"hflip='yes please' is invalid: expected true or false"),
+        ("pool_scales", 3, r"pool_scales=3 is invalid: expected a list"),
+    ],
+)
 def test_bad_values_name_the_key_the_value_and_the_expected_type(key, value, match):
     with pytest.raises(ValueError, match=match):
         TrainingConfig.from_dict({key: value})
@@ -111,7 +134,9 @@ def test_model_is_one_mapping_passed_to_gfss_config(tmp_path, caplog):
         TrainingConfig.from_dict({"backbone": "a", "model": {"backbone": "b"}})
     with pytest.raises(ValueError, match=r"model has unknown key\(s\) \['fold'\]"):
         TrainingConfig.from_dict({"model": {"fold": 1}})
-    with pytest.raises(ValueError, match=r"model.hidden_size='x' is invalid: expected an integer.*--set model.hidden_"):
+    with pytest.raises(
+        ValueError, match=r"model.hidden_size='x' is invalid: expected an integer.*--set model.hidden_"
+    ):
         TrainingConfig.from_dict({"model": {"hidden_size": "x"}})
     with pytest.raises(ValueError, match="GFSSConfig.hidden_size=0 is invalid"):
         TrainingConfig.from_dict({"model": {"hidden_size": 0}})
@@ -124,16 +149,24 @@ def test_model_is_one_mapping_passed_to_gfss_config(tmp_path, caplog):
 
 def test_yaml_strings_that_spell_numbers_are_taken_as_floats():
     # YAML 1.1 reads 1e-3 (no dot) as a string.
-    config = TrainingConfig.from_yaml(REPO / "scripts" / "configs" / "synthetic.yaml", overrides=["learning_rate=1e-3"])
+    config = TrainingConfig.from_yaml(
+        REPO / "scripts" / "configs" / "synthetic.yaml", overrides=["learning_rate=1e-3"]
+    )
     assert config.learning_rate == 1e-3
 
 
-@pytest.mark.parametrize("text,match", [
-    ("- a\n- b\n", "must hold a mapping of `key: value` lines, got list"),
-    ("just some words\n", "must hold a mapping of `key: value` lines, got str"),
-    ("learning_rat: 0.1\n", r"unknown key\(s\) \['learning_rat'\] in '.*c.yaml' \(did you mean 'learning_rat' -> 'le"),
-    ("seed: [1\n", "cannot be parsed"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("- a\n- b\n", "must hold a mapping of `key: value` lines, got list"),
+        ("just some words\n", "must hold a mapping of `key: value` lines, got str"),
+        (
+            "learning_rat: 0.1\n",
+            r"unknown key\(s\) \['learning_rat'\] in '.*c.yaml' \(did you mean 'learning_rat' -> 'le",
+        ),
+        ("seed: [1\n", "cannot be parsed"),
+    ],
+)
 def test_bad_config_files_name_the_file_and_the_rule(tmp_path, text, match):
     path = tmp_path / "c.yaml"
     path.write_text(text)
@@ -141,12 +174,18 @@ def test_bad_config_files_name_the_file_and_the_rule(tmp_path, text, match):
         TrainingConfig.from_yaml(path)
 
 
-@pytest.mark.parametrize("overrides,match", [
-    ("seed=3", None),  # one string is one override, not a sequence of one-character overrides
-    (["sed=3"], r"unknown key\(s\) \['sed'\] in the overrides \(--set\) \(did you mean 'sed' -> 'seed'\?\)"),
-    (["model.backbone_kwargs=[1"], r"override 'model.backbone_kwargs=\[1': the value '\[1' of 'model.backbone_kwargs' is "
-                                   "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ("seed=3", None),  # one string is one override, not a sequence of one-character overrides
+        (["sed=3"], r"unknown key\(s\) \['sed'\] in the overrides \(--set\) \(did you mean 'sed' -> 'seed'\?\)"),
+        (
+            ["model.backbone_kwargs=[1"],
+            r"override 'model.backbone_kwargs=\[1': the value '\[1' of 'model.backbone_kwargs' is "
+            "not valid YAML",
+        ),
+    ],
+)
 def test_overrides_errors_name_the_override(overrides, match):
     path = REPO / "scripts" / "configs" / "synthetic.yaml"
     if match is None:
@@ -175,11 +214,14 @@ def test_fold_out_of_range(tmp_path):
     assert _no_training_happened(config)
 
 
-@pytest.mark.parametrize("dataset,match", [
-    ("pascal5i", "JPEGImages"),
-    ("coco20i", "instances_train2014.json"),
-    ("folder", "images/"),
-])
+@pytest.mark.parametrize(
+    "dataset,match",
+    [
+        ("pascal5i", "JPEGImages"),
+        ("coco20i", "instances_train2014.json"),
+        ("folder", "images/"),
+    ],
+)
 def test_data_dir_without_the_expected_layout(tmp_path, dataset, match):
     data = tmp_path / "data"
     (data / "something_else").mkdir(parents=True)
@@ -364,12 +406,15 @@ def test_resumed_log_and_running_average_match_the_uninterrupted_run(stopped_run
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("change,named", [
-    ({"learning_rate": 0.1}, "learning_rate: checkpoint 0.05, this run 0.1"),
-    ({"seed": 3}, "seed: checkpoint 0, this run 3"),
-    ({"contrastive_weight": 0.5}, "contrastive_weight: checkpoint 0.1, this run 0.5"),
-    ({"hflip": False, "momentum": 0.5}, "hflip: checkpoint True, this run False; momentum: checkpoint 0.9"),
-])
+@pytest.mark.parametrize(
+    "change,named",
+    [
+        ({"learning_rate": 0.1}, "learning_rate: checkpoint 0.05, this run 0.1"),
+        ({"seed": 3}, "seed: checkpoint 0, this run 3"),
+        ({"contrastive_weight": 0.5}, "contrastive_weight: checkpoint 0.1, this run 0.5"),
+        ({"hflip": False, "momentum": 0.5}, "hflip: checkpoint True, this run False; momentum: checkpoint 0.9"),
+    ],
+)
 def test_resume_with_other_settings_is_refused_naming_the_keys(stopped_run, tmp_path, change, named):
     out, _ = _copy_run(stopped_run, tmp_path)
     before = (out / "training_config.yaml").read_text()
@@ -395,8 +440,11 @@ def test_checkpoint_of_an_older_version_is_refused(stopped_run, tmp_path):
 
 def test_resume_accepts_changed_infrastructure_keys(stopped_run, tmp_path):
     out, _ = _copy_run(stopped_run, tmp_path)
-    config = tiny_config(tmp_path, "split", **{**RESUMABLE, "num_workers": 1, "eval_every_epochs": 0,
-                                               "checkpointing_steps": 100, "report_to": "none"})
+    config = tiny_config(
+        tmp_path,
+        "split",
+        **{**RESUMABLE, "num_workers": 1, "eval_every_epochs": 0, "checkpointing_steps": 100, "report_to": "none"},
+    )
     assert pretrain(config, resume_from_checkpoint="latest")["global_step"] == 7
 
 
@@ -416,8 +464,9 @@ def _malicious_pickle(marker):
     return pickle.dumps(_Marker())
 
 
-@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.safetensors", "process_state_0.safetensors",
-                                  "trainer_state.json"])
+@pytest.mark.parametrize(
+    "name", ["model.safetensors", "optimizer.safetensors", "process_state_0.safetensors", "trainer_state.json"]
+)
 def test_a_pickle_planted_in_a_checkpoint_file_is_refused_not_run(stopped_run, tmp_path, name):
     out, checkpoint = _copy_run(stopped_run, tmp_path)
     marker = tmp_path / "pwned"
@@ -431,15 +480,23 @@ def test_pickles_added_to_a_checkpoint_are_never_loaded(stopped_run, tmp_path):
     # The files Accelerate's save_state writes (and this package wrote before) are ignored, whatever they hold.
     out, checkpoint = _copy_run(stopped_run, tmp_path)
     marker = tmp_path / "pwned"
-    for name in ("custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl", "scheduler.bin", "sampler.bin",
-                 "pytorch_model.bin", "scaler.pt"):
+    for name in (
+        "custom_checkpoint_0.pkl",
+        "optimizer.bin",
+        "random_states_0.pkl",
+        "scheduler.bin",
+        "sampler.bin",
+        "pytorch_model.bin",
+        "scaler.pt",
+    ):
         (checkpoint / name).write_bytes(_malicious_pickle(marker))
     resumed = pretrain(tiny_config(tmp_path, "split", **RESUMABLE), resume_from_checkpoint="latest")
     assert resumed["global_step"] == 7 and not marker.exists()
 
 
-@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.safetensors", "process_state_0.safetensors",
-                                  "trainer_state.json"])
+@pytest.mark.parametrize(
+    "name", ["model.safetensors", "optimizer.safetensors", "process_state_0.safetensors", "trainer_state.json"]
+)
 def test_truncated_checkpoint_file_is_named(stopped_run, tmp_path, name):
     out, checkpoint = _copy_run(stopped_run, tmp_path)
     data = (checkpoint / name).read_bytes()
@@ -508,10 +565,14 @@ def test_rebuild_data_reaches_the_folder_builder(tmp_path, monkeypatch):
     (data / "classes.json").write_text(json.dumps({"names": ["a", "b"], "folds": [["b"]]}))
     modes = []
     real = FolderSegmentation.download_and_prepare
-    monkeypatch.setattr(FolderSegmentation, "download_and_prepare",
-                        lambda self, *a, **k: modes.append(k.get("download_mode")) or real(self, *a, **k))
-    config = tiny_config(tmp_path, dataset="folder", data_dir=str(data), cache_dir=str(tmp_path / "cache"),
-                         min_pixels=10)
+    monkeypatch.setattr(
+        FolderSegmentation,
+        "download_and_prepare",
+        lambda self, *a, **k: modes.append(k.get("download_mode")) or real(self, *a, **k),
+    )
+    config = tiny_config(
+        tmp_path, dataset="folder", data_dir=str(data), cache_dir=str(tmp_path / "cache"), min_pixels=10
+    )
     build_pretraining_datasets(config)
     train, _ = build_pretraining_datasets(config, rebuild_data=True)
     assert modes == [None, None, "force_redownload", "force_redownload"] and len(train) == 2
@@ -525,5 +586,9 @@ def test_run_outputs_get_the_modes_of_plain_writes(tmp_path, umask_027):
     files = [p for p in out.rglob("*") if p.is_file()]
     folders = [p for p in out.rglob("*") if p.is_dir()]
     assert {"model.safetensors", "training_config.yaml", "optimizer.safetensors"} <= {p.name for p in files}
-    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files if stat.S_IMODE(p.stat().st_mode) != 0o640} == {}
-    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in folders if stat.S_IMODE(p.stat().st_mode) != 0o750} == {}
+    assert {
+        p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files if stat.S_IMODE(p.stat().st_mode) != 0o640
+    } == {}
+    assert {
+        p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in folders if stat.S_IMODE(p.stat().st_mode) != 0o750
+    } == {}

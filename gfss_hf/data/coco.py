@@ -45,7 +45,15 @@ from .splits import COCO_CLASSES, IGNORE_INDEX, FoldSplit, get_split
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["semantic_mask", "CocoSemanticMasks", "standard_list_matches", "coco_pixel_counts", "coco_class_index", "Coco20iConfig", "Coco20i"]
+__all__ = [
+    "semantic_mask",
+    "CocoSemanticMasks",
+    "standard_list_matches",
+    "coco_pixel_counts",
+    "coco_class_index",
+    "Coco20iConfig",
+    "Coco20i",
+]
 
 _SPLITS = ("train", "val")
 

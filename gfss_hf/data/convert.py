@@ -66,8 +66,19 @@ __all__ = [
     "write_folder_dataset",
 ]
 
-CAMVID_CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
-                  "Bicyclist")  # fmt: skip
+CAMVID_CLASSES = (
+    "Sky",
+    "Building",
+    "Pole",
+    "Road",
+    "Pavement",
+    "Tree",
+    "SignSymbol",
+    "Fence",
+    "Car",
+    "Pedestrian",
+    "Bicyclist",
+)
 CAMVID_VOID = 11
 _SPLITS = ("train", "val")
 _ORIENTATION_TAG = 0x0112
@@ -141,22 +152,28 @@ class ClassMap:
         keep = list(source_names) if classes is None else [str(c) for c in classes]
         unknown = [c for c in keep if c not in source_names]
         if unknown:
-            raise ValueError(f"classes {unknown} are not in the source, whose classes are {source_names}; pick "
-                             "names from that list (before renaming).")  # fmt: skip
+            raise ValueError(
+                f"classes {unknown} are not in the source, whose classes are {source_names}; pick "
+                "names from that list (before renaming)."
+            )
         if len(set(keep)) != len(keep) or not keep:
             raise ValueError(f"classes={keep} must be a non-empty list without repeats.")
         rename = {str(k): str(v) for k, v in (rename or {}).items()}
         not_kept = [old for old in rename if old not in keep]
         if not_kept:
-            raise ValueError(f"rename names {not_kept}, which are not among the kept classes {keep}; rename a kept "
-                             "class (use its source name).")  # fmt: skip
+            raise ValueError(
+                f"rename names {not_kept}, which are not among the kept classes {keep}; rename a kept "
+                "class (use its source name)."
+            )
         names = tuple(rename.get(n, n) for n in keep)
         clash = sorted({n for n in names if names.count(n) > 1})
         if clash:
             raise ValueError(f"after renaming, the names {clash} are given to several classes; names must be unique.")
         if any(n.lower() == "background" for n in names):
-            raise ValueError("a class is named 'background'; background is id 0 implicitly: leave it out of the "
-                             "classes (its pixels are 0) or rename it.")  # fmt: skip
+            raise ValueError(
+                "a class is named 'background'; background is id 0 implicitly: leave it out of the "
+                "classes (its pixels are 0) or rename it."
+            )
         lut = np.full(256, -1, dtype=np.int16)
         lut[0] = 0
         lut[IGNORE_INDEX] = IGNORE_INDEX
@@ -169,8 +186,10 @@ class ClassMap:
         out = self.lut[label]
         if (out < 0).any():
             bad = sorted(int(v) for v in np.unique(label[out < 0]))
-            raise ValueError(f"{where} holds values {bad} that are no source class (0 background, 1..{self.num_source}"
-                             " classes, 255 ignore); declare them or mark them void.")  # fmt: skip
+            raise ValueError(
+                f"{where} holds values {bad} that are no source class (0 background, 1..{self.num_source}"
+                " classes, 255 ignore); declare them or mark them void."
+            )
         return out.astype(np.uint8)
 
 
@@ -217,8 +236,10 @@ def coco_samples(
         _check_split(split)
         ann_file, image_dir = Path(ann_file), Path(image_dir)
         if not ann_file.is_file():
-            raise FileNotFoundError(f"COCO annotation file {str(ann_file)!r} ({split}) does not exist; give the "
-                                    "instances_<split><year>.json file.")  # fmt: skip
+            raise FileNotFoundError(
+                f"COCO annotation file {str(ann_file)!r} ({split}) does not exist; give the "
+                "instances_<split><year>.json file."
+            )
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
                 coco = COCO(str(ann_file))
@@ -231,13 +252,20 @@ def coco_samples(
             categories = cats
             names = [cats[c] for c in sorted(cats)]
         elif cats != categories:
-            raise ValueError(f"{str(ann_file)!r} has other categories than the first annotation file; convert files "
-                             "of one category set together.")  # fmt: skip
-        missing = [str(image_dir / im["file_name"]) for im in coco.dataset["images"]
-                   if not (image_dir / im["file_name"]).is_file()]  # fmt: skip
+            raise ValueError(
+                f"{str(ann_file)!r} has other categories than the first annotation file; convert files "
+                "of one category set together."
+            )
+        missing = [
+            str(image_dir / im["file_name"])
+            for im in coco.dataset["images"]
+            if not (image_dir / im["file_name"]).is_file()
+        ]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} image(s) of {str(ann_file)!r} are not in {str(image_dir)!r}, e.g."
-                                    f" {missing[:3]}; give the image folder of that file.")  # fmt: skip
+            raise FileNotFoundError(
+                f"{len(missing)} image(s) of {str(ann_file)!r} are not in {str(image_dir)!r}, e.g."
+                f" {missing[:3]}; give the image folder of that file."
+            )
         loaded[split] = (coco, image_dir)
     category_to_id = {cat: rank + 1 for rank, cat in enumerate(sorted(categories))}
 
@@ -274,7 +302,9 @@ def read_yolo_names(names_or_yaml) -> list[str]:
     return [str(n) for n in names_or_yaml]
 
 
-def rasterize_yolo_polygons(label_file: str | os.PathLike | None, height: int, width: int, num_classes: int) -> np.ndarray:
+def rasterize_yolo_polygons(
+    label_file: str | os.PathLike | None, height: int, width: int, num_classes: int
+) -> np.ndarray:
     """
     The source label map (0 background, class index + 1) of one YOLO segmentation label file.
 
@@ -296,22 +326,30 @@ def rasterize_yolo_polygons(label_file: str | os.PathLike | None, height: int, w
             continue
         where = f"{label_file}:{lineno}"
         if len(parts) == 5:
-            raise ValueError(f"{where} is a box (class x y w h), not a polygon; convert segmentation labels "
-                             "(class x1 y1 x2 y2 ...), e.g. from a YOLO 'segment' dataset.")  # fmt: skip
+            raise ValueError(
+                f"{where} is a box (class x y w h), not a polygon; convert segmentation labels "
+                "(class x1 y1 x2 y2 ...), e.g. from a YOLO 'segment' dataset."
+            )
         try:
             cls, coords = int(parts[0]), [float(v) for v in parts[1:]]
         except ValueError:
             raise ValueError(f"{where}: {line!r} is not 'class x1 y1 x2 y2 ...' with numbers.") from None
         if len(coords) < 6 or len(coords) % 2:
-            raise ValueError(f"{where}: a polygon needs an even number of coordinates, at least 3 points; got "
-                             f"{len(coords)} numbers.")  # fmt: skip
+            raise ValueError(
+                f"{where}: a polygon needs an even number of coordinates, at least 3 points; got "
+                f"{len(coords)} numbers."
+            )
         if not 0 <= cls < num_classes:
-            raise ValueError(f"{where}: class {cls} is not among the {num_classes} class names (0..{num_classes - 1});"
-                             " add its name or fix the label.")  # fmt: skip
+            raise ValueError(
+                f"{where}: class {cls} is not among the {num_classes} class names (0..{num_classes - 1});"
+                " add its name or fix the label."
+            )
         xy = np.asarray(coords).reshape(-1, 2)
         if xy.min() < 0 or xy.max() > 1:
-            raise ValueError(f"{where}: coordinates must be normalised to [0, 1], got [{xy.min():.3g}, "
-                             f"{xy.max():.3g}]; divide pixel coordinates by the image width / height.")  # fmt: skip
+            raise ValueError(
+                f"{where}: coordinates must be normalised to [0, 1], got [{xy.min():.3g}, "
+                f"{xy.max():.3g}]; divide pixel coordinates by the image width / height."
+            )
         points = [(x * width, y * height) for x, y in xy]
         draw.polygon(points, fill=cls + 1, outline=cls + 1)
     return np.asarray(canvas).copy()
@@ -368,8 +406,10 @@ def yolo_samples(
     elif (root / "images").is_dir():
         split_dirs = {"train": [root / "images"]}
     else:
-        raise FileNotFoundError(f"{str(root)!r} has neither a data.yaml nor an images/ folder; give the YOLO dataset "
-                                "folder (images/<split>/ + labels/<split>/).")  # fmt: skip
+        raise FileNotFoundError(
+            f"{str(root)!r} has neither a data.yaml nor an images/ folder; give the YOLO dataset "
+            "folder (images/<split>/ + labels/<split>/)."
+        )
     if names is None:
         raise ValueError(f"no class names for {str(root)!r}: there is no data.yaml; pass the names (index order).")
     names = read_yolo_names(names)
@@ -377,8 +417,9 @@ def yolo_samples(
     for split, dirs in split_dirs.items():
         for d in dirs:
             if not d.is_dir():
-                raise FileNotFoundError(f"YOLO {split} folder {str(d)!r} does not exist; fix the data.yaml or the "
-                                        "folder.")  # fmt: skip
+                raise FileNotFoundError(
+                    f"YOLO {split} folder {str(d)!r} does not exist; fix the data.yaml or the folder."
+                )
         files[split] = [p for d in dirs for p in _image_files(d)]
         if not files[split]:
             raise FileNotFoundError(f"no image in the YOLO {split} folder(s) {[str(d) for d in dirs]}.")
@@ -407,8 +448,9 @@ def _index_pairs(root: Path, layout: str) -> dict[str, list[tuple[Path, Path]]]:
             for image in _image_files(images):
                 mask = next((m for m in (masks / image.name, masks / f"{image.stem}.png") if m.is_file()), None)
                 if mask is None:
-                    raise FileNotFoundError(f"image {str(image)!r} has no label {str(masks / image.name)!r}; add it "
-                                            "or remove the image.")  # fmt: skip
+                    raise FileNotFoundError(
+                        f"image {str(image)!r} has no label {str(masks / image.name)!r}; add it or remove the image."
+                    )
                 found.append((image, mask))
             pairs[split] = found
     elif layout == "cityscapes":
@@ -421,8 +463,9 @@ def _index_pairs(root: Path, layout: str) -> dict[str, list[tuple[Path, Path]]]:
                 stem = image.name[: -len("_leftImg8bit.png")]
                 mask = root / "gtFine" / split / image.parent.name / f"{stem}_gtFine_labelIds.png"
                 if not mask.is_file():
-                    raise FileNotFoundError(f"image {str(image)!r} has no label {str(mask)!r}; add it or remove the "
-                                            "image.")  # fmt: skip
+                    raise FileNotFoundError(
+                        f"image {str(image)!r} has no label {str(mask)!r}; add it or remove the image."
+                    )
                 found.append((image, mask))
             pairs[split] = found
     else:
@@ -470,8 +513,10 @@ def index_mask_samples(
         elif (root / "train").is_dir() and (root / "trainannot").is_dir():
             layout = "camvid"
         else:
-            raise FileNotFoundError(f"{str(root)!r} has neither train/ + trainannot/ (CamVid layout) nor leftImg8bit/"
-                                    " + gtFine/ (Cityscapes layout); give the dataset folder.")  # fmt: skip
+            raise FileNotFoundError(
+                f"{str(root)!r} has neither train/ + trainannot/ (CamVid layout) nor leftImg8bit/"
+                " + gtFine/ (Cityscapes layout); give the dataset folder."
+            )
     if (names is None) == (mapping is None):
         raise ValueError("give exactly one of names (classes by value) or mapping (value -> name).")
     void = [int(v) for v in void]
@@ -505,8 +550,10 @@ def index_mask_samples(
                 label = table[raw]
                 if (label < 0).any():
                     bad = sorted(int(v) for v in np.unique(raw[label < 0]))
-                    raise ValueError(f"label {str(mask)!r} holds values {bad} that are neither classes nor void; "
-                                     "declare their names or mark them void.")  # fmt: skip
+                    raise ValueError(
+                        f"label {str(mask)!r} holds values {bad} that are neither classes nor void; "
+                        "declare their names or mark them void."
+                    )
                 stem = image.name[: -len("_leftImg8bit.png")] if layout == "cityscapes" else image.stem
                 yield SourceSample(split, stem, image, label.astype(np.uint8), "raw")
 
@@ -548,8 +595,10 @@ def _place_image(sample: SourceSample, folder: Path, image_id: str, shape: tuple
 
 def _check_size(src: Path, size: tuple[int, int], shape: tuple[int, int]) -> None:
     if size != tuple(shape):
-        raise ValueError(f"image {str(src)!r} is {size[1]}x{size[0]} but its label is {shape[1]}x{shape[0]} (WxH); "
-                         "labels must have their image's size.")  # fmt: skip
+        raise ValueError(
+            f"image {str(src)!r} is {size[1]}x{size[0]} but its label is {shape[1]}x{shape[0]} (WxH); "
+            "labels must have their image's size."
+        )
 
 
 def _default_num_folds(n: int) -> int:
@@ -598,8 +647,9 @@ def write_folder_dataset(
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"output folder {str(output_dir)!r} is an existing file; give a folder path.")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"output folder {str(output_dir)!r} is not empty; give a new folder or overwrite=True "
-                              "(--overwrite).")  # fmt: skip
+        raise FileExistsError(
+            f"output folder {str(output_dir)!r} is not empty; give a new folder or overwrite=True (--overwrite)."
+        )
     class_map = ClassMap.build(source_names, classes, rename, unselected)
     names = class_map.names
     if folds is not None and num_folds is not None:
@@ -608,8 +658,9 @@ def write_folder_dataset(
         folds = [[str(n) for n in fold] for fold in folds]
         unknown = sorted({n for fold in folds for n in fold if n not in names})
         if unknown:
-            raise ValueError(f"folds name {unknown}, which are not output classes {list(names)}; use the names after "
-                             "renaming.")  # fmt: skip
+            raise ValueError(
+                f"folds name {unknown}, which are not output classes {list(names)}; use the names after renaming."
+            )
         fold_entry = {"folds": folds}
     else:
         k = _default_num_folds(len(names)) if num_folds is None else int(num_folds)
@@ -637,8 +688,10 @@ def write_folder_dataset(
             else:
                 image_id = sample.stem if sample.stem not in pixel_counts else f"{sample.split}_{sample.stem}"
                 if image_id in pixel_counts:
-                    raise ValueError(f"two images are both named {sample.stem!r} (e.g. {str(source)!r}); give the "
-                                     "images distinct file names.")  # fmt: skip
+                    raise ValueError(
+                        f"two images are both named {sample.stem!r} (e.g. {str(source)!r}); give the "
+                        "images distinct file names."
+                    )
                 label = class_map.apply(sample.label, where=f"label of {str(sample.image_path)!r}")
                 _place_image(sample, tmp / "images", image_id, label.shape)
                 Image.fromarray(label, "L").save(tmp / "masks" / f"{image_id}.png")
@@ -655,11 +708,14 @@ def write_folder_dataset(
                 sources[missing] = list(sources[other])
         shared = set(sources["train"]) & set(sources["val"])
         if shared and set(sources["train"]) == set(sources["val"]):
-            warnings.append(f"train and val lists are the same {len(shared)} images: scores on val will measure "
-                            "fitting, not generalisation; give a separate val split.")  # fmt: skip
+            warnings.append(
+                f"train and val lists are the same {len(shared)} images: scores on val will measure "
+                "fitting, not generalisation; give a separate val split."
+            )
         elif shared:
-            warnings.append(f"{len(shared)} images are in both the train and the val list; scores on val are "
-                            "optimistic.")  # fmt: skip
+            warnings.append(
+                f"{len(shared)} images are in both the train and the val list; scores on val are optimistic."
+            )
         for split in _SPLITS:
             (tmp / f"{split}.txt").write_text("".join(f"{i}\n" for i in lists[split]))
         classes_json = {
@@ -667,9 +723,13 @@ def write_folder_dataset(
             **fold_entry,
             "dataset": dataset_name or output_dir.name,
             "has_background": bool(has_background),
-            "conversion": {"format": source_format, "source_names": list(source_names),
-                           "renamed": class_map.renamed, "unselected": unselected},
-        }  # fmt: skip
+            "conversion": {
+                "format": source_format,
+                "source_names": list(source_names),
+                "renamed": class_map.renamed,
+                "unselected": unselected,
+            },
+        }
         (tmp / "classes.json").write_text(json.dumps(classes_json, indent=2) + "\n")
         read_folder_classes(tmp)  # the fold table is valid for the folder builder
     for message in warnings:

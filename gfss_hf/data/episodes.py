@@ -140,8 +140,19 @@ class EpisodeSpec:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EpisodeSpec:
         """Inverse of `to_dict`."""
-        known = {"dataset", "fold", "protocol", "index", "seed", "run", "query_id", "support_ids", "class_ids",
-                 "base_query_id", "base_class_id"}  # fmt: skip
+        known = {
+            "dataset",
+            "fold",
+            "protocol",
+            "index",
+            "seed",
+            "run",
+            "query_id",
+            "support_ids",
+            "class_ids",
+            "base_query_id",
+            "base_class_id",
+        }
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown EpisodeSpec fields {sorted(unknown)}; expected a subset of {sorted(known)}.")
@@ -577,25 +588,44 @@ def build_episodes(
     if protocol == "paper":
         index = class_index_from_pixel_counts(val_source.pixel_counts(), min_pixels)
         return sample_paper_episodes(
-            index, val_source.ids, split.novel_ids, split.base_ids, shots, num_episodes, seed,
-            class_sampling=class_sampling, **common,
-        )  # fmt: skip
+            index,
+            val_source.ids,
+            split.novel_ids,
+            split.base_ids,
+            shots,
+            num_episodes,
+            seed,
+            class_sampling=class_sampling,
+            **common,
+        )
     if runs < 1:
         raise ValueError(f"runs={runs} must be >= 1 (DIaM uses 5 support sets).")
     episodes: list[EpisodeSpec] = []
     for run in range(runs):
         if protocol == "diam":
             episodes += sample_diam_run(
-                val_source.pixel_counts(), val_source.ids, split.novel_ids, shots, seed, run=run,
-                min_support_pixels=min_pixels, **common,
-            )  # fmt: skip
+                val_source.pixel_counts(),
+                val_source.ids,
+                split.novel_ids,
+                shots,
+                seed,
+                run=run,
+                min_support_pixels=min_pixels,
+                **common,
+            )
         else:
             if train_source is None:
                 raise ValueError("the 'capl' protocol draws supports from the train list: pass train_source.")
             episodes += sample_capl_run(
-                train_source.pixel_counts(), val_source.ids, split.novel_ids, shots, seed, run=run,
-                min_support_pixels=min_pixels, **common,
-            )  # fmt: skip
+                train_source.pixel_counts(),
+                val_source.ids,
+                split.novel_ids,
+                shots,
+                seed,
+                run=run,
+                min_support_pixels=min_pixels,
+                **common,
+            )
     return episodes
 
 
@@ -682,8 +712,18 @@ def episodes_to_dataset(episodes: Sequence[EpisodeSpec]):
     rows: dict[str, list] = {name: [] for name in _episode_features()}
     for e in episodes:
         d = e.to_dict()
-        for name in ("dataset", "fold", "protocol", "index", "seed", "run", "query_id", "class_ids",
-                     "base_query_id", "base_class_id"):  # fmt: skip
+        for name in (
+            "dataset",
+            "fold",
+            "protocol",
+            "index",
+            "seed",
+            "run",
+            "query_id",
+            "class_ids",
+            "base_query_id",
+            "base_class_id",
+        ):
             rows[name].append(d[name])
         classes = sorted(e.support_ids)
         rows["support_class_ids"].append(classes)

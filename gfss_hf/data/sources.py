@@ -108,8 +108,9 @@ class DatasetImageSource:
     def median_image_area(self) -> float:
         """Median of the images' pixel areas (`height * width`), for area thresholds relative to the image size."""
         if self._image_areas is None:
-            self._image_areas = {str(r["id"]): int(np.asarray(r["label"]).size)
-                                 for r in self.dataset.select_columns(["id", "label"])}  # fmt: skip
+            self._image_areas = {
+                str(r["id"]): int(np.asarray(r["label"]).size) for r in self.dataset.select_columns(["id", "label"])
+            }
         return float(np.median([self._image_areas[i] for i in self.ids]))
 
     def pixel_counts(self) -> dict[str, dict[int, int]]:
@@ -225,9 +226,14 @@ def _coco_images(split_name, *, fold, data_dir, cache_dir=None, split_kind=None,
                 "published COCO-20i results."
             )
     builder = Coco20i(
-        cache_dir=cache_dir, data_dir=data_dir, fold=fold, view=split_name, split_kind=split_kind or "interleaved",
-        year=masks.year, **({"val_list": list_file} if split_name == "val" else {}),
-    )  # fmt: skip
+        cache_dir=cache_dir,
+        data_dir=data_dir,
+        fold=fold,
+        view=split_name,
+        split_kind=split_kind or "interleaved",
+        year=masks.year,
+        **({"val_list": list_file} if split_name == "val" else {}),
+    )
     counts = coco_pixel_counts(data_dir, split_name, year=masks.year, list_file=list_file)
     return DatasetImageSource(_prepared(builder, split_name), pixel_counts=counts, description=description)
 
@@ -270,8 +276,9 @@ class DataSource:
 DATA_SOURCES: dict[str, DataSource] = {
     "synthetic": DataSource("synthetic", False, _builtin_fold_split("synthetic"), _check_synthetic, _synthetic_images),
     **{
-        name: DataSource(name, True, _builtin_fold_split(name), _check_pascal, _pascal_images(name),
-                         _pascal_builder(name))  # fmt: skip
+        name: DataSource(
+            name, True, _builtin_fold_split(name), _check_pascal, _pascal_images(name), _pascal_builder(name)
+        )
         for name in PASCAL_DATASETS
     },
     "coco20i": DataSource("coco20i", True, _builtin_fold_split("coco20i"), _check_coco, _coco_images, _coco_builder),
@@ -399,6 +406,12 @@ def load_image_source(
     if source.needs_data_dir and data_dir is None:
         raise ValueError(f"dataset={dataset!r} is read from disk: pass data_dir (the dataset folder).")
     return source.images(
-        split_name, fold=fold, split_kind=split_kind, data_dir=data_dir, cache_dir=cache_dir, num_images=num_images,
-        image_size=image_size, seed=seed,
-    )  # fmt: skip
+        split_name,
+        fold=fold,
+        split_kind=split_kind,
+        data_dir=data_dir,
+        cache_dir=cache_dir,
+        num_images=num_images,
+        image_size=image_size,
+        seed=seed,
+    )

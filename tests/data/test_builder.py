@@ -8,11 +8,15 @@ import pytest
 from gfss_hf._io import atomic_write_bytes, atomic_write_json, atomic_write_text, current_umask
 
 
-@pytest.mark.parametrize("write", [
-    lambda p: atomic_write_bytes(p, b"x"),
-    lambda p: atomic_write_text(p, "x"),
-    lambda p: atomic_write_json(p, {"x": 1}),
-], ids=["bytes", "text", "json"])
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda p: atomic_write_bytes(p, b"x"),
+        lambda p: atomic_write_text(p, "x"),
+        lambda p: atomic_write_json(p, {"x": 1}),
+    ],
+    ids=["bytes", "text", "json"],
+)
 @pytest.mark.parametrize("mask", [0o027, 0o002, 0o077])
 def test_atomic_writes_get_the_mode_of_a_plain_write(tmp_path, write, mask):
     old = os.umask(mask)

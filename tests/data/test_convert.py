@@ -42,8 +42,9 @@ def counts_of(label: np.ndarray) -> dict[int, int]:
 
 def load_folder(root: Path, tmp_path: Path, view="val") -> dict[str, np.ndarray]:
     """The labels of a converted folder, read through the folder builder."""
-    builder = FolderSegmentation(cache_dir=str(tmp_path / "hf"), data_dir=str(root), fold=0, view=view,
-                                 index_cache_dir=str(tmp_path / "index"))  # fmt: skip
+    builder = FolderSegmentation(
+        cache_dir=str(tmp_path / "hf"), data_dir=str(root), fold=0, view=view, index_cache_dir=str(tmp_path / "index")
+    )
     builder.download_and_prepare()
     data = builder.as_dataset(split="validation" if view == "val" else "train")
     return {ex["id"]: np.asarray(ex["label"]) for ex in data}
@@ -56,8 +57,23 @@ def test_coco_2017_sample_selected_and_renamed_classes_match_a_brute_force_count
     coco_root = sample_data / "coco_tiny"
     out = tmp_path / "coco_folder"
     keep = ["person", "dog", "car", "cat"]
-    load_script().main(["coco", "--data_dir", str(coco_root), "--output_dir", str(out), "--classes", *keep,
-                        "--rename", "person=human", "--folds", "dog,cat", "car", "--no_progress"])  # fmt: skip
+    load_script().main(
+        [
+            "coco",
+            "--data_dir",
+            str(coco_root),
+            "--output_dir",
+            str(out),
+            "--classes",
+            *keep,
+            "--rename",
+            "person=human",
+            "--folds",
+            "dog,cat",
+            "car",
+            "--no_progress",
+        ]
+    )
     classes = read_folder_classes(out)
     assert classes.names == ("human", "dog", "car", "cat")
     assert classes.folds == ((2, 4), (3,))
@@ -77,7 +93,9 @@ def test_coco_2017_sample_selected_and_renamed_classes_match_a_brute_force_count
         stem = Path(info["file_name"]).stem
         assert counts_of(labels[stem]) == counts_of(expected), stem
         # Images are copied byte for byte.
-        assert (out / "images" / info["file_name"]).read_bytes() == (coco_root / "val2017" / info["file_name"]).read_bytes()
+        assert (out / "images" / info["file_name"]).read_bytes() == (
+            coco_root / "val2017" / info["file_name"]
+        ).read_bytes()
     assert sum(c.get(1, 0) for c in map(counts_of, labels.values())) > 0  # people were found
 
 
@@ -110,18 +128,21 @@ def test_camvid_without_background_class_k_to_k_plus_1_void_to_ignore(camvid_sub
 
 def test_camvid_class_selection_unselected_to_background_or_ignore(camvid_subset, tmp_path):
     names, samples = index_mask_samples(camvid_subset, names=CAMVID_CLASSES, has_background=False, void=[11])
-    result = write_folder_dataset(tmp_path / "bg", names, samples, classes=["Car", "Road"], rename={"Road": "street"},
-                                  num_folds=2)  # fmt: skip
+    result = write_folder_dataset(
+        tmp_path / "bg", names, samples, classes=["Car", "Road"], rename={"Road": "street"}, num_folds=2
+    )
     assert result.names == ("Car", "street")
     names, samples = index_mask_samples(camvid_subset, names=CAMVID_CLASSES, has_background=False, void=[11])
-    ignored = write_folder_dataset(tmp_path / "ig", names, samples, classes=["Car", "Road"], unselected="ignore",
-                                   num_folds=2)  # fmt: skip
+    ignored = write_folder_dataset(
+        tmp_path / "ig", names, samples, classes=["Car", "Road"], unselected="ignore", num_folds=2
+    )
     for stem in result.val_ids:
         source = np.asarray(Image.open(camvid_subset / "valannot" / f"{stem}.png"))
         car, road = int((source == 8).sum()), int((source == 3).sum())
         other = source.size - car - road - int((source == 11).sum())
-        assert result.pixel_counts[stem] == {k: v for k, v in {0: other, 1: car, 2: road,
-                                                                255: int((source == 11).sum())}.items() if v}
+        assert result.pixel_counts[stem] == {
+            k: v for k, v in {0: other, 1: car, 2: road, 255: int((source == 11).sum())}.items() if v
+        }
         assert ignored.pixel_counts[stem].get(255, 0) == source.size - car - road
         assert 0 not in ignored.pixel_counts[stem]
 
@@ -142,12 +163,16 @@ def yolo_sample(tmp_path):
     root = tmp_path / "yolo"
     for sub in ("images/train", "images/val", "labels/train", "labels/val"):
         (root / sub).mkdir(parents=True)
-    (root / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/val\nnames:\n  0: cat\n  1: dog\n  2: bird\n")
+    (root / "data.yaml").write_text(
+        "path: .\ntrain: images/train\nval: images/val\nnames:\n  0: cat\n  1: dog\n  2: bird\n"
+    )
     rng = np.random.default_rng(0)
     expected = {}
     w, h = 64, 32
     Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / "images/train/a.png")
-    (root / "labels/train/a.txt").write_text(f"0 {_norm(_rect(8, 4, 40, 20), w, h)}\n1 {_norm(_rect(30, 12, 60, 28), w, h)}\n")
+    (root / "labels/train/a.txt").write_text(
+        f"0 {_norm(_rect(8, 4, 40, 20), w, h)}\n1 {_norm(_rect(30, 12, 60, 28), w, h)}\n"
+    )
     label = np.zeros((h, w), np.uint8)
     label[4:21, 8:41] = 1
     label[12:29, 30:61] = 2
@@ -190,17 +215,32 @@ def test_flat_yolo_folder_warns_that_train_and_val_are_the_same(yolo_sample, tmp
         src = next((root / "images" / "train").glob(f"{stem}.*"))
         (flat / "images" / src.name).write_bytes(src.read_bytes())
     (flat / "labels" / "a.txt").write_text((root / "labels" / "train" / "a.txt").read_text())
-    result = load_script().main(["yolo", "--data_dir", str(flat), "--names", "cat", "dog", "--output_dir",
-                                 str(tmp_path / "out"), "--no_progress"])  # fmt: skip
+    result = load_script().main(
+        [
+            "yolo",
+            "--data_dir",
+            str(flat),
+            "--names",
+            "cat",
+            "dog",
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--no_progress",
+        ]
+    )
     assert result.train_ids == result.val_ids == ["a", "b"]
     assert any("train and val lists are the same 2 images" in w for w in result.warnings)
 
 
 @pytest.mark.parametrize(
     "line, message",
-    [("0 0.5 0.5 0.2 0.2", "is a box"), ("5 0.1 0.1 0.5 0.1 0.5 0.5", "class 5 is not among the 3"),
-     ("0 0.1 0.1 0.5", "even number of coordinates"), ("0 10 10 50 10 50 50", r"normalised to \[0, 1\]")],
-)  # fmt: skip
+    [
+        ("0 0.5 0.5 0.2 0.2", "is a box"),
+        ("5 0.1 0.1 0.5 0.1 0.5 0.5", "class 5 is not among the 3"),
+        ("0 0.1 0.1 0.5", "even number of coordinates"),
+        ("0 10 10 50 10 50 50", r"normalised to \[0, 1\]"),
+    ],
+)
 def test_bad_yolo_lines_are_refused_naming_file_and_line(yolo_sample, tmp_path, line, message):
     root, _ = yolo_sample
     (root / "labels/train/b.txt").write_text(f"\n{line}\n")
@@ -219,14 +259,29 @@ def test_cityscapes_label_ids_with_a_mapping(tmp_path):
         (root / "leftImg8bit" / split / city).mkdir(parents=True)
         (root / "gtFine" / split / city).mkdir(parents=True)
         Image.fromarray(rng.integers(0, 255, (16, 32, 3), dtype=np.uint8)).save(
-            root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png")  # fmt: skip
+            root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png"
+        )
         ids = rng.choice([0, 1, 7, 8, 24, 26], size=(16, 32)).astype(np.uint8)
         Image.fromarray(ids).save(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png")
         # road, road (sidewalk merged), car, person -> background; not listed -> ignore
         expected[stem] = np.select([np.isin(ids, [7, 8]), ids == 26, ids == 24], [1, 2, 0], 255)
-    result = load_script().main(["index", "--data_dir", str(root), "--mapping", "7=road", "8=road", "26=car",
-                                 "24=background", "--output_dir", str(tmp_path / "out"), "--num_folds", "2",
-                                 "--no_progress"])  # fmt: skip
+    result = load_script().main(
+        [
+            "index",
+            "--data_dir",
+            str(root),
+            "--mapping",
+            "7=road",
+            "8=road",
+            "26=car",
+            "24=background",
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--num_folds",
+            "2",
+            "--no_progress",
+        ]
+    )
     assert result.names == ("road", "car")
     for stem, label in expected.items():
         assert result.pixel_counts[stem] == counts_of(label)
@@ -269,7 +324,14 @@ def test_index_mask_values_not_declared_are_refused(tmp_path):
 
 def test_coco_json_with_a_missing_image_is_refused_before_any_work(tmp_path):
     ann = tmp_path / "ann.json"
-    ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "gone.jpg", "height": 4, "width": 4}],
-                               "annotations": [], "categories": [{"id": 3, "name": "cat"}]}))  # fmt: skip
+    ann.write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "gone.jpg", "height": 4, "width": 4}],
+                "annotations": [],
+                "categories": [{"id": 3, "name": "cat"}],
+            }
+        )
+    )
     with pytest.raises(FileNotFoundError, match="gone.jpg"):
         coco_samples({"train": (ann, tmp_path)})

@@ -75,8 +75,17 @@ def test_diam_run_rules(synthetic_counts):
     split = get_split("synthetic", 2)
     threshold = DIAM_MIN_SUPPORT_PIXELS
     for run in range(3):
-        episodes = sample_diam_run(val_counts, val_ids, split.novel_ids, 2, seed=7, run=run,
-                                   min_support_pixels=threshold, dataset="synthetic", fold=2)  # fmt: skip
+        episodes = sample_diam_run(
+            val_counts,
+            val_ids,
+            split.novel_ids,
+            2,
+            seed=7,
+            run=run,
+            min_support_pixels=threshold,
+            dataset="synthetic",
+            fold=2,
+        )
         supports = episodes[0].support_ids
         taken = [i for ids in supports.values() for i in ids]
         assert len(taken) == len(set(taken)) == 2 * len(split.novel_ids)

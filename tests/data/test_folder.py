@@ -37,8 +37,13 @@ def test_folder_round_trip_with_custom_classes(tmp_path):
     root = make_folder(tmp_path / "mine")
     split = folder_split(root, 1)
     assert split.class_names == tuple(NAMES) and split.novel_names == ("mug", "kettle") and split.dataset == "mine"
-    builder = FolderSegmentation(cache_dir=str(tmp_path / "cache"), data_dir=str(root), fold=1, view="val",
-                                 index_cache_dir=str(tmp_path / "index"))  # fmt: skip
+    builder = FolderSegmentation(
+        cache_dir=str(tmp_path / "cache"),
+        data_dir=str(root),
+        fold=1,
+        view="val",
+        index_cache_dir=str(tmp_path / "index"),
+    )
     builder.download_and_prepare()
     ds = builder.as_dataset(split="validation")
     assert ds["id"] == [f"img{i}" for i in range(6)]
@@ -50,8 +55,14 @@ def test_folder_round_trip_with_custom_classes(tmp_path):
         with Image.open(root / "masks" / f"img{i}.png") as im:
             assert np.array_equal(np.asarray(ex["label"]), np.asarray(im))
 
-    base = FolderSegmentation(cache_dir=str(tmp_path / "cache"), data_dir=str(root), fold=1, view="base_train",
-                              min_pixels=100, index_cache_dir=str(tmp_path / "index"))  # fmt: skip
+    base = FolderSegmentation(
+        cache_dir=str(tmp_path / "cache"),
+        data_dir=str(root),
+        fold=1,
+        view="base_train",
+        min_pixels=100,
+        index_cache_dir=str(tmp_path / "index"),
+    )
     base.download_and_prepare()
     train = base.as_dataset(split="train")
     for ex in train:
@@ -66,8 +77,13 @@ def test_yaml_classes_with_num_folds_and_list_files(tmp_path):
     (root / "val.txt").write_text("img1\nimg2\n")
     classes = read_folder_classes(root)
     assert classes.folds == ((1, 2), (3, 4)) and classes.dataset == "kitchen"
-    builder = FolderSegmentation(cache_dir=str(tmp_path / "cache"), data_dir=str(root), fold=0, view="val",
-                                 index_cache_dir=str(tmp_path / "index"))  # fmt: skip
+    builder = FolderSegmentation(
+        cache_dir=str(tmp_path / "cache"),
+        data_dir=str(root),
+        fold=0,
+        view="val",
+        index_cache_dir=str(tmp_path / "index"),
+    )
     builder.download_and_prepare()
     assert builder.as_dataset(split="validation")["id"] == ["img1", "img2"]
 
@@ -220,7 +236,13 @@ def test_two_images_with_one_stem_are_refused(tmp_path):
 
 def test_base_view_with_no_qualifying_image_says_which_threshold_and_classes(tmp_path):
     root = make_folder(tmp_path / "mine")
-    builder = FolderSegmentation(cache_dir=str(tmp_path / "cache"), data_dir=str(root), fold=1, view="base_train",
-                                 min_pixels=10_000, index_cache_dir=str(tmp_path / "index"))  # fmt: skip
+    builder = FolderSegmentation(
+        cache_dir=str(tmp_path / "cache"),
+        data_dir=str(root),
+        fold=1,
+        view="base_train",
+        min_pixels=10_000,
+        index_cache_dir=str(tmp_path / "index"),
+    )
     with pytest.raises(ValueError, match=r"teapot, lamp\) covering >= 10000 px.*lower min_pixels"):
         builder.download_and_prepare()

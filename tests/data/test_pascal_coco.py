@@ -36,8 +36,14 @@ def test_pascal_builder_reads_the_real_pairs(tmp_path, voc, three_ids):
 
 def test_pascal_base_training_view_has_no_novel_label(tmp_path, voc, three_ids):
     split = get_split("pascal5i", 0)
-    builder = Pascal5i(cache_dir=str(tmp_path / "cache"), data_dir=str(voc), fold=0, view="base_train",
-                       train_list=str(three_ids), index_cache_dir=str(tmp_path / "index"))  # fmt: skip
+    builder = Pascal5i(
+        cache_dir=str(tmp_path / "cache"),
+        data_dir=str(voc),
+        fold=0,
+        view="base_train",
+        train_list=str(three_ids),
+        index_cache_dir=str(tmp_path / "index"),
+    )
     builder.download_and_prepare()
     ds = builder.as_dataset(split="train")
     assert len(ds) >= 1

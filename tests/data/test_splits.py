@@ -41,8 +41,28 @@ def test_tables_match_the_method_notes():
     assert get_split("pascal5i", 2).novel_ids == (11, 12, 13, 14, 15)
     assert get_split("pascal10i", 0).novel_ids == tuple(range(1, 11))
     assert get_split("pascal10i", 1).novel_ids == tuple(range(11, 21))
-    assert get_split("coco20i", 0).novel_ids == (1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41, 45, 49, 53, 57, 61, 65,
-                                                 69, 73, 77)  # fmt: skip
+    assert get_split("coco20i", 0).novel_ids == (
+        1,
+        5,
+        9,
+        13,
+        17,
+        21,
+        25,
+        29,
+        33,
+        37,
+        41,
+        45,
+        49,
+        53,
+        57,
+        61,
+        65,
+        69,
+        73,
+        77,
+    )
     assert get_split("coco20i", 3).novel_ids == tuple(range(4, 81, 4))
     assert get_split("coco20i", 1, "consecutive").novel_ids == tuple(range(21, 41))
     assert get_split("coco20i", 0).split_kind == "interleaved"

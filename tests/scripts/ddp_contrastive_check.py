@@ -35,7 +35,12 @@ def contrastive(model, pixel_values, labels, first_image, num_pairs, gather):
         predictions = core.classifier(out.features).argmax(1)
     generators = [torch.Generator().manual_seed(100 + first_image + i) for i in range(pixel_values.shape[0])]
     x, y = sample_contrastive_pixels(
-        out.embeddings, labels, predictions, max_samples=MAX_SAMPLES, max_views=MAX_VIEWS, num_pairs=num_pairs,
+        out.embeddings,
+        labels,
+        predictions,
+        max_samples=MAX_SAMPLES,
+        max_views=MAX_VIEWS,
+        num_pairs=num_pairs,
         generator=generators,
     )
     return contrastive_loss_from_samples(x, y, temperature=0.1, gather=gather), x.shape[0]
@@ -47,8 +52,9 @@ def main(report_path):
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],  # the classifier is unused
     )
     world, rank = accelerator.num_processes, accelerator.process_index
-    config = GFSSConfig(backbone="test_resnet", hidden_size=16, image_size=64, projection_dim=8,
-                        base_class_names=("a", "b", "c"))
+    config = GFSSConfig(
+        backbone="test_resnet", hidden_size=16, image_size=64, projection_dim=8, base_class_names=("a", "b", "c")
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = GFSSModel(config)
@@ -63,8 +69,14 @@ def main(report_path):
     ddp_model.eval()
     per = GLOBAL_BATCH // world
     local = slice(rank * per, (rank + 1) * per)
-    loss, local_samples = contrastive(ddp_model, pixel_values[local].to(accelerator.device),
-                                      labels[local].to(accelerator.device), rank * per, num_pairs, gather=True)
+    loss, local_samples = contrastive(
+        ddp_model,
+        pixel_values[local].to(accelerator.device),
+        labels[local].to(accelerator.device),
+        rank * per,
+        num_pairs,
+        gather=True,
+    )
     accelerator.backward(loss)
     mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
 
@@ -81,9 +93,19 @@ def main(report_path):
         compared += 1
     if accelerator.is_main_process:
         with open(report_path, "w") as fh:
-            json.dump({"world_size": world, "ddp_loss_mean": mean_loss, "reference_loss": ref_loss.item(),
-                       "max_grad_diff": max_diff, "max_grad_abs": max_ref, "params_compared": compared,
-                       "local_samples": local_samples, "reference_samples": ref_samples}, fh)
+            json.dump(
+                {
+                    "world_size": world,
+                    "ddp_loss_mean": mean_loss,
+                    "reference_loss": ref_loss.item(),
+                    "max_grad_diff": max_diff,
+                    "max_grad_abs": max_ref,
+                    "params_compared": compared,
+                    "local_samples": local_samples,
+                    "reference_samples": ref_samples,
+                },
+                fh,
+            )
     accelerator.wait_for_everyone()
 
 

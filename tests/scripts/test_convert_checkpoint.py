@@ -79,14 +79,27 @@ def test_script_converts_a_diam_file_end_to_end(tmp_path):
     state = repri_state_dict(rows=61)
     checkpoint = tmp_path / "model.pth"
     # DIaM saves {'state_dict': ...} from a DDP model; POP-style legacy serialisation must load too.
-    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 20}, checkpoint,
-               _use_new_zipfile_serialization=False)  # fmt: skip
+    torch.save(
+        {"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 20},
+        checkpoint,
+        _use_new_zipfile_serialization=False,
+    )
     out = tmp_path / "converted"
     script = load_script()
     code = script.main(
-        ["--checkpoint", str(checkpoint), "--dataset", "coco20i", "--fold", "2", "--source", "diam",
-         "--output_dir", str(out)]
-    )  # fmt: skip
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--dataset",
+            "coco20i",
+            "--fold",
+            "2",
+            "--source",
+            "diam",
+            "--output_dir",
+            str(out),
+        ]
+    )
     assert code == 0
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # the temp folder was renamed
 
@@ -137,8 +150,14 @@ def test_script_converts_a_diam_file_end_to_end(tmp_path):
     from transformers import pipeline
 
     pipe = pipeline("few-shot-segmentation", model=str(out), device="cpu")
-    result = pipe(image, support_images=[image], support_masks=[mask.numpy()], class_names=["my-object"], steps=5,
-                  return_label_map=True)  # fmt: skip
+    result = pipe(
+        image,
+        support_images=[image],
+        support_masks=[mask.numpy()],
+        class_names=["my-object"],
+        steps=5,
+        return_label_map=True,
+    )
     assert result["label_map"].shape == (65, 65) and result["id2label"][61] == "my-object"
     assert pipe.model.config.num_labels == 61  # the pipeline does not change the loaded model
 
@@ -157,11 +176,15 @@ def test_script_converts_a_diam_file_end_to_end(tmp_path):
 def test_script_refuses_resnet101_without_writing(tmp_path):
     checkpoint = tmp_path / "r101.pth"
     torch.save(
-        {"state_dict": {"module.layer0.0.weight": torch.zeros(64, 3, 3, 3),
-                        "module.layer1.0.conv1.weight": torch.zeros(64, 128, 1, 1),
-                        "module.layer3.6.conv1.weight": torch.zeros(256, 1024, 1, 1)}},
+        {
+            "state_dict": {
+                "module.layer0.0.weight": torch.zeros(64, 3, 3, 3),
+                "module.layer1.0.conv1.weight": torch.zeros(64, 128, 1, 1),
+                "module.layer3.6.conv1.weight": torch.zeros(256, 1024, 1, 1),
+            }
+        },
         checkpoint,
-    )  # fmt: skip
+    )
     out = tmp_path / "never"
     with pytest.raises(ValueError, match="ResNet-101"):
         load_script().main(

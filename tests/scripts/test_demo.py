@@ -78,6 +78,8 @@ def test_parallel_jobs_get_their_own_progress_line_on_a_terminal(terminal, monke
     monkeypatch.setenv("TQDM_POSITION", "7")  # inherited from the user's shell: never passed on as is
     env = demo.job_env(1, threads=3, terminal=terminal)
     assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "3"
-    probe = "import io; from tqdm import tqdm; bar = tqdm(total=1, file=io.StringIO()); print(abs(bar.pos)); bar.close()"
+    probe = (
+        "import io; from tqdm import tqdm; bar = tqdm(total=1, file=io.StringIO()); print(abs(bar.pos)); bar.close()"
+    )
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
     assert int(out) == (1 if terminal else 0)

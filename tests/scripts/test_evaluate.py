@@ -21,8 +21,19 @@ from gfss_hf.metrics import metric_keys
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "evaluate.py"
-COMMON = ["--num_val_images", "60", "--num_train_images", "60", "--runs", "2", "--num_episodes", "8",
-          "--episode_batch_size", "4", "--no_progress"]  # fmt: skip
+COMMON = [
+    "--num_val_images",
+    "60",
+    "--num_train_images",
+    "60",
+    "--runs",
+    "2",
+    "--num_episodes",
+    "8",
+    "--episode_batch_size",
+    "4",
+    "--no_progress",
+]
 RUN_PROTOCOL_ARGS = ["--min_pixels", "100"]  # small procedural images: see tests/test_evaluation.py
 
 
@@ -48,8 +59,16 @@ def test_results_files_yaml_config_and_replay(pretrained_tiny_dir, tmp_path):
     config.write_text("steps: 6\ngamma: 5.0\nloss_resolution: feature\n")
     out = tmp_path / "run1"
     episodes_file = tmp_path / "episodes.json"
-    argv = [str(pretrained_tiny_dir), "--config", str(config), "--output_dir", str(out),
-            "--save_episodes", str(episodes_file), *COMMON]  # fmt: skip
+    argv = [
+        str(pretrained_tiny_dir),
+        "--config",
+        str(config),
+        "--output_dir",
+        str(out),
+        "--save_episodes",
+        str(episodes_file),
+        *COMMON,
+    ]
     single_process(argv)
     results = json.loads((out / "results.json").read_text())
     assert set(results["metrics"]) == set(metric_keys("paper"))
@@ -109,9 +128,24 @@ def test_one_and_two_processes_agree(pretrained_tiny_dir, tmp_path):
     worker.write_text(WORKER)
     report = tmp_path / "report.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(worker), str(SCRIPT),
-              json.dumps(runs), str(report)]  # fmt: skip
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(worker),
+        str(SCRIPT),
+        json.dumps(runs),
+        str(report),
+    ]
     proc = subprocess.run(launch, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert json.loads(report.read_text())["world"] == 2
@@ -128,8 +162,22 @@ def test_paper_numbers_equal_an_independent_replay_through_the_pipeline(pretrain
     """The episodes evaluate.py saved, replayed one by one through pipeline("few-shot-segmentation") and scored from
     the protocol's text (bench/replay_paper_protocol.py), give the numbers evaluate.py wrote: novel AND base."""
     out, episodes_file = tmp_path / "run", tmp_path / "episodes.json"
-    single_process([str(pretrained_tiny_dir), "--output_dir", str(out), "--save_episodes", str(episodes_file),
-                    "--steps", "6", "--num_val_images", "60", "--num_episodes", "16", "--no_progress"])  # fmt: skip
+    single_process(
+        [
+            str(pretrained_tiny_dir),
+            "--output_dir",
+            str(out),
+            "--save_episodes",
+            str(episodes_file),
+            "--steps",
+            "6",
+            "--num_val_images",
+            "60",
+            "--num_episodes",
+            "16",
+            "--no_progress",
+        ]
+    )
     spec = importlib.util.spec_from_file_location("replay", ROOT / "bench" / "replay_paper_protocol.py")
     replay = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(replay)
@@ -142,8 +190,19 @@ def test_paper_numbers_equal_an_independent_replay_through_the_pipeline(pretrain
 
 
 # -- any dataset the builders support --------------------------------------------------------------------------------
-CAMVID_CLASSES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
-                  "Bicyclist"]  # fmt: skip
+CAMVID_CLASSES = [
+    "Sky",
+    "Building",
+    "Pole",
+    "Road",
+    "Pavement",
+    "Tree",
+    "SignSymbol",
+    "Fence",
+    "Car",
+    "Pedestrian",
+    "Bicyclist",
+]
 
 
 def random_model_dir(path, base_class_names, **config):
@@ -184,9 +243,24 @@ def test_folder_dataset_of_real_street_scenes_is_scored(sample_data, tmp_path):
     base = [n for n in CAMVID_CLASSES if n not in ("Car", "Tree", "SignSymbol")]
     model = random_model_dir(tmp_path / "model", base, dataset="folder")
     out = tmp_path / "out"
-    payload = single_process([str(model), "--dataset", "folder", "--data_dir", str(data), "--cache_dir",
-                              str(tmp_path / "cache"), "--num_episodes", "6", "--steps", "2", "--output_dir", str(out),
-                              "--no_progress"])  # fmt: skip
+    payload = single_process(
+        [
+            str(model),
+            "--dataset",
+            "folder",
+            "--data_dir",
+            str(data),
+            "--cache_dir",
+            str(tmp_path / "cache"),
+            "--num_episodes",
+            "6",
+            "--steps",
+            "2",
+            "--output_dir",
+            str(out),
+            "--no_progress",
+        ]
+    )
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["dataset"] == "folder" and results["num_episodes"] == 6
     assert "12 images of the val list" in results["config"]["images"]
@@ -201,9 +275,26 @@ def test_coco_2017_layout_uses_the_annotation_files_images(sample_data, tmp_path
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))  # the COCO mask cache
     model = random_model_dir(tmp_path / "model", get_split("coco20i", 0).base_names, dataset="coco20i")
     out = tmp_path / "out"
-    single_process([str(model), "--dataset", "coco20i", "--data_dir", str(sample_data / "coco_tiny"), "--cache_dir",
-                    str(tmp_path / "cache"), "--num_episodes", "4", "--steps", "2", "--output_dir", str(out),
-                    "--min_pixels", "256", "--no_progress"])  # fmt: skip
+    single_process(
+        [
+            str(model),
+            "--dataset",
+            "coco20i",
+            "--data_dir",
+            str(sample_data / "coco_tiny"),
+            "--cache_dir",
+            str(tmp_path / "cache"),
+            "--num_episodes",
+            "4",
+            "--steps",
+            "2",
+            "--output_dir",
+            str(out),
+            "--min_pixels",
+            "256",
+            "--no_progress",
+        ]
+    )
     results = json.loads((out / "results.json").read_text())
     # The standard COCO-20i val list names COCO 2014 files: a 2017 layout is evaluated on its own images, and says so.
     assert results["config"]["images"] == "all 80 images of instances_val2017.json"
@@ -213,8 +304,22 @@ def test_coco_2017_layout_uses_the_annotation_files_images(sample_data, tmp_path
 # -- refused before any work -------------------------------------------------------------------------------------------
 def _episodes_file(pretrained_tiny_dir, tmp_path):
     path = tmp_path / "episodes.json"
-    single_process([str(pretrained_tiny_dir), "--output_dir", str(tmp_path / "first"), "--save_episodes", str(path),
-                    "--steps", "1", "--num_val_images", "60", "--num_episodes", "4", "--no_progress"])  # fmt: skip
+    single_process(
+        [
+            str(pretrained_tiny_dir),
+            "--output_dir",
+            str(tmp_path / "first"),
+            "--save_episodes",
+            str(path),
+            "--steps",
+            "1",
+            "--num_val_images",
+            "60",
+            "--num_episodes",
+            "4",
+            "--no_progress",
+        ]
+    )
     return path
 
 
@@ -229,16 +334,24 @@ def _edit_first(field, value):
 BASE_ID = get_split("synthetic", 0).base_ids[0]
 BAD_EPISODE_FILES = [
     ("truncated", lambda data: json.dumps(data)[:-40], "not valid JSON"),
-    ("missing key", lambda data: json.dumps({**data, "episodes": [
-        {k: v for k, v in e.items() if k != "query_id"} for e in data["episodes"]]}), r"lacks \['query_id'\]"),
+    (
+        "missing key",
+        lambda data: json.dumps(
+            {**data, "episodes": [{k: v for k, v in e.items() if k != "query_id"} for e in data["episodes"]]}
+        ),
+        r"lacks \['query_id'\]",
+    ),
     ("other dataset", _edit_first("dataset", "pascal5i"), "is from 'pascal5i' fold 0"),
     ("other fold", _edit_first("fold", 1), "fold 1, this evaluation is 'synthetic' fold 0"),
     ("other protocol", _edit_first("protocol", "diam"), r"holds \['diam', 'paper'\] episodes.*matching --protocol"),
     ("novel is a base class", _edit_first("class_ids", [BASE_ID]), "a base class of the model"),
-    ("query among its supports", _edit_first("query_id", lambda e: next(iter(e["support_ids"].values()))[0]),
-     "among its supports"),
+    (
+        "query among its supports",
+        _edit_first("query_id", lambda e: next(iter(e["support_ids"].values()))[0]),
+        "among its supports",
+    ),
     ("unknown image id", _edit_first("query_id", "val-999999"), r"not in the val list"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("name, edit, message", BAD_EPISODE_FILES, ids=[b[0] for b in BAD_EPISODE_FILES])
@@ -250,8 +363,20 @@ def test_bad_episode_files_are_refused_naming_the_rule(pretrained_tiny_dir, tmp_
     path.write_text(edit(data))
     out = tmp_path / "replayed"
     with pytest.raises(ValueError, match=message):
-        single_process([str(pretrained_tiny_dir), "--episodes", str(path), "--output_dir", str(out), "--steps", "1",
-                        "--num_val_images", "60", "--no_progress"])  # fmt: skip
+        single_process(
+            [
+                str(pretrained_tiny_dir),
+                "--episodes",
+                str(path),
+                "--output_dir",
+                str(out),
+                "--steps",
+                "1",
+                "--num_val_images",
+                "60",
+                "--no_progress",
+            ]
+        )
     assert not (out / "results.json").exists()
 
 

@@ -21,9 +21,19 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "README_own_data.md"
 # A 64-px test backbone: the same tiny model as tests/scripts/test_pretrain.py.
-TINY_CONFIG = dict(model=dict(backbone="test_resnet", hidden_size=16, image_size=64, projection_dim=8), batch_size=4,
-                   max_samples=64, max_views=3, num_workers=0, learning_rate=0.05, optimizer="adamw",
-                   logging_steps=1, report_to="none", eval_every_epochs=1, num_epochs=1)  # fmt: skip
+TINY_CONFIG = dict(
+    model=dict(backbone="test_resnet", hidden_size=16, image_size=64, projection_dim=8),
+    batch_size=4,
+    max_samples=64,
+    max_views=3,
+    num_workers=0,
+    learning_rate=0.05,
+    optimizer="adamw",
+    logging_steps=1,
+    report_to="none",
+    eval_every_epochs=1,
+    num_epochs=1,
+)
 TINY_ENV = {"IMAGE_SIZE": "64", "EPOCHS": "1", "EPISODES": "4", "STEPS": "2"}
 
 
@@ -79,12 +89,18 @@ def test_walkthrough_runs_as_written(maybe_sample_data, tmp_path):
     config.write_text(yaml.safe_dump(TINY_CONFIG))
     work = tmp_path / "work"
     env = {
-        **os.environ, **TINY_ENV, "CAMVID": str(tmp_path / "camvid"), "WORK": str(work), "SUPPORT": support,
-        "CONFIG": str(config), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+        **os.environ,
+        **TINY_ENV,
+        "CAMVID": str(tmp_path / "camvid"),
+        "WORK": str(work),
+        "SUPPORT": support,
+        "CONFIG": str(config),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
         # `python` in the doc is this interpreter; the package is this checkout's.
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }  # fmt: skip
+    }
     script = "set -euo pipefail\n" + "\n".join(walkthrough_blocks())
     proc = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -105,9 +105,27 @@ def test_camvid_learn_car_once_predict_many_and_persist(sample_data, tmp_path, m
 
     monkeypatch.setattr(FewShotSegmentationPipeline, "learn", counting_learn)
     out, persisted = tmp_path / "out", tmp_path / "with_car"
-    payload = run([model, "--support_images", support, "--support_masks", tmp_path / "car.png", "--class_names",
-                   "Car", "--queries", queries_dir, "--output_dir", out, "--persist_to", persisted, "--gamma", "5",
-                   "--kd_skip_novel", *FAST])  # fmt: skip
+    payload = run(
+        [
+            model,
+            "--support_images",
+            support,
+            "--support_masks",
+            tmp_path / "car.png",
+            "--class_names",
+            "Car",
+            "--queries",
+            queries_dir,
+            "--output_dir",
+            out,
+            "--persist_to",
+            persisted,
+            "--gamma",
+            "5",
+            "--kd_skip_novel",
+            *FAST,
+        ]
+    )
     assert len(calls) == 1  # learned once for three queries
     assert calls[0]["gamma"] == 5.0 and calls[0]["kd_skip_novel"] is True and calls[0]["steps"] == 3
     assert payload["id2label"] == {str(i): n for i, n in enumerate(["background", *CAMVID_BASE, "Car"])}
@@ -141,9 +159,24 @@ def test_coco_image_with_the_models_classes_and_in_fss_mode(sample_data, tmp_pat
     plain = run([model, "--queries", query, "--output_dir", tmp_path / "plain", *FAST])
     assert len(plain["id2label"]) == 1 + 60  # background + the 60 base classes of fold 0
     check_outputs(tmp_path / "plain", plain, [query])
-    fss = run([model, "--support_images", masks.image_path(support_id), "--support_masks", tmp_path / "mask.png",
-               "--class_names", "thing", "--mode", "fss", "--queries", str(coco / "val2017" / f"{query_id}.*"),
-               "--output_dir", tmp_path / "fss", *FAST])  # fmt: skip
+    fss = run(
+        [
+            model,
+            "--support_images",
+            masks.image_path(support_id),
+            "--support_masks",
+            tmp_path / "mask.png",
+            "--class_names",
+            "thing",
+            "--mode",
+            "fss",
+            "--queries",
+            str(coco / "val2017" / f"{query_id}.*"),
+            "--output_dir",
+            tmp_path / "fss",
+            *FAST,
+        ]
+    )
     assert fss["id2label"] == {"0": "background", "1": "thing"}
     check_outputs(tmp_path / "fss", fss, [query])
 
@@ -161,9 +194,23 @@ def test_synthetic_images_without_sample_data(pretrained_tiny_dir, tmp_path):
     Image.fromarray((data[rich[0]]["label"] == cid).astype(np.uint8)).save(tmp_path / "mask0.png")
     queries = [tmp_path / "img1.png", tmp_path / "img2.png"]
     # A file named twice (by itself and by a glob) is segmented once.
-    payload = run([pretrained_tiny_dir, "--support_images", tmp_path / "img0.png", "--support_masks",
-                   tmp_path / "mask0.png", "--class_names", split.novel_names[0], "--queries", queries[0],
-                   str(tmp_path / "img[12].png"), "--output_dir", tmp_path / "out", *FAST])  # fmt: skip
+    payload = run(
+        [
+            pretrained_tiny_dir,
+            "--support_images",
+            tmp_path / "img0.png",
+            "--support_masks",
+            tmp_path / "mask0.png",
+            "--class_names",
+            split.novel_names[0],
+            "--queries",
+            queries[0],
+            str(tmp_path / "img[12].png"),
+            "--output_dir",
+            tmp_path / "out",
+            *FAST,
+        ]
+    )
     assert payload["id2label"][str(len(payload["id2label"]) - 1)] == split.novel_names[0]
     check_outputs(tmp_path / "out", payload, queries)
 
@@ -180,8 +227,22 @@ def test_fine_tuning_flags_are_the_adaptation_config_fields():
             assert field.name not in defaults
         else:
             assert defaults[field.name] == field.default, field.name
-    parsed = script.parse_args(["m", "--queries", "q", "--output_dir", "o", "--normalize_features", "--lr", "0.5",
-                                "--ce_weighting", "reference", "--novel_init", "prototype"])  # fmt: skip
+    parsed = script.parse_args(
+        [
+            "m",
+            "--queries",
+            "q",
+            "--output_dir",
+            "o",
+            "--normalize_features",
+            "--lr",
+            "0.5",
+            "--ce_weighting",
+            "reference",
+            "--novel_init",
+            "prototype",
+        ]
+    )
     assert parsed.normalize_features is True and parsed.lr == 0.5 and parsed.ce_weighting == "reference"
 
 
@@ -198,18 +259,57 @@ def files(tmp_path):
 BAD = [
     (["--queries", "{d}/nothing*.jpg"], r"no query image found for --queries '.*/nothing\*\.jpg'"),
     (["--queries", "{d}/missing.jpg"], "neither a file, a folder nor a glob"),
-    (["--support_images", "{d}/a.jpg", "{d}/a.jpg", "--support_masks", "{d}/a.png", "--class_names", "x"],
-     "2 --support_images but 1 --support_masks"),
-    (["--support_images", "{d}/a.jpg", "{d}/a.jpg", "--support_masks", "{d}/a.png", "{d}/a.png", "--class_names", "x",
-      "y", "z"], "3 --class_names for 2 supports"),
+    (
+        ["--support_images", "{d}/a.jpg", "{d}/a.jpg", "--support_masks", "{d}/a.png", "--class_names", "x"],
+        "2 --support_images but 1 --support_masks",
+    ),
+    (
+        [
+            "--support_images",
+            "{d}/a.jpg",
+            "{d}/a.jpg",
+            "--support_masks",
+            "{d}/a.png",
+            "{d}/a.png",
+            "--class_names",
+            "x",
+            "y",
+            "z",
+        ],
+        "3 --class_names for 2 supports",
+    ),
     (["--support_images", "{d}/a.jpg", "--support_masks", "{d}/a.png"], "--class_names missing"),
     (["--output_dir", "{d}/a_file"], "is an existing file, not a folder"),
-    (["--support_images", "{d}/a.jpg", "--support_masks", "{d}/a.png", "--class_names", "x", "--persist_to",
-      "{d}/full"], "is not an empty folder"),
-    (["--support_images", "{d}/a.jpg", "--support_masks", "{d}/a.png", "--class_names", "x", "--persist_to",
-      "{d}/new", "--mode", "fss"], "needs --mode gfss"),
+    (
+        [
+            "--support_images",
+            "{d}/a.jpg",
+            "--support_masks",
+            "{d}/a.png",
+            "--class_names",
+            "x",
+            "--persist_to",
+            "{d}/full",
+        ],
+        "is not an empty folder",
+    ),
+    (
+        [
+            "--support_images",
+            "{d}/a.jpg",
+            "--support_masks",
+            "{d}/a.png",
+            "--class_names",
+            "x",
+            "--persist_to",
+            "{d}/new",
+            "--mode",
+            "fss",
+        ],
+        "needs --mode gfss",
+    ),
     (["--steps", "-1"], r"AdaptationConfig.steps=-1 is invalid"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("extra, message", BAD, ids=[f"bad{k}" for k in range(len(BAD))])

@@ -18,10 +18,20 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "pretrain.py"
 TINY = dict(
-    dataset="synthetic", fold=0, num_train_images=24, num_val_images=8,
-    model=dict(backbone="test_resnet", hidden_size=16, image_size=64, projection_dim=8), batch_size=4, max_samples=64,
-    max_views=3, num_workers=0, learning_rate=0.05,
-    logging_steps=1, report_to="none", eval_every_epochs=1, num_epochs=1,
+    dataset="synthetic",
+    fold=0,
+    num_train_images=24,
+    num_val_images=8,
+    model=dict(backbone="test_resnet", hidden_size=16, image_size=64, projection_dim=8),
+    batch_size=4,
+    max_samples=64,
+    max_views=3,
+    num_workers=0,
+    learning_rate=0.05,
+    logging_steps=1,
+    report_to="none",
+    eval_every_epochs=1,
+    num_epochs=1,
 )
 
 
@@ -64,9 +74,21 @@ def _free_port():
 def _launch_two_processes(*args, timeout=300):
     # --multi_gpu on a machine without GPUs forms a real 2-process gloo group (--cpu would run ONE process).
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), *map(str, args),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        *map(str, args),
     ]
     result = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -88,8 +110,9 @@ def test_two_processes_contrastive_gradient_equals_the_single_process_gradient(t
 @pytest.mark.slow
 def test_two_process_pretraining_run(tmp_path, tiny_yaml):
     out = tmp_path / "ddp"
-    _launch_two_processes(SCRIPT, "--config", tiny_yaml, "--output_dir", out, "--checkpointing_steps", "2",
-                          "--set", "max_steps=3")
+    _launch_two_processes(
+        SCRIPT, "--config", tiny_yaml, "--output_dir", out, "--checkpointing_steps", "2", "--set", "max_steps=3"
+    )
     results = json.loads((out / "eval_results.json").read_text())
     assert results["world_size"] == 2 and results["global_step"] == 3
     assert (out / "checkpoints" / "checkpoint-2" / "process_state_1.safetensors").is_file()  # one per process
@@ -104,8 +127,13 @@ def test_two_process_pretraining_run(tmp_path, tiny_yaml):
 def test_sigkill_then_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, tiny_yaml):
     flags = ["--config", str(tiny_yaml), "--checkpointing_steps", "2", "--set", "max_steps=20"]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--output_dir", str(killed), *flags], cwd=REPO,
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--output_dir", str(killed), *flags],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.time() + 240
         while find_checkpoint(killed) is None and proc.poll() is None and time.time() < deadline:
@@ -144,21 +172,24 @@ def find_checkpoint(output_dir):
     return find_last_checkpoint(output_dir)
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--set", "learning_rat=0.1"], "unknown key(s) ['learning_rat']"),
-    (["--fold", "9"], "fold=9 is not a fold of 'synthetic'"),
-    (["--set", "dataset=pascal5i", "--data_dir", "{tmp}"], "JPEGImages"),
-    (["--resume_from_checkpoint", "latest"], "no checkpoint in"),
-    (["--push_to_hub"], "hub_model_id"),
-    (["--set", "learning_rate=abc"], "learning_rate='abc' is invalid: expected a finite number, got str"),
-    (["--set", "seed=abc"], "seed='abc' is invalid: expected an integer, got str; e.g. --set seed=0"),
-    (["--set", "temperature=.nan"], "temperature=nan is invalid: expected a finite number"),
-    (["--set", "contrastive_weight=.inf"], "contrastive_weight=inf is invalid: expected a finite number"),
-    (["--set", "sed=1"], "unknown key(s) ['sed'] in the overrides (--set) (did you mean 'sed' -> 'seed'?)"),
-    (["--set", "max_steps=[1"], "override 'max_steps=[1': the value '[1' of 'max_steps' is not valid YAML"),
-    (["--config", "{tmp}/list.yaml"], "list.yaml' must hold a mapping of `key: value` lines, got list"),
-    (["--config", "{tmp}/words.yaml"], "words.yaml' must hold a mapping of `key: value` lines, got str"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--set", "learning_rat=0.1"], "unknown key(s) ['learning_rat']"),
+        (["--fold", "9"], "fold=9 is not a fold of 'synthetic'"),
+        (["--set", "dataset=pascal5i", "--data_dir", "{tmp}"], "JPEGImages"),
+        (["--resume_from_checkpoint", "latest"], "no checkpoint in"),
+        (["--push_to_hub"], "hub_model_id"),
+        (["--set", "learning_rate=abc"], "learning_rate='abc' is invalid: expected a finite number, got str"),
+        (["--set", "seed=abc"], "seed='abc' is invalid: expected an integer, got str; e.g. --set seed=0"),
+        (["--set", "temperature=.nan"], "temperature=nan is invalid: expected a finite number"),
+        (["--set", "contrastive_weight=.inf"], "contrastive_weight=inf is invalid: expected a finite number"),
+        (["--set", "sed=1"], "unknown key(s) ['sed'] in the overrides (--set) (did you mean 'sed' -> 'seed'?)"),
+        (["--set", "max_steps=[1"], "override 'max_steps=[1': the value '[1' of 'max_steps' is not valid YAML"),
+        (["--config", "{tmp}/list.yaml"], "list.yaml' must hold a mapping of `key: value` lines, got list"),
+        (["--config", "{tmp}/words.yaml"], "words.yaml' must hold a mapping of `key: value` lines, got str"),
+    ],
+)
 def test_cli_rejects_bad_inputs_before_training(tmp_path, tiny_yaml, capsys, extra, message):
     out = tmp_path / "out"
     (tmp_path / "list.yaml").write_text("- seed\n- learning_rate\n")
@@ -172,8 +203,20 @@ def test_cli_rejects_bad_inputs_before_training(tmp_path, tiny_yaml, capsys, ext
 
 def test_cli_diverging_run_ends_with_the_step_not_done(tmp_path, tiny_yaml, capsys):
     out = tmp_path / "out"
-    code = load_script().main(["--config", str(tiny_yaml), "--output_dir", str(out), "--set", "max_steps=12",
-                               "--set", "learning_rate=1e12", "--set", "contrastive_weight=0"])
+    code = load_script().main(
+        [
+            "--config",
+            str(tiny_yaml),
+            "--output_dir",
+            str(out),
+            "--set",
+            "max_steps=12",
+            "--set",
+            "learning_rate=1e12",
+            "--set",
+            "contrastive_weight=0",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 1 and "loss became non-finite at step" in captured.err and "done" not in captured.out
     assert not (out / "model.safetensors").exists()

@@ -47,8 +47,11 @@ def output_dir(pretrained_tiny_dir, tmp_path_factory):
     + files that must not be uploaded."""
     out = tmp_path_factory.mktemp("train_out") / "model"
     shutil.copytree(pretrained_tiny_dir, out)
-    (out / "training_config.yaml").write_text(yaml.safe_dump({"dataset": "synthetic", "fold": 0, "num_epochs": 4,
-                                                             "contrastive_weight": 0.0, "output_dir": str(out)}))
+    (out / "training_config.yaml").write_text(
+        yaml.safe_dump(
+            {"dataset": "synthetic", "fold": 0, "num_epochs": 4, "contrastive_weight": 0.0, "output_dir": str(out)}
+        )
+    )
     (out / "train_log.jsonl").write_text("{}\n")
     (out / "checkpoints" / "checkpoint-1").mkdir(parents=True)
     (out / "checkpoints" / "checkpoint-1" / "optimizer.bin").write_bytes(b"0" * 16)
@@ -63,8 +66,19 @@ def staged(push, output_dir, tmp_path_factory):
     staging = tmp_path_factory.mktemp("staging") / "export"
     # The script publishes through gfss_hf.hub (the path pretrain(push_to_hub=True) takes too): mock the Hub there.
     with mock.patch.object(gfss_hf.hub, "HfApi", side_effect=AssertionError("a dry run must not touch the Hub")):
-        rc = push.main(["--model_dir", str(output_dir), "--repo_id", REPO_ID, "--results",
-                        str(output_dir / "eval" / "results.json"), "--dry_run", "--staging_dir", str(staging)])
+        rc = push.main(
+            [
+                "--model_dir",
+                str(output_dir),
+                "--repo_id",
+                REPO_ID,
+                "--results",
+                str(output_dir / "eval" / "results.json"),
+                "--dry_run",
+                "--staging_dir",
+                str(staging),
+            ]
+        )
     assert rc == 0
     return staging
 
@@ -75,9 +89,18 @@ def _pipeline_shipped() -> bool:
 
 def test_dry_run_stages_a_clean_checked_export(push, staged, output_dir):
     files = sorted(p.name for p in staged.iterdir())
-    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md", "results.json",
-                 "training_config.yaml", "configuration_gfss.py", "modeling_gfss.py", "losses.py",
-                 "image_processing_gfss.py"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "README.md",
+        "results.json",
+        "training_config.yaml",
+        "configuration_gfss.py",
+        "modeling_gfss.py",
+        "losses.py",
+        "image_processing_gfss.py",
+    ):
         assert name in files
     # Training by-products stay home.
     assert not {"train_log.jsonl", "checkpoints", "eval"} & set(files)
@@ -155,8 +178,19 @@ def test_push_uploads_the_staged_folder_and_nothing_else(push, output_dir, monke
     api.upload_folder.side_effect = upload_folder
     hf_api = mock.MagicMock(name="HfApi", return_value=api)
     monkeypatch.setattr(gfss_hf.hub, "HfApi", hf_api)
-    rc = push.main(["--model_dir", str(output_dir), "--repo_id", REPO_ID, "--token", "hf_dummy", "--private",
-                    "--results", str(output_dir / "eval" / "results.json")])
+    rc = push.main(
+        [
+            "--model_dir",
+            str(output_dir),
+            "--repo_id",
+            REPO_ID,
+            "--token",
+            "hf_dummy",
+            "--private",
+            "--results",
+            str(output_dir / "eval" / "results.json"),
+        ]
+    )
     assert rc == 0
     hf_api.assert_called_once_with(token="hf_dummy")
     api.create_repo.assert_called_once_with(repo_id=REPO_ID, repo_type="model", private=True, exist_ok=True)
@@ -189,7 +223,8 @@ def test_card_code_runs_without_the_package(staged, tmp_path):
     script = "import sys\nsys.modules['gfss_hf'] = None\n" + "\n".join(blocks).replace(REPO_ID, str(staged))
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
     env.pop("PYTHONPATH", None)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "my new class" in proc.stdout

@@ -18,9 +18,16 @@ import gradio as gr  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOT = REPO_ROOT / "docs" / "space_screenshot.png"
 # The flags of STACK.md: headless Chromium as root in a container, without network side channels.
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage"]  # fmt: skip
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
 EXAMPLE = 1
 STEPS = 100  # adaptation steps (the default): the tiny model needs them to find the example class
 
@@ -36,8 +43,9 @@ def app():
 @pytest.fixture(scope="module")
 def examples_script():
     """scripts/render_space_examples.py: the examples are rendered by a script, the app only shows them."""
-    spec = importlib.util.spec_from_file_location("render_space_examples",
-                                                  REPO_ROOT / "scripts" / "render_space_examples.py")
+    spec = importlib.util.spec_from_file_location(
+        "render_space_examples", REPO_ROOT / "scripts" / "render_space_examples.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -56,9 +64,11 @@ def example(app):
 
 
 def _editor(paths, layers=True):
-    return {"background": Image.open(paths["support"]),
-            "layers": [Image.open(paths["layer"])] if layers else [],
-            "composite": Image.open(paths["composite"])}  # fmt: skip
+    return {
+        "background": Image.open(paths["support"]),
+        "layers": [Image.open(paths["layer"])] if layers else [],
+        "composite": Image.open(paths["composite"]),
+    }
 
 
 def test_painted_mask_reads_layer_alpha(app):
@@ -67,8 +77,11 @@ def test_painted_mask_reads_layer_alpha(app):
     layer[30:35, 0:5] = (255, 0, 0, 0)  # coloured but transparent: not painted
     second = np.zeros((40, 60, 4), dtype=np.uint8)
     second[20:22, 50:52, 3] = 10
-    value = {"background": np.zeros((40, 60, 3), np.uint8), "layers": [Image.fromarray(layer), second],
-             "composite": None}
+    value = {
+        "background": np.zeros((40, 60, 3), np.uint8),
+        "layers": [Image.fromarray(layer), second],
+        "composite": None,
+    }
     mask = app.painted_mask(value)
     assert mask.shape == (40, 60) and mask.sum() == 10 * 20 + 4
     assert mask[5:15, 10:30].all() and not mask[30:35, 0:5].any() and mask[20:22, 50:52].all()
@@ -107,8 +120,9 @@ def test_examples_are_the_procedural_dataset(app, examples_script, example, tmp_
 
     paths, name = example
     support_index, query_index = examples_script.find_example_indices(name)
-    _, label = render_sample(examples_script.EXAMPLE_SEED, VAL_INDEX_OFFSET + support_index,
-                             examples_script.EXAMPLE_SIZE)
+    _, label = render_sample(
+        examples_script.EXAMPLE_SEED, VAL_INDEX_OFFSET + support_index, examples_script.EXAMPLE_SIZE
+    )
     assert np.array_equal(app.painted_mask(_editor(paths)), label == SYNTHETIC_CLASSES.index(name) + 1)
 
 
@@ -119,8 +133,7 @@ def test_inputs_are_validated_with_friendly_errors(app, segmenter, example):
         (dict(query=None), "query image"),
         (dict(supports=[None, None, None]), "at least one support"),
         (dict(supports=[_editor(paths, layers=False)]), "no painted pixels"),
-        (dict(supports=[{"background": None, "layers": [Image.open(paths["layer"])], "composite": None}]),
-         "no image"),
+        (dict(supports=[{"background": None, "layers": [Image.open(paths["layer"])], "composite": None}]), "no image"),
         (dict(class_name="  "), "name for the new class"),
         (dict(class_name="x" * 41), "at most 40"),
         (dict(class_name="Circle-Striped"), "already a class of the model"),
@@ -223,10 +236,14 @@ def test_api_answers_with_a_painted_mask(launched, app, example):
 
     paths, name = example
     client = Client(launched.local_url, verbose=False)
-    support = {"background": handle_file(str(paths["support"])), "layers": [handle_file(str(paths["layer"]))],
-               "composite": handle_file(str(paths["composite"]))}
-    overlay, gallery, legend = client.predict(handle_file(str(paths["query"])), support, None, None, name, "GFSS",
-                                              10, STEPS, api_name="/segment")
+    support = {
+        "background": handle_file(str(paths["support"])),
+        "layers": [handle_file(str(paths["layer"]))],
+        "composite": handle_file(str(paths["composite"])),
+    }
+    overlay, gallery, legend = client.predict(
+        handle_file(str(paths["query"])), support, None, None, name, "GFSS", 10, STEPS, api_name="/segment"
+    )
     value = overlay["value"] if "value" in overlay else overlay
     assert Image.open(value["image"]).size == Image.open(paths["query"]).size
     labels = [a["label"] for a in value["annotations"]]
@@ -237,8 +254,9 @@ def test_api_answers_with_a_painted_mask(launched, app, example):
     # The same support without paint is refused with the app's message.
     unpainted = dict(support, layers=[])
     with pytest.raises(Exception, match="no painted pixels"):
-        client.predict(handle_file(str(paths["query"])), unpainted, None, None, name, "GFSS", 10, STEPS,
-                       api_name="/segment")
+        client.predict(
+            handle_file(str(paths["query"])), unpainted, None, None, name, "GFSS", 10, STEPS, api_name="/segment"
+        )
 
 
 def _chromium() -> str | None:
@@ -255,8 +273,10 @@ def test_page_in_headless_chromium(launched, app):
     executable = _chromium()
     if executable is None:
         if os.environ.get("GFSS_REQUIRE_BROWSER") == "1":
-            pytest.fail("GFSS_REQUIRE_BROWSER=1 but Chromium or Playwright is missing: apt-get install chromium "
-                        "chromium-driver, pip install playwright.")
+            pytest.fail(
+                "GFSS_REQUIRE_BROWSER=1 but Chromium or Playwright is missing: apt-get install chromium "
+                "chromium-driver, pip install playwright."
+            )
         pytest.skip("headless Chromium not installed (apt-get install chromium chromium-driver)")
     from playwright.sync_api import sync_playwright
 
@@ -324,8 +344,9 @@ print("LABELS", sorted(label for _, label in annotated[1]))
 """
     env = dict(os.environ, HF_HUB_OFFLINE="1", GFSS_MODEL=str(export), HF_MODULES_CACHE=str(tmp_path / "modules"))
     env.pop("PYTHONPATH", None)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"SOURCE {export}" in proc.stdout
     assert "MODULE transformers_modules." in proc.stdout

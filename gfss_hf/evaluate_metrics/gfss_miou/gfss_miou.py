@@ -117,9 +117,7 @@ class GFSSMeanIoU(evaluate.Metric):
         label_bg, pred_bg = confusion[b].sum(), confusion[:, b].sum()
         union_bg, union_fg = label_bg + pred_bg - tn, total - tn
         fg_fg = total - label_bg - pred_bg + tn
-        fb = _nanmean(
-            [tn / union_bg if union_bg else float("nan"), fg_fg / union_fg if union_fg else float("nan")]
-        )
+        fb = _nanmean([tn / union_bg if union_bg else float("nan"), fg_fg / union_fg if union_fg else float("nan")])
         out = {
             "mean_iou": _nanmean(iou),
             "per_class_iou": iou.tolist(),
