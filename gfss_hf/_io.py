@@ -24,7 +24,35 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "current_umask",
+    "ensure_writable_dir",
 ]
+
+
+def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """
+    Create `path` if needed and check that a file can be written in it, before any long work whose results would
+    otherwise be lost at the end.
+
+    Args:
+        path (`str` or `os.PathLike`): the folder.
+        what (`str`, *optional*): how error messages name it (e.g. the flag, `"--output_dir"`).
+
+    Raises:
+        `NotADirectoryError`: `path` is an existing file. `PermissionError` / `OSError`: it cannot be created or
+        written to; the message names the folder and the reason.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{what} {str(path)!r} is an existing file, not a folder; give a folder path.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise OSError(
+            f"{what} {str(path)!r} is not writable ({err.strerror}); give a folder you can write to."
+        ) from err
+    return path
 
 
 def current_umask() -> int:

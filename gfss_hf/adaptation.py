@@ -60,6 +60,7 @@ __all__ = [
     "adapt_classifier",
     "adapt_fss",
     "adapt_gfss",
+    "adapt_to_supports",
     "extract_support_features",
     "learn_classes",
     "predict",
@@ -875,11 +876,33 @@ def learn_classes(
             from .image_processing_gfss import GFSSImageProcessor  # lazy: only when no processor is given
 
             image_processor = GFSSImageProcessor.from_config(model.config)
-        supports = image_processor.preprocess_supports(
-            support_images, support_masks, class_names, mask_type, existing_class_names=model.config.class_names
+        names, clf = adapt_to_supports(
+            model, image_processor, support_images, support_masks, class_names, config, mask_type
         )
-        features = extract_support_features(model, supports, config.loss_resolution)
-        clf = adapt_classifier(
+    finally:
+        model.train(was_training)
+    model.expand_classifier(names, weights=clf.novel_weight, bias=clf.novel_bias)
+    return list(names)
+
+
+def adapt_to_supports(
+    model, image_processor, support_images, support_masks, class_names, config: AdaptationConfig, mask_type="binary"
+) -> tuple[list[str], AdaptedClassifier]:
+    """
+    Supports given as images -> the adapted classifier, in one episode: validate and encode them with
+    `image_processor.preprocess_supports`, extract their frozen features once, and fine-tune with
+    [`adapt_classifier`] (under `torch.enable_grad()`, so that it also works inside a pipeline's `no_grad`). The model
+    must already be in eval mode. Shared by [`learn_classes`] and the pipeline.
+
+    Returns:
+        `tuple(list[str], AdaptedClassifier)`: the names of the new classes, in row order, and the classifier.
+    """
+    supports = image_processor.preprocess_supports(
+        support_images, support_masks, class_names, mask_type, existing_class_names=model.config.class_names
+    )
+    features = extract_support_features(model, supports, config.loss_resolution)
+    with torch.enable_grad():  # the engine's autograd parts (solver="autograd", transduction) need it
+        classifier = adapt_classifier(
             model,
             features,
             supports.labels.to(features.device),
@@ -887,7 +910,4 @@ def learn_classes(
             num_novel_classes=len(supports.class_names),
             annotated=supports.annotated.to(features.device),
         )
-    finally:
-        model.train(was_training)
-    model.expand_classifier(supports.class_names, weights=clf.novel_weight, bias=clf.novel_bias)
-    return list(supports.class_names)
+    return list(supports.class_names), classifier

@@ -14,7 +14,7 @@ from PIL import Image
 from transformers import Pipeline
 from transformers.utils import logging
 
-from .adaptation import AdaptationConfig, adapt_classifier, extract_support_features, predict
+from .adaptation import AdaptationConfig, adapt_to_supports, predict
 from .image_processing_gfss import GFSSImageProcessor, load_image
 
 __all__ = ["FewShotSegmentationPipeline", "register_pipeline"]
@@ -180,21 +180,10 @@ class FewShotSegmentationPipeline(Pipeline):
             )
         model = self.model
         model.eval()
-        supports = self.image_processor.preprocess_supports(
-            support_images, support_masks, class_names, mask_type, existing_class_names=model.config.class_names
-        )
-        features = extract_support_features(model, supports, config.loss_resolution)
-        with torch.enable_grad():  # Pipeline.forward runs under no_grad; the engine's autograd parts need it
-            classifier = adapt_classifier(
-                model,
-                features,
-                supports.labels.to(features.device),
-                config,
-                num_novel_classes=len(supports.class_names),
-                annotated=supports.annotated.to(features.device),
-            )
         base_names = list(model.config.class_names)
-        names = supports.class_names
+        names, classifier = adapt_to_supports(
+            model, self.image_processor, support_images, support_masks, class_names, config, mask_type
+        )
         if persist:
             model.expand_classifier(names, weights=classifier.novel_weight, bias=classifier.novel_bias)
             logger.info(f"persisted classes {names} into the model")

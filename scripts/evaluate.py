@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
-import tempfile
 
 import torch
 import yaml
@@ -27,6 +25,7 @@ from accelerate import Accelerator
 from transformers import HfArgumentParser
 
 from gfss_hf import GFSSImageProcessor, GFSSModel
+from gfss_hf._io import ensure_writable_dir
 from gfss_hf.adaptation import AdaptationConfig
 from gfss_hf.arguments import dataclass_flags
 from gfss_hf.data.episodes import PROTOCOLS, build_episodes, load_episodes, save_episodes
@@ -117,16 +116,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_output_dir(path: str) -> None:
     """Refuse, before any work, an output folder the results could not be written to."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise SystemExit(f"--output_dir {path!r} is an existing file, not a folder; give a folder path.")
     try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
+        ensure_writable_dir(path, "--output_dir")
     except OSError as err:
-        raise SystemExit(
-            f"--output_dir {path!r} is not writable ({err.strerror}); give a folder you can write to."
-        ) from err
+        raise SystemExit(str(err)) from err
 
 
 def evaluation_function(args: argparse.Namespace, accelerator: Accelerator) -> dict:

@@ -23,7 +23,6 @@ import glob
 import io
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ from transformers import pipeline
 
 import gfss_hf
 from gfss_hf import FewShotSegmentationPipeline
-from gfss_hf._io import atomic_folder, atomic_write_bytes
+from gfss_hf._io import atomic_folder, atomic_write_bytes, ensure_writable_dir
 from gfss_hf.adaptation import AdaptationConfig
 from gfss_hf.data.folder import IMAGE_EXTENSIONS
 from gfss_hf.image_processing_gfss import load_image
@@ -180,17 +179,10 @@ def check_args(args: argparse.Namespace) -> None:
             )
     if not 0.0 <= args.alpha <= 1.0:
         raise SystemExit(f"--alpha {args.alpha} must be in [0, 1].")
-    out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise SystemExit(f"--output_dir {str(out)!r} is an existing file, not a folder; give a folder path.")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
+        ensure_writable_dir(args.output_dir, "--output_dir")
     except OSError as err:
-        raise SystemExit(
-            f"--output_dir {str(out)!r} is not writable ({err.strerror}); give a folder you can write to."
-        ) from err
+        raise SystemExit(str(err)) from err
 
 
 def _png_bytes(image) -> bytes:
