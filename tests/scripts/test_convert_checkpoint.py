@@ -75,6 +75,7 @@ def repri_state_dict(rows, seed=0):
     return out
 
 
+@pytest.mark.slow
 def test_script_converts_a_diam_file_end_to_end(tmp_path):
     state = repri_state_dict(rows=61)
     checkpoint = tmp_path / "model.pth"

@@ -82,6 +82,7 @@ def test_doc_uses_variables_for_every_substituted_value():
         assert f"scripts/{script}" in text
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_walkthrough_runs_as_written(maybe_sample_data, tmp_path):
     support = camvid_layout(maybe_sample_data, tmp_path / "camvid")
