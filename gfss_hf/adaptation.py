@@ -4,15 +4,13 @@ fine-tuned on a support set.
 API summary (stable):
 
 - [`adapt_classifier`]: the model-aware entry used by evaluation, the `few-shot-segmentation` pipeline,
-  [`learn_classes`] and the scripts; it reads the pre-trained rows, `logits_align_corners` and `ignore_index` from
-  the model. [`extract_support_features`] computes the features of supports that
-  [`GFSSImageProcessor.preprocess_supports`] validated.
+  `gfss_hf.learning` (supports given as images: `learn_classes`, `adapt_to_supports`) and the scripts; it reads the
+  pre-trained rows, `logits_align_corners` and `ignore_index` from the model.
 - [`AdaptationConfig`]: hyper-parameters (method, steps, lr, gamma, the reference's switches, `solver`).
 - [`adapt_gfss`] (expanded `(T + N)`-way rows `[background, base..., novel...]`), [`adapt_fss`] (a fresh 2-way
   classifier `[background, c*]`), [`adapt`] (dispatch on `config.method`): the model-free engine, which takes
   `align_corners` / `ignore_index` as keyword arguments. [`predict`]: logits of an [`AdaptedClassifier`].
 - [`CarryOverState`]: the explicit state of `legacy_carry_over=True` (the reference's drift, for comparison).
-- [`learn_classes`]: adapt novel rows from images and write them into a [`GFSSModel`] with `expand_classifier`.
 
 Shapes: `D` feature channels, `(h, w)` feature size, `(H, W)` label size (the image canvas), `K` supports per
 episode, `E` episodes adapted together. Every function accepts one episode (no `E` axis) or a batch of episodes
@@ -26,8 +24,7 @@ class `n` is classifier row `T - 1 + n`), `ignore_index` (255) ignored. With `su
 The loss (`losses.few_shot_cross_entropy` + gamma * `losses.distillation_loss`) and the solvers that minimise it
 (the exact one with analytic gradients, and the plain autograd reference it is tested against) live in
 `gfss_hf._solver`, with the rows they start from (random or prototypes). At import time this module needs only
-torch and its siblings `_solver` and `losses` (the image processor lazily, in `learn_classes`), so that it travels
-with a Hub export of the pipeline.
+torch and its siblings `_solver` and `losses`, so that it travels with a Hub export of the pipeline.
 """
 
 from __future__ import annotations
@@ -60,9 +57,6 @@ __all__ = [
     "adapt_classifier",
     "adapt_fss",
     "adapt_gfss",
-    "adapt_to_supports",
-    "extract_support_features",
-    "learn_classes",
     "predict",
 ]
 
@@ -692,34 +686,6 @@ def predict(
 
 
 # -- the model-aware entry ------------------------------------------------------------------------------------
-def extract_support_features(model, supports, loss_resolution: str = "input") -> torch.Tensor:
-    r"""
-    Frozen features of preprocessed supports (the model must be in eval mode).
-
-    Args:
-        model ([`GFSSModel`]): gives the features.
-        supports ([`EncodedSupports`]): from [`GFSSImageProcessor.preprocess_supports`].
-        loss_resolution (`str`, *optional*, defaults to `"input"`): with `"feature"`, also checks that every support
-            keeps a foreground pixel at the feature size (the labels are downsampled there).
-
-    Returns:
-        `torch.Tensor` of shape `(K, D, h, w)`, on the model's device.
-    """
-    param = next(model.parameters())
-    with torch.no_grad():
-        features = model.extract_features(supports.pixel_values.to(device=param.device, dtype=param.dtype))
-    if loss_resolution == "feature":
-        ignore = model.config.ignore_index
-        small = downsample_labels(supports.labels[None], features.shape[-2:])[0]
-        for i in range(small.shape[0]):
-            if not ((small[i] >= 1) & (small[i] != ignore)).any():
-                raise ValueError(
-                    f"support_masks[{i}] keeps no foreground pixel at the feature size {features.shape[-1]}x"
-                    f"{features.shape[-2]}; use loss_resolution='input' or a larger object."
-                )
-    return features
-
-
 def adapt_classifier(
     model,
     support_features: torch.Tensor,
@@ -736,7 +702,7 @@ def adapt_classifier(
 ) -> AdaptedClassifier:
     r"""
     Fine-tune a classifier for `model` on support features: the one entry used by evaluation, the pipeline,
-    [`learn_classes`] and the scripts. It reads from the model, once, what is a fact of the model rather than a
+    `gfss_hf.learning.learn_classes` and the scripts. It reads from the model, once, what is a fact of the model rather than a
     hyper-parameter: the pre-trained rows of `model.classifier` (GFSS), `config.logits_align_corners` and
     `config.ignore_index`; then runs [`adapt_gfss`] or [`adapt_fss`] according to `config.method`.
 
@@ -765,7 +731,7 @@ def adapt_classifier(
 
     ```python
     >>> supports = processor.preprocess_supports([image], [mask], "my-object")  # doctest: +SKIP
-    >>> features = extract_support_features(model, supports)  # doctest: +SKIP
+    >>> features = gfss_hf.learning.extract_support_features(model, supports)  # doctest: +SKIP
     >>> clf = adapt_classifier(model, features, supports.labels, AdaptationConfig(steps=50),
     ...                        annotated=supports.annotated)  # doctest: +SKIP
     ```
@@ -816,98 +782,3 @@ def adapt_classifier(
         torch.stack([r.loss_history for r in results]),
         config.normalize_features,
     )
-
-
-# -- learning classes into a model --------------------------------------------------------------------------------
-def learn_classes(
-    model,
-    support_images,
-    support_masks,
-    class_names,
-    image_processor=None,
-    config: AdaptationConfig | None = None,
-    mask_type: str = "binary",
-    **config_overrides,
-):
-    r"""
-    Teach a [`GFSSModel`] new classes from a few annotated images and keep them: the novel rows adapted by
-    [`adapt_gfss`] are appended with `model.expand_classifier`, so `model.save_pretrained(...)` publishes a model
-    that segments base + learned classes with a plain forward pass. Calling it again appends more classes (the
-    current classifier, learned classes included, acts as the frozen teacher).
-
-    Args:
-        model ([`GFSSModel`]): the model; only its classifier changes.
-        support_images (`list`): PIL images, numpy arrays, tensors or paths (grayscale, RGBA, 16-bit accepted).
-        support_masks (`list`): one mask per image, see `mask_type`.
-        class_names (`str` or `list[str]`): with `mask_type="binary"`, the class of each support (one name per
-            image; a name may repeat for K shots of one class, a single string applies to all); with
-            `mask_type="label_map"`, the classes of values `1..N` of the label maps.
-        image_processor ([`GFSSImageProcessor`], *optional*): defaults to `GFSSImageProcessor.from_config`.
-        config ([`AdaptationConfig`], *optional*): fine-tuning hyper-parameters (GFSS).
-        mask_type (`str`, *optional*, defaults to `"binary"`): `"binary"`: values {0, 1, 255} (1 foreground, 255
-            ignored) or {0, 255} (a white-on-black PNG: 255 foreground), or bool; `"label_map"`: 0 background,
-            `k` = `class_names[k - 1]`, 255 ignored.
-        **config_overrides: fields of [`AdaptationConfig`] (e.g. `steps=50`, `gamma=0`).
-
-    Returns:
-        `list[str]`: the names of the learned classes, in the order of their new rows.
-
-    Example:
-
-    ```python
-    >>> learn_classes(model, [image], [mask], ["my-object"])  # doctest: +SKIP
-    >>> model.save_pretrained("my-model")  # doctest: +SKIP
-    ```
-    """
-    config = (config if config is not None else AdaptationConfig()).replace(**config_overrides)
-    if config.method != "gfss":
-        raise ValueError(
-            f"learn_classes keeps classes in the expanded classifier; got method={config.method!r}, use 'gfss'."
-        )
-    if config.normalize_features:
-        raise ValueError(
-            "normalize_features=True fits rows to L2-normalised features, but the model's classifier reads raw "
-            "features: the learned rows cannot be kept in it. Learn them with normalize_features=False."
-        )
-    was_training = model.training
-    model.eval()
-    try:
-        if image_processor is None:
-            from .image_processing_gfss import GFSSImageProcessor  # lazy: only when no processor is given
-
-            image_processor = GFSSImageProcessor.from_config(model.config)
-        names, clf = adapt_to_supports(
-            model, image_processor, support_images, support_masks, class_names, config, mask_type
-        )
-    finally:
-        model.train(was_training)
-    model.expand_classifier(names, weights=clf.novel_weight, bias=clf.novel_bias)
-    return list(names)
-
-
-def adapt_to_supports(
-    model, image_processor, support_images, support_masks, class_names, config: AdaptationConfig, mask_type="binary"
-) -> tuple[list[str], AdaptedClassifier]:
-    """
-    Supports given as images -> the adapted classifier, in one episode: validate and encode them with
-    `image_processor.preprocess_supports`, extract their frozen features once, and fine-tune with
-    [`adapt_classifier`] (under `torch.enable_grad()`, so that it also works inside a pipeline's `no_grad`). The model
-    must already be in eval mode. Shared by [`learn_classes`] and the pipeline.
-
-    Returns:
-        `tuple(list[str], AdaptedClassifier)`: the names of the new classes, in row order, and the classifier.
-    """
-    supports = image_processor.preprocess_supports(
-        support_images, support_masks, class_names, mask_type, existing_class_names=model.config.class_names
-    )
-    features = extract_support_features(model, supports, config.loss_resolution)
-    with torch.enable_grad():  # the engine's autograd parts (solver="autograd", transduction) need it
-        classifier = adapt_classifier(
-            model,
-            features,
-            supports.labels.to(features.device),
-            config,
-            num_novel_classes=len(supports.class_names),
-            annotated=supports.annotated.to(features.device),
-        )
-    return list(supports.class_names), classifier

@@ -133,7 +133,7 @@ class GFSSModel(GFSSPreTrainedModel):
     embeddings for contrastive pre-training.
 
     The model does not fine-tune itself: few-shot adaptation lives in `gfss_hf.adaptation`, which reads the
-    classifier rows from the model; `gfss_hf.adaptation.learn_classes(model, images, masks, names)` writes learned
+    classifier rows from the model; `gfss_hf.learning.learn_classes(model, images, masks, names)` writes learned
     rows back with [`~GFSSModel.expand_classifier`], so that `save_pretrained` publishes them.
 
     Example:

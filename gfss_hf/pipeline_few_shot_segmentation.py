@@ -14,8 +14,9 @@ from PIL import Image
 from transformers import Pipeline
 from transformers.utils import logging
 
-from .adaptation import AdaptationConfig, adapt_to_supports, predict
+from .adaptation import AdaptationConfig, predict
 from .image_processing_gfss import GFSSImageProcessor, load_image
+from .learning import adapt_to_supports
 
 __all__ = ["FewShotSegmentationPipeline", "register_pipeline"]
 

@@ -14,9 +14,9 @@ from PIL import Image
 from transformers import pipeline
 
 from gfss_hf import GFSSImageProcessor, GFSSModel
-from gfss_hf.adaptation import learn_classes
 from gfss_hf.data.splits import get_split
 from gfss_hf.data.synthetic import SyntheticSegmentation
+from gfss_hf.learning import learn_classes
 from gfss_hf.pipeline_few_shot_segmentation import FewShotSegmentationPipeline, register_pipeline
 
 register_pipeline()

@@ -133,7 +133,7 @@ def test_script_converts_a_diam_file_end_to_end(tmp_path):
 
     # The biased converted classifier goes through few-shot adaptation (the code path of the pipeline) and keeps its
     # base rows and biases bit-identical while a novel class is appended.
-    from gfss_hf.adaptation import learn_classes
+    from gfss_hf.learning import learn_classes
 
     base_weight, base_bias = model.classifier.weight.clone(), model.classifier.bias.clone()
     image = (torch.rand(65, 65, 3, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8).numpy()

@@ -1,0 +1,144 @@
+"""Learning classes from annotated images: supports given as images (validated and encoded by
+`GFSSImageProcessor.preprocess_supports`) -> frozen features -> the adaptation engine's model-aware entry
+(`gfss_hf.adaptation.adapt_classifier`) -> an adapted classifier, or new rows kept in a [`GFSSModel`].
+
+- [`extract_support_features`]: the frozen features of encoded supports, at the resolution the loss needs.
+- [`adapt_to_supports`]: images -> adapted classifier, one episode (the pipeline's `learn` and [`learn_classes`]).
+- [`learn_classes`]: adapt novel rows from images and write them into the model with `expand_classifier`, so that
+  `save_pretrained` publishes a model that segments base + learned classes with a plain forward pass.
+
+Like `adaptation`, this module needs only torch and its siblings at import time (the image processor lazily), so that
+it travels with a Hub export of the pipeline.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._solver import downsample_labels
+from .adaptation import AdaptationConfig, AdaptedClassifier, adapt_classifier
+
+__all__ = ["adapt_to_supports", "extract_support_features", "learn_classes"]
+
+
+def extract_support_features(model, supports, loss_resolution: str = "input") -> torch.Tensor:
+    r"""
+    Frozen features of preprocessed supports (the model must be in eval mode).
+
+    Args:
+        model ([`GFSSModel`]): gives the features.
+        supports ([`EncodedSupports`]): from [`GFSSImageProcessor.preprocess_supports`].
+        loss_resolution (`str`, *optional*, defaults to `"input"`): with `"feature"`, also checks that every support
+            keeps a foreground pixel at the feature size (the labels are downsampled there).
+
+    Returns:
+        `torch.Tensor` of shape `(K, D, h, w)`, on the model's device.
+    """
+    param = next(model.parameters())
+    with torch.no_grad():
+        features = model.extract_features(supports.pixel_values.to(device=param.device, dtype=param.dtype))
+    if loss_resolution == "feature":
+        ignore = model.config.ignore_index
+        small = downsample_labels(supports.labels[None], features.shape[-2:])[0]
+        for i in range(small.shape[0]):
+            if not ((small[i] >= 1) & (small[i] != ignore)).any():
+                raise ValueError(
+                    f"support_masks[{i}] keeps no foreground pixel at the feature size {features.shape[-1]}x"
+                    f"{features.shape[-2]}; use loss_resolution='input' or a larger object."
+                )
+    return features
+
+
+# -- learning classes into a model --------------------------------------------------------------------------------
+def learn_classes(
+    model,
+    support_images,
+    support_masks,
+    class_names,
+    image_processor=None,
+    config: AdaptationConfig | None = None,
+    mask_type: str = "binary",
+    **config_overrides,
+):
+    r"""
+    Teach a [`GFSSModel`] new classes from a few annotated images and keep them: the novel rows adapted by
+    [`adapt_gfss`] are appended with `model.expand_classifier`, so `model.save_pretrained(...)` publishes a model
+    that segments base + learned classes with a plain forward pass. Calling it again appends more classes (the
+    current classifier, learned classes included, acts as the frozen teacher).
+
+    Args:
+        model ([`GFSSModel`]): the model; only its classifier changes.
+        support_images (`list`): PIL images, numpy arrays, tensors or paths (grayscale, RGBA, 16-bit accepted).
+        support_masks (`list`): one mask per image, see `mask_type`.
+        class_names (`str` or `list[str]`): with `mask_type="binary"`, the class of each support (one name per
+            image; a name may repeat for K shots of one class, a single string applies to all); with
+            `mask_type="label_map"`, the classes of values `1..N` of the label maps.
+        image_processor ([`GFSSImageProcessor`], *optional*): defaults to `GFSSImageProcessor.from_config`.
+        config ([`AdaptationConfig`], *optional*): fine-tuning hyper-parameters (GFSS).
+        mask_type (`str`, *optional*, defaults to `"binary"`): `"binary"`: values {0, 1, 255} (1 foreground, 255
+            ignored) or {0, 255} (a white-on-black PNG: 255 foreground), or bool; `"label_map"`: 0 background,
+            `k` = `class_names[k - 1]`, 255 ignored.
+        **config_overrides: fields of [`AdaptationConfig`] (e.g. `steps=50`, `gamma=0`).
+
+    Returns:
+        `list[str]`: the names of the learned classes, in the order of their new rows.
+
+    Example:
+
+    ```python
+    >>> learn_classes(model, [image], [mask], ["my-object"])  # doctest: +SKIP
+    >>> model.save_pretrained("my-model")  # doctest: +SKIP
+    ```
+    """
+    config = (config if config is not None else AdaptationConfig()).replace(**config_overrides)
+    if config.method != "gfss":
+        raise ValueError(
+            f"learn_classes keeps classes in the expanded classifier; got method={config.method!r}, use 'gfss'."
+        )
+    if config.normalize_features:
+        raise ValueError(
+            "normalize_features=True fits rows to L2-normalised features, but the model's classifier reads raw "
+            "features: the learned rows cannot be kept in it. Learn them with normalize_features=False."
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        if image_processor is None:
+            from .image_processing_gfss import GFSSImageProcessor  # lazy: only when no processor is given
+
+            image_processor = GFSSImageProcessor.from_config(model.config)
+        names, clf = adapt_to_supports(
+            model, image_processor, support_images, support_masks, class_names, config, mask_type
+        )
+    finally:
+        model.train(was_training)
+    model.expand_classifier(names, weights=clf.novel_weight, bias=clf.novel_bias)
+    return list(names)
+
+
+def adapt_to_supports(
+    model, image_processor, support_images, support_masks, class_names, config: AdaptationConfig, mask_type="binary"
+) -> tuple[list[str], AdaptedClassifier]:
+    """
+    Supports given as images -> the adapted classifier, in one episode: validate and encode them with
+    `image_processor.preprocess_supports`, extract their frozen features once, and fine-tune with
+    [`adapt_classifier`] (under `torch.enable_grad()`, so that it also works inside a pipeline's `no_grad`). The model
+    must already be in eval mode. Shared by [`learn_classes`] and the pipeline.
+
+    Returns:
+        `tuple(list[str], AdaptedClassifier)`: the names of the new classes, in row order, and the classifier.
+    """
+    supports = image_processor.preprocess_supports(
+        support_images, support_masks, class_names, mask_type, existing_class_names=model.config.class_names
+    )
+    features = extract_support_features(model, supports, config.loss_resolution)
+    with torch.enable_grad():  # the engine's autograd parts (solver="autograd", transduction) need it
+        classifier = adapt_classifier(
+            model,
+            features,
+            supports.labels.to(features.device),
+            config,
+            num_novel_classes=len(supports.class_names),
+            annotated=supports.annotated.to(features.device),
+        )
+    return list(supports.class_names), classifier
