@@ -83,3 +83,13 @@ def test_parallel_jobs_get_their_own_progress_line_on_a_terminal(terminal, monke
     )
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
     assert int(out) == (1 if terminal else 0)
+
+
+def test_readme_demo_table_is_the_committed_demo_run():
+    """The README's demo table is the table of docs/demo_results.json (the results.json of the run it reports)."""
+    demo = _load_demo()
+    run = json.loads((ROOT / "docs" / "demo_results.json").read_text(encoding="utf-8"))
+    table = demo.results_table(run["results"])
+    assert table.count("\n") >= 9
+    assert table in (ROOT / "README.md").read_text(encoding="utf-8")
+    assert run["date"][:10] in (ROOT / "README.md").read_text(encoding="utf-8")
