@@ -106,12 +106,19 @@ def create_backbone(config: GFSSConfig, **timm_kwargs) -> nn.Module:
     `backbone_kwargs` says otherwise, so that its position embedding fits the canvas and other sizes still work."""
     kwargs = dict(config.backbone_kwargs)
     common = {"pretrained": False, "features_only": True, "out_indices": (-1,), **timm_kwargs}
+
+    def refuse(err: TypeError):
+        return ValueError(
+            f"timm cannot build {config.backbone!r} with backbone_kwargs={kwargs}: {err}. Keyword arguments of "
+            "another architecture (e.g. ResNet `channels`) must go: `--set model.backbone_kwargs={}`."
+        )
+
     if config.output_stride is not None:
         try:
             return timm.create_model(config.backbone, output_stride=config.output_stride, **common, **kwargs)
         except TypeError as err:
             if "output_stride" not in str(err):
-                raise
+                raise refuse(err) from err
             raise ValueError(
                 f"backbone {config.backbone!r} cannot change its output stride (a ViT's stride is fixed by its patch "
                 f"size), so output_stride={config.output_stride} cannot be honoured. Set output_stride=None "
@@ -124,8 +131,11 @@ def create_backbone(config: GFSSConfig, **timm_kwargs) -> nn.Module:
     except TypeError as err:
         # Not a ViT: convolutional models take no image size.
         if not any(name in str(err) for name in vit_defaults):
-            raise
-    return timm.create_model(config.backbone, **common, **kwargs)
+            raise refuse(err) from err
+    try:
+        return timm.create_model(config.backbone, **common, **kwargs)
+    except TypeError as err:
+        raise refuse(err) from err
 
 
 def _patch_size(backbone: nn.Module) -> int | None:

@@ -351,3 +351,19 @@ def test_pretrain_script_with_a_frozen_dinov2_then_trust_remote_code_export(tmp_
         timeout=300,
     )
     assert "REMOTE-OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_kwargs_of_another_architecture_are_named():
+    with pytest.raises(ValueError, match=r"backbone_kwargs=\{'channels'.*--set model.backbone_kwargs=\{\}"):
+        GFSSModel(family_config("vit", backbone_kwargs={"channels": [16, 32, 64, 128]}))
+
+
+def test_bench_script_runs(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_backbones", REPO / "bench" / "backbones.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--only", "resnet18-quarter", "--repeats", "1"])
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row.startswith("| resnet18-quarter | 8 |") and "(96 px)" in row and "(240 px)" in row
