@@ -280,6 +280,22 @@ def test_frozen_backbone_run_keeps_the_backbone_and_round_trips(tmp_path):
     )
     assert out["label_map"].shape == (50, 70)
 
+    # The Space runs the same model.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gfss_space_app_vit", REPO / "spaces" / "app.py")
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    name, paths = app.load_examples()[1]
+    editor = {
+        "background": Image.open(paths["support"]),
+        "layers": [Image.open(paths["layer"])],
+        "composite": Image.open(paths["composite"]),
+    }
+    query = Image.open(paths["query"])
+    (overlay, _), _, _ = app.segment(app.FewShotSegmenter(str(tmp_path / "run")), query, [editor], name, "GFSS", 10, 5)
+    assert overlay.size == query.size
+
 
 def test_freeze_backbone_keeps_bn_statistics_and_optimizes_the_rest():
     config = TrainingConfig.from_dict({**TINY_VIT_RUN, "model": {"backbone": "test_resnet"}, "output_dir": "x"})
@@ -319,6 +335,13 @@ def test_pretrain_script_with_a_frozen_dinov2_then_trust_remote_code_export(tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["backbone"] == VIT and config["output_stride"] is None
+
+    # Episodic evaluation on the procedural data reads the ViT's stride-14 features.
+    cmd = [sys.executable, str(REPO / "scripts" / "evaluate.py"), str(tmp_path / "run"), "--dataset", "synthetic"]
+    cmd += ["--num_val_images", "20", "--num_episodes", "2", "--steps", "3", "--output_dir", str(tmp_path / "eval")]
+    result = subprocess.run(cmd + ["--no_progress"], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "gfss_base_miou" in (tmp_path / "eval" / "results.json").read_text()
 
     # The same model exported for trust_remote_code loads in a process without the package.
     model = GFSSModel.from_pretrained(tmp_path / "run").eval()
