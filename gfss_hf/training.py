@@ -41,7 +41,7 @@ from .checkpointing import (
     save_checkpoint,
 )
 from .configuration_gfss import GFSSConfig
-from .conversion import backbone_normalization, load_backbone_weights
+from .conversion import backbone_normalization, fetch_backbone_weights, load_backbone_weights
 from .data.sources import build_view, check_data_dir, load_fold_split
 from .data.splits import FoldSplit
 from .hub import publish
@@ -322,6 +322,16 @@ def preflight(
     config.validate()
     if push_to_hub and not hub_model_id:
         raise ValueError("push_to_hub=True needs hub_model_id (e.g. 'user/gfss-pspnet-pascal5i-fold0').")
+    # Backbone weights: a bad tag, a missing file or an offline machine without a cached copy is named now, not
+    # after the data are built. A tag is fetched here once; build_model finds it in the cache.
+    source = model_config_kwargs(config).get("backbone_pretrained")
+    if source:
+        path = fetch_backbone_weights(source)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"backbone weights file {path!r} does not exist; give an existing file or a timm tag such as "
+                "'resnet50s.gluon_in1k' (--set model.backbone_pretrained=...)."
+            )
     split = _fold_split(config)
     check_data_dir(config.dataset, config.data_dir)
     checkpoint = resolve_checkpoint(resume_from_checkpoint, config.output_dir)

@@ -390,3 +390,36 @@ def test_bench_script_runs(capsys):
     module.main(["--only", "resnet18-quarter", "--repeats", "1"])
     row = capsys.readouterr().out.splitlines()[-1]
     assert row.startswith("| resnet18-quarter | 8 |") and "(96 px)" in row and "(240 px)" in row
+
+
+def test_pretrain_script_offline_names_the_weights_to_download(tmp_path):
+    # The real huggingface_hub in offline mode with an empty cache: no network is touched.
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+        "OMP_NUM_THREADS": "1",
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(REPO),
+    }
+    cmd = [sys.executable, str(REPO / "scripts" / "pretrain.py"), "--output_dir", str(tmp_path / "run")]
+    cmd += ["--set", "model.backbone=vit_small_patch14_dinov2", "--set", "model.backbone_kwargs={}"]
+    cmd += ["--set", "model.output_stride=null", "--set", "model.image_size=98"]
+    cmd += ["--set", f"model.backbone_pretrained={VIT_HUB_ID}", "--set", "freeze_backbone=true"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert VIT_HUB_ID in result.stderr and "model.safetensors" in result.stderr
+    assert "--set model.backbone_pretrained=/path/to/model.safetensors" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_rules_of_the_new_fields():
+    with pytest.raises(ValueError, match="image_mean"):
+        GFSSConfig(image_mean=(0.5, 0.5))
+    with pytest.raises(ValueError, match="image_std"):
+        GFSSConfig(image_std=(0.2, 0.0, 0.2))
+    with pytest.raises(ValueError, match="output_stride"):
+        GFSSConfig(output_stride=True)
+    with pytest.raises(ValueError, match="dilation_style='pspnet' expects a ResNet bottleneck backbone"):
+        GFSSModel(family_config("convnext", dilation_style="pspnet"))
+    with pytest.raises(ValueError, match="unknown key"):
+        TrainingConfig.from_dict({"model": {"backbone_weights_path": "x"}, "output_dir": "x"})
