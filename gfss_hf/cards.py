@@ -121,6 +121,8 @@ _RECIPE_KEYS = (
     "novel_to_background",
     "backbone",
     "backbone_weights",
+    "backbone_pretrained",
+    "freeze_backbone",
     "image_size",
     "num_epochs",
     "max_steps",
@@ -177,11 +179,23 @@ def load_training_config(path: str | os.PathLike) -> dict[str, Any] | None:
         raise ValueError(f"{str(path)!r} does not hold a mapping of settings; is it a training_config.yaml?")
     # Model fields may sit under a `model:` mapping; the card lists them among the other settings.
     flat = {**raw, **(raw["model"] if isinstance(raw.get("model"), Mapping) else {})}
-    return {
-        key: Path(flat[key]).name if key == "backbone_weights" else flat[key]
-        for key in _RECIPE_KEYS
-        if flat.get(key) is not None
-    }
+    return {key: _public_setting(key, flat[key]) for key in _RECIPE_KEYS if flat.get(key) is not None}
+
+
+def _public_setting(key: str, value):
+    # A local weights file is named by its file name only: a card must not publish the trainer's folders. A timm
+    # tag or Hub id (`timm/...`) is kept whole.
+    if key == "backbone_weights":
+        return Path(value).name
+    if key == "backbone_pretrained" and isinstance(value, str) and (os.path.isabs(value) or value.count("/") > 1):
+        return Path(value).name
+    return value
+
+
+def _stride_words(config) -> str:
+    if config.output_stride is None:
+        return "its native stride (a ViT's patch size)"
+    return f"output stride {config.output_stride}"
 
 
 def _rows(settings: Mapping | None) -> list[tuple[str, str]]:
@@ -234,7 +248,7 @@ def _held_out(config: GFSSConfig) -> list[str]:
 def _model_facts(config: GFSSConfig) -> list[tuple[str, str]]:
     facts = [
         ("Architecture", "PSPNet: timm backbone + pyramid pooling decoder + 1x1 classifier"),
-        ("Backbone", f"`{config.backbone}`, output stride {config.output_stride}"),
+        ("Backbone", f"`{config.backbone}`, {_stride_words(config)}"),
         ("Pyramid bins", ", ".join(str(s) for s in config.pool_scales)),
         ("Feature channels", str(config.hidden_size)),
         (
@@ -421,7 +435,7 @@ def render_model_card(
         commands=list(commands or []),
         protocols=[(p, PROTOCOLS[p]) for p in PROTOCOLS if not entries or p in {e.protocol for e in entries}],
         results_table=_results_table(entries),
-        output_stride=config.output_stride,
+        output_stride=config.output_stride or "native (a ViT's patch size)",
         image_size=config.image_size,
         dataset_source=DATASETS.get(dataset or "", {}).get("source", "the data described above"),
     )

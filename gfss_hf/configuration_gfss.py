@@ -25,7 +25,8 @@ class GFSSConfig(PreTrainedConfig):
         backbone (`str`, *optional*, defaults to `"resnet50s"`):
             timm model name. `resnet50s` is the ResNet-50 with the 3-conv deep stem (64-64-128) used by PSPNet.
         output_stride (`int`, *optional*, defaults to 8):
-            Output stride of the backbone (8, 16 or 32); 8 dilates layer3 and layer4.
+            Output stride of the backbone (8, 16 or 32); 8 dilates layer3 and layer4. `None` keeps the backbone's
+            native stride, which is the only choice for a ViT (its stride is its patch size, e.g. 14 for DINOv2).
         dilation_style (`str`, *optional*, defaults to `"timm"`):
             `"timm"` keeps timm's dilation; `"pspnet"` also dilates the first block of each dilated stage, as every
             released PSPNet checkpoint expects (set by the checkpoint converter).
@@ -63,8 +64,15 @@ class GFSSConfig(PreTrainedConfig):
             Whether to build the projection head (needed only for contrastive pre-training).
         label_smoothing (`float`, *optional*, defaults to 0.1):
             Label smoothing of the pre-training cross-entropy returned as `loss` by `forward(labels=...)`.
+        backbone_pretrained (`str`, *optional*):
+            Where the backbone's pre-trained weights come from, loaded after construction by
+            `gfss_hf.conversion.load_backbone_weights()`: a timm pretrained tag (`"resnet50s.gluon_in1k"`), a timm Hub
+            id (`"timm/vit_small_patch14_dinov2.lvd142m"`, fetched with `huggingface_hub` and cached) or a local file.
         backbone_weights_path (`str`, *optional*):
-            A local file of ImageNet weights for the backbone, loaded by `gfss_hf.conversion.load_backbone_weights()`.
+            Older name of a local `backbone_pretrained` file; copied into `backbone_pretrained` when that is unset.
+        image_mean (`tuple[float]`, *optional*), image_std (`tuple[float]`, *optional*):
+            Normalisation of the backbone's pre-training (0-1 scale), used by `GFSSImageProcessor.from_config`;
+            `None` means ImageNet's. Filled from timm's `pretrained_cfg` when `backbone_pretrained` is a timm tag.
         dataset (`str`, *optional*), fold (`int`, *optional*), split_kind (`str`, *optional*):
             Where the base classes come from; informative, used by model cards and evaluation.
         source_checkpoint (`str`, *optional*):
@@ -83,7 +91,7 @@ class GFSSConfig(PreTrainedConfig):
     model_type = "gfss"
 
     backbone: str = "resnet50s"
-    output_stride: int = 8
+    output_stride: int | None = 8
     dilation_style: str = "timm"
     backbone_kwargs: dict | None = None
     pool_scales: list[int] | tuple[int, ...] = (1, 2, 3, 6)
@@ -102,7 +110,10 @@ class GFSSConfig(PreTrainedConfig):
     projection_source: str = "decoder"
     use_projection: bool = True
     label_smoothing: float = 0.1
+    backbone_pretrained: str | None = None
     backbone_weights_path: str | None = None
+    image_mean: list[float] | tuple[float, ...] | None = None
+    image_std: list[float] | tuple[float, ...] | None = None
     dataset: str | None = None
     fold: int | None = None
     split_kind: str | None = None
@@ -117,6 +128,12 @@ class GFSSConfig(PreTrainedConfig):
         self.pool_scales = tuple(int(s) for s in self.pool_scales)
         self.base_class_names = tuple(self.base_class_names)
         self.novel_class_names = tuple(self.novel_class_names)
+        # One mechanism for backbone weights: the older local-file field feeds `backbone_pretrained`.
+        if self.backbone_weights_path and not self.backbone_pretrained:
+            self.backbone_pretrained = str(self.backbone_weights_path)
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            setattr(self, name, None if value is None else tuple(float(v) for v in value))
         if given_id2label and not self.base_class_names and not self.novel_class_names:
             names = [given_id2label[k] for k in sorted(given_id2label, key=int)]
             self.background_name = names[0]
@@ -181,7 +198,7 @@ class GFSSConfig(PreTrainedConfig):
 
         # Types and finiteness first: NaN passes every range comparison (`not nan < 1` is True) and would build a
         # model of non-finite tensors.
-        for name in ("output_stride", "hidden_size", "image_size", "ignore_index", "projection_dim"):
+        for name in ("hidden_size", "image_size", "ignore_index", "projection_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 bad(name, value, f"expected an integer, got {type(value).__name__}")
@@ -191,8 +208,20 @@ class GFSSConfig(PreTrainedConfig):
                 bad(name, value, "expected a finite number")
         if not isinstance(self.backbone, str) or not self.backbone:
             bad("backbone", self.backbone, "give a timm model name such as 'resnet50s'")
-        if self.output_stride not in (8, 16, 32):
-            bad("output_stride", self.output_stride, "allowed values are 8, 16 and 32")
+        if self.output_stride is not None and (
+            isinstance(self.output_stride, bool) or self.output_stride not in (8, 16, 32)
+        ):
+            bad("output_stride", self.output_stride, "allowed values are 8, 16 and 32 (or None: the backbone's own)")
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            if value is not None and (len(value) != 3 or not all(math.isfinite(v) for v in value)):
+                bad(name, value, "give three finite numbers (R, G, B on a 0-1 scale) or None for ImageNet's")
+        if self.image_std is not None and any(v <= 0 for v in self.image_std):
+            bad("image_std", self.image_std, "every value must be positive")
+        if self.backbone_pretrained is not None and (
+            not isinstance(self.backbone_pretrained, str) or not self.backbone_pretrained
+        ):
+            bad("backbone_pretrained", self.backbone_pretrained, "give a timm tag, a timm Hub id or a local file")
         if self.dilation_style not in _DILATION_STYLES:
             bad("dilation_style", self.dilation_style, f"allowed values are {_DILATION_STYLES}")
         if not self.pool_scales or any(s < 1 for s in self.pool_scales):

@@ -38,11 +38,14 @@ from transformers.utils import logging
 from ._io import apply_umask, atomic_folder
 from .configuration_gfss import GFSSConfig
 from .image_processing_gfss import MIN_IMAGE_SIZE, GFSSImageProcessor
-from .modeling_gfss import GFSSModel
+from .modeling_gfss import GFSSModel, create_backbone
 
 __all__ = [
     "LAYOUTS",
     "SOURCES",
+    "backbone_normalization",
+    "fetch_backbone_weights",
+    "timm_pretrained_cfg",
     "ConversionReport",
     "SourceInfo",
     "build_model_card",
@@ -73,6 +76,7 @@ _IMAGENET_LAYOUTS = ("imagenet-semseg", "imagenet-timm")
 _NUM_PPM_STAGES = 4  # every source uses bins (1, 2, 3, 6)
 _POOL_SCALES = (1, 2, 3, 6)
 _BACKBONE = "resnet50s"
+_WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".tar", ".npz")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1150,20 +1154,103 @@ def _imagenet_to_timm_keys(
     return mapped, dropped
 
 
+def timm_pretrained_cfg(source: str | os.PathLike):
+    """
+    The timm `PretrainedCfg` of a `backbone_pretrained` value, or `None` when it is a local file.
+
+    Args:
+        source (`str` or `os.PathLike`): a local file, a timm tag (`"resnet50s.gluon_in1k"`, or a bare architecture
+            for its default tag) or a timm Hub id (`"timm/vit_small_patch14_dinov2.lvd142m"`).
+
+    Returns:
+        `timm.models.PretrainedCfg` or `None`.
+    """
+    import timm
+
+    source = os.fspath(source)
+    # A path that does not exist stays a path, so that reading it says which file is missing.
+    looks_like_file = os.path.isabs(source) or source.startswith(".") or source.count("/") > 1
+    if os.path.exists(source) or looks_like_file or Path(source).suffix in _WEIGHT_SUFFIXES:
+        return None
+    tag = source[len("timm/") :] if source.startswith("timm/") else source
+    cfg = timm.models.get_pretrained_cfg(tag) if "/" not in tag else None
+    if cfg is None:
+        raise ValueError(
+            f"backbone_pretrained={source!r} is neither an existing file nor a timm pretrained tag (e.g. "
+            "'resnet50s.gluon_in1k' or 'timm/vit_small_patch14_dinov2.lvd142m'; `timm.list_pretrained()` lists them)."
+        )
+    return cfg
+
+
+def backbone_normalization(source: str | os.PathLike | None) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """
+    The `(mean, std)` the weights of `source` were trained with, from timm's `pretrained_cfg` (no download); `None`
+    for no source or a local file (the caller then keeps its config's values, ImageNet's by default).
+
+    Example:
+
+    ```python
+    >>> backbone_normalization("timm/vit_small_patch14_dinov2.lvd142m")
+    ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    ```
+    """
+    cfg = timm_pretrained_cfg(source) if source else None
+    if cfg is None:
+        return None
+    return tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
+
+
+def fetch_backbone_weights(source: str | os.PathLike) -> str:
+    """
+    The local file of a `backbone_pretrained` value: the path itself, or the timm Hub repo's weights fetched with
+    `huggingface_hub.hf_hub_download` (cached; offline, a cached copy is used). Offline without a copy, the error
+    names the repo, the file and the local-file alternative.
+
+    Args:
+        source (`str` or `os.PathLike`): see [`timm_pretrained_cfg`].
+
+    Returns:
+        `str`: the path of the weights file.
+    """
+    from huggingface_hub import hf_hub_download
+
+    cfg = timm_pretrained_cfg(source)
+    if cfg is None:
+        return os.fspath(source)
+    if not cfg.hf_hub_id:
+        raise ValueError(
+            f"timm tag {os.fspath(source)!r} has no Hugging Face Hub repository (its weights are at {cfg.url!r}); "
+            "download them yourself and pass the file: --set model.backbone_pretrained=/path/to/weights."
+        )
+    filename = cfg.hf_hub_filename or "model.safetensors"
+    try:
+        return hf_hub_download(repo_id=cfg.hf_hub_id, filename=filename)
+    except Exception as err:  # offline, no cache, no access: every failure gets the same instructions
+        raise OSError(
+            f"could not get {filename!r} of the Hub repository {cfg.hf_hub_id!r} ({type(err).__name__}: {err}). On a "
+            f"machine with the Hub run `hf download {cfg.hf_hub_id} {filename}` (it fills the Hugging Face cache, "
+            f"which works offline afterwards), or download https://huggingface.co/{cfg.hf_hub_id}/resolve/main/"
+            f"{filename} and pass the local file: --set model.backbone_pretrained=/path/to/{filename}."
+        ) from err
+
+
 def load_backbone_weights(
     model: GFSSModel, path: str | os.PathLike | None = None, strict: bool = True
 ) -> dict[str, list]:
     """
-    Load ImageNet weights into `model.backbone` from a local file (never downloaded).
+    Load pre-trained weights into `model.backbone` from a local file or a timm pretrained tag / Hub id.
 
-    Accepts timm deep-stem weights (`resnet50s.gluon_in1k`, identity keys) and the flat deep-stem layout of semseg's
-    `resnet50_v2.pth` (`conv1/bn1/conv2/bn2/conv3/bn3`), as `.safetensors` or `.pth`, read by [`read_checkpoint`]
-    (`weights_only=True`). The `fc` head is dropped. Plain 7x7-stem and 32-wide-stem files are refused. It lives here,
-    not on the model, so that the model file exported for `trust_remote_code` reads no files.
+    ResNet backbones accept timm deep-stem weights (`resnet50s.gluon_in1k`, identity keys) and the flat deep-stem
+    layout of semseg's `resnet50_v2.pth` (`conv1/bn1/conv2/bn2/conv3/bn3`), as `.safetensors` or `.pth`, read by
+    [`read_checkpoint`] (`weights_only=True`); the `fc` head is dropped; plain 7x7-stem and 32-wide-stem files are
+    refused. Other backbones (ConvNeXt, ViT / DINOv2, ...) take timm-layout files, loaded by timm itself into a twin
+    backbone (so timm's key filters apply, e.g. a ViT's position embedding resampled to `image_size`) whose tensors
+    are then copied. A tag is fetched by [`fetch_backbone_weights`]. It lives here, not on the model, so that the
+    model file exported for `trust_remote_code` reads no files.
 
     Args:
         model ([`GFSSModel`]): the model whose backbone receives the weights (in place).
-        path (`str` or `os.PathLike`, *optional*): the file; defaults to `model.config.backbone_weights_path`.
+        path (`str` or `os.PathLike`, *optional*): file, tag or Hub id; defaults to `model.config.backbone_pretrained`.
         strict (`bool`, *optional*, defaults to `True`): raise if a backbone tensor is missing or unexpected.
 
     Returns:
@@ -1173,12 +1260,23 @@ def load_backbone_weights(
 
     ```python
     >>> report = load_backbone_weights(model, "resnet50s.safetensors")  # doctest: +SKIP
+    >>> report = load_backbone_weights(model, "timm/vit_small_patch14_dinov2.lvd142m")  # doctest: +SKIP
     ```
     """
-    path = path if path is not None else model.config.backbone_weights_path
-    if path is None:
-        raise ValueError("no weights file: pass `path` or set `config.backbone_weights_path`.")
+    config = model.config
+    source = path if path is not None else (config.backbone_pretrained or config.backbone_weights_path)
+    if source is None:
+        raise ValueError("no weights: pass `path` or set `config.backbone_pretrained` (a timm tag or a local file).")
+    cfg = timm_pretrained_cfg(source)
+    if cfg is not None and cfg.architecture != config.backbone:
+        raise ValueError(
+            f"backbone_pretrained={os.fspath(source)!r} holds weights of {cfg.architecture!r} but the model's backbone "
+            f"is {config.backbone!r}; set model.backbone={cfg.architecture} or choose a tag of {config.backbone!r}."
+        )
+    path = fetch_backbone_weights(source)
     own = model.backbone.state_dict()
+    if not any(key.startswith("layer1.") for key in own):
+        return _load_timm_backbone(model, path, strict)
     mapped, dropped = _imagenet_to_timm_keys(read_checkpoint(path), own.keys())
     for key, value in mapped.items():
         if key in own and own[key].shape != value.shape:
@@ -1196,6 +1294,31 @@ def load_backbone_weights(
             "pass strict=False to load the matching part."
         )
     logger.info(f"loaded backbone weights from {path}: {report}")
+    return report
+
+
+@torch.no_grad()
+def _load_timm_backbone(model: GFSSModel, path: str, strict: bool) -> dict[str, list]:
+    # A PSPNet segmentation checkpoint offered to a non-ResNet backbone: say what it is before timm lists keys.
+    keys = read_checkpoint(path).keys()
+    if any(key.startswith(("layer0.", "ppm.", "learner_base.", "backbone.layer1.", "layer4.")) for key in keys):
+        raise ValueError(
+            f"{path!r} holds ResNet / PSPNet weights, which do not fit the {model.config.backbone!r} backbone; give "
+            f"weights of {model.config.backbone!r} in timm's layout (e.g. its timm tag), or use a ResNet backbone."
+        )
+    try:
+        twin = create_backbone(model.config, pretrained=True, pretrained_cfg_overlay={"file": path})
+    except RuntimeError as err:  # load_state_dict's report of missing / unexpected / mis-shaped keys
+        if strict:
+            raise ValueError(
+                f"backbone weights from {path!r} do not match {model.config.backbone!r} "
+                f"(backbone_kwargs={model.config.backbone_kwargs}): {err}"
+            ) from err
+        logger.warning(f"backbone weights from {path!r} do not match {model.config.backbone!r}; not loaded: {err}")
+        return {"missing": list(model.backbone.state_dict()), "unexpected": [], "dropped": []}
+    result = model.backbone.load_state_dict(twin.state_dict(), strict=True)
+    report = {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys), "dropped": []}
+    logger.info(f"loaded backbone weights from {path} through timm: {report}")
     return report
 
 

@@ -352,8 +352,17 @@ class GFSSImageProcessor(BaseImageProcessor):
 
     @classmethod
     def from_config(cls, config) -> GFSSImageProcessor:
-        """The processor matching a [`GFSSConfig`] (its `image_size` and `pad_mode`)."""
-        return cls(image_size=config.image_size, pad_mode=config.pad_mode, ignore_index=config.ignore_index)
+        """The processor matching a [`GFSSConfig`]: its `image_size`, `pad_mode` and the backbone's normalisation
+        (`image_mean` / `image_std`, ImageNet's when the config has none)."""
+        mean = getattr(config, "image_mean", None)
+        std = getattr(config, "image_std", None)
+        return cls(
+            image_size=config.image_size,
+            pad_mode=config.pad_mode,
+            image_mean=IMAGENET_MEAN if mean is None else mean,
+            image_std=IMAGENET_STD if std is None else std,
+            ignore_index=config.ignore_index,
+        )
 
     def to_dict(self):
         output = {

@@ -1,5 +1,6 @@
-"""GFSS model: a timm ResNet backbone dilated to output stride 8, a pyramid pooling decoder (PSPNet) and a 1x1
-classifier that grows with novel classes.
+"""GFSS model: a timm backbone (a ResNet dilated to output stride 8 by default; any timm model with `features_only`
+support, ConvNeXt and DINOv2 ViTs included), a pyramid pooling decoder (PSPNet) and a 1x1 classifier that grows with
+novel classes.
 
 This is the one model file: it imports only `configuration_gfss` and `losses` relatively, so a saved folder with
 `trust_remote_code=True` works without the `gfss_hf` package.
@@ -20,7 +21,7 @@ from transformers.utils import ModelOutput, logging
 from .configuration_gfss import GFSSConfig
 from .losses import label_smoothed_cross_entropy
 
-__all__ = ["GFSSModel", "GFSSModelOutput", "GFSSPreTrainedModel", "GFSSPyramidPooling"]
+__all__ = ["GFSSModel", "create_backbone", "GFSSModelOutput", "GFSSPreTrainedModel", "GFSSPyramidPooling"]
 
 logger = logging.get_logger(__name__)
 
@@ -36,7 +37,8 @@ class GFSSModelOutput(ModelOutput):
         logits (`torch.FloatTensor` of shape `(batch_size, num_labels, height, width)`):
             Class scores upsampled to the input size; rows ordered `[background, base..., novel...]`.
         features (`torch.FloatTensor` of shape `(batch_size, hidden_size, h, w)`):
-            The dense decoder feature `I` the classifier reads (`h = height / output_stride`).
+            The dense decoder feature `I` the classifier reads (`h = height / feature_stride`: the output stride, or a
+            ViT's patch size).
         embeddings (`torch.FloatTensor` of shape `(batch_size, projection_dim, h, w)`, *optional*):
             L2-normalised contrastive embeddings (returned with `output_embeddings=True`).
         backbone_features (`torch.FloatTensor` of shape `(batch_size, C4, h, w)`, *optional*):
@@ -95,6 +97,56 @@ class GFSSPyramidPooling(nn.Module):
         return self.bottleneck(torch.cat(outs, dim=1))
 
 
+def create_backbone(config: GFSSConfig, **timm_kwargs) -> nn.Module:
+    """The timm `features_only` backbone of `config` (last stage only); random weights unless `timm_kwargs` (passed to
+    `timm.create_model`, e.g. by `gfss_hf.conversion.load_backbone_weights`) ask timm for pre-trained ones.
+
+    Convolutional backbones get `output_stride` (timm dilates them). A ViT has no output stride to set (its stride is
+    its patch size): it needs `output_stride=None`, and gets `img_size=image_size, dynamic_img_size=True` unless
+    `backbone_kwargs` says otherwise, so that its position embedding fits the canvas and other sizes still work."""
+    kwargs = dict(config.backbone_kwargs)
+    common = {"pretrained": False, "features_only": True, "out_indices": (-1,), **timm_kwargs}
+
+    def refuse(err: TypeError):
+        return ValueError(
+            f"timm cannot build {config.backbone!r} with backbone_kwargs={kwargs}: {err}. Keyword arguments of "
+            "another architecture (e.g. ResNet `channels`) must go: `--set model.backbone_kwargs={}`."
+        )
+
+    if config.output_stride is not None:
+        try:
+            return timm.create_model(config.backbone, output_stride=config.output_stride, **common, **kwargs)
+        except TypeError as err:
+            if "output_stride" not in str(err):
+                raise refuse(err) from err
+            raise ValueError(
+                f"backbone {config.backbone!r} cannot change its output stride (a ViT's stride is fixed by its patch "
+                f"size), so output_stride={config.output_stride} cannot be honoured. Set output_stride=None "
+                "(`--set model.output_stride=null`) to use its native stride; the decoder then reads a map of "
+                "image_size / patch_size cells, so choose image_size as a multiple of the patch size."
+            ) from None
+    vit_defaults = {"img_size": config.image_size, "dynamic_img_size": True}
+    try:
+        return timm.create_model(config.backbone, **common, **{**vit_defaults, **kwargs})
+    except TypeError as err:
+        # Not a ViT: convolutional models take no image size.
+        if not any(name in str(err) for name in vit_defaults):
+            raise refuse(err) from err
+    try:
+        return timm.create_model(config.backbone, **common, **kwargs)
+    except TypeError as err:
+        raise refuse(err) from err
+
+
+def _patch_size(backbone: nn.Module) -> int | None:
+    """The patch size of a ViT backbone (timm wraps it as `.model` in `features_only` mode), `None` for a CNN."""
+    inner = getattr(backbone, "model", backbone)
+    patch_size = getattr(getattr(inner, "patch_embed", None), "patch_size", None)
+    if patch_size is None:
+        return None
+    return int(patch_size[0] if isinstance(patch_size, (tuple, list)) else patch_size)
+
+
 class GFSSPreTrainedModel(PreTrainedModel):
     config_class = GFSSConfig
     config: GFSSConfig
@@ -151,14 +203,14 @@ class GFSSModel(GFSSPreTrainedModel):
 
     def __init__(self, config: GFSSConfig):
         super().__init__(config)
-        self.backbone = timm.create_model(
-            config.backbone,
-            pretrained=False,
-            features_only=True,
-            output_stride=config.output_stride,
-            out_indices=(-1,),
-            **config.backbone_kwargs,
-        )
+        self.backbone = create_backbone(config)
+        self._patch_size = _patch_size(self.backbone)
+        if self._patch_size is not None and config.image_size % self._patch_size:
+            size = config.image_size
+            raise ValueError(
+                f"image_size={size} is not a multiple of the patch size {self._patch_size} of {config.backbone!r}; "
+                f"use {size - size % self._patch_size} or {size + self._patch_size - size % self._patch_size}."
+            )
         if config.dilation_style == "pspnet":
             self._apply_pspnet_dilation()
         in_channels = self.backbone.feature_info.channels()[-1]
@@ -177,6 +229,7 @@ class GFSSModel(GFSSPreTrainedModel):
         else:
             self.projection = None
         self._backbone_frozen = False
+        self._freeze_decoder = True
         self.post_init()
 
     # -- structure ---------------------------------------------------------------------------------------------
@@ -204,11 +257,21 @@ class GFSSModel(GFSSPreTrainedModel):
     def num_base_classes(self) -> int:
         return self.config.num_base_classes
 
+    @property
+    def feature_stride(self) -> int:
+        """Pixels per cell of the backbone feature the decoder reads (timm's feature info: the output stride of a
+        CNN, the patch size of a ViT)."""
+        return int(self.backbone.feature_info.reduction()[-1])
+
     # -- freezing ----------------------------------------------------------------------------------------------
-    def freeze_backbone(self) -> GFSSModel:
+    def freeze_backbone(self, include_decoder: bool = True) -> GFSSModel:
         """Freeze backbone + decoder (+ projection): `requires_grad=False` and eval mode (BatchNorm running statistics,
-        no dropout), which `.train()` does not undo. Only the classifier stays trainable. Returns `self`."""
+        no dropout), which `.train()` does not undo. Only the classifier stays trainable. With
+        `include_decoder=False` only the backbone is frozen (frozen-backbone pre-training). Returns `self`."""
+        if self._backbone_frozen:
+            self.unfreeze_backbone()
         self._backbone_frozen = True
+        self._freeze_decoder = include_decoder
         for module in self._frozen_modules():
             module.requires_grad_(False)
             module.eval()
@@ -227,6 +290,8 @@ class GFSSModel(GFSSPreTrainedModel):
         return self._backbone_frozen
 
     def _frozen_modules(self):
+        if not getattr(self, "_freeze_decoder", True):
+            return [self.backbone]
         return [m for m in (self.backbone, self.decoder, self.projection) if m is not None]
 
     def train(self, mode: bool = True):
@@ -345,6 +410,13 @@ class GFSSModel(GFSSPreTrainedModel):
             raise ValueError(
                 f"pixel_values must have shape (batch, 3, height, width), got {tuple(pixel_values.shape)}; use "
                 "GFSSImageProcessor to prepare images."
+            )
+        patch = getattr(self, "_patch_size", None)
+        if patch is not None and (pixel_values.shape[-1] % patch or pixel_values.shape[-2] % patch):
+            raise ValueError(
+                f"pixel_values of size {tuple(pixel_values.shape[-2:])} do not divide into {patch}x{patch} patches of "
+                f"{self.config.backbone!r}; use height and width that are multiples of {patch} (GFSSImageProcessor "
+                "pads to config.image_size, which is one)."
             )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         features, backbone_features = self.extract_features(pixel_values, return_backbone=True)

@@ -41,7 +41,7 @@ from .checkpointing import (
     save_checkpoint,
 )
 from .configuration_gfss import GFSSConfig
-from .conversion import load_backbone_weights
+from .conversion import backbone_normalization, fetch_backbone_weights, load_backbone_weights
 from .data.sources import build_view, check_data_dir, load_fold_split
 from .data.splits import FoldSplit
 from .hub import publish
@@ -165,7 +165,7 @@ def build_pretraining_datasets(
         `tuple(PretrainingDataset, PretrainingDataset)`: train (with flips when `config.hflip`) and val.
     """
     split = split if split is not None else _fold_split(config)
-    processor = GFSSImageProcessor(image_size=config.image_size, pad_mode=config.pad_mode)
+    processor = GFSSImageProcessor.from_config(GFSSConfig(**model_config_kwargs(config)))
     val_map = lambda label: split.to_base_training(label, novel_to_background=config.novel_to_background)  # noqa: E731
     if config.dataset == "synthetic":
         kwargs = dict(image_size=max(config.image_size, 32), seed=config.dataset_seed, fold=config.fold)
@@ -213,28 +213,47 @@ def build_pretraining_datasets(
 def build_model(config: TrainingConfig, split=None) -> GFSSModel:
     """
     A [`GFSSModel`] with the fold's base classes (`[background, base...]` rows), initialised from `config.seed`
-    (the global RNG is forked, not touched), with ImageNet backbone weights when `config.backbone_weights` is set.
-    The projection head exists only when `contrastive_weight > 0`.
+    (the global RNG is forked, not touched), with pre-trained backbone weights when `model.backbone_pretrained` (or
+    the older `backbone_weights`) is set, and a frozen backbone when `config.freeze_backbone`. The projection head
+    exists only when `contrastive_weight > 0`.
     """
     split = split if split is not None else _fold_split(config)
     model_config = GFSSConfig(
-        **as_model_kwargs(config.model),
+        **model_config_kwargs(config),
         use_projection=config.contrastive_weight > 0,
         label_smoothing=config.label_smoothing,
         base_class_names=split.base_names,
         dataset=split.dataset,
         fold=split.fold,
         split_kind=split.split_kind,
-        backbone_weights_path=config.backbone_weights,
     )
     # Module initialisers draw from the global RNG; fork it so that building a model neither depends on nor
     # changes the caller's random state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = GFSSModel(model_config)
-    if config.backbone_weights:
-        load_backbone_weights(model, config.backbone_weights)
+    if model_config.backbone_pretrained:
+        load_backbone_weights(model)
+    if config.freeze_backbone:
+        model.freeze_backbone(include_decoder=False)
     return model
+
+
+def model_config_kwargs(config: TrainingConfig) -> dict[str, Any]:
+    """
+    The architecture keyword arguments of [`GFSSConfig`] for a run: the `model:` mapping, with the older top-level
+    `backbone_weights` as `backbone_pretrained`, and the normalisation of a timm pretrained tag (its
+    `pretrained_cfg` mean / std) unless the mapping sets `image_mean` / `image_std`.
+    """
+    kwargs = as_model_kwargs(config.model)
+    if config.backbone_weights and not kwargs.get("backbone_pretrained"):
+        kwargs["backbone_pretrained"] = config.backbone_weights
+    normalization = backbone_normalization(kwargs.get("backbone_pretrained"))
+    if normalization is not None:
+        for name, value in zip(("image_mean", "image_std"), normalization):
+            if kwargs.get(name) is None:
+                kwargs[name] = value
+    return kwargs
 
 
 def cosine_schedule(total_steps: int, schedule: str = "cosine") -> Callable[[int], float]:
@@ -303,6 +322,16 @@ def preflight(
     config.validate()
     if push_to_hub and not hub_model_id:
         raise ValueError("push_to_hub=True needs hub_model_id (e.g. 'user/gfss-pspnet-pascal5i-fold0').")
+    # Backbone weights: a bad tag, a missing file or an offline machine without a cached copy is named now, not
+    # after the data are built. A tag is fetched here once; build_model finds it in the cache.
+    source = model_config_kwargs(config).get("backbone_pretrained")
+    if source:
+        path = fetch_backbone_weights(source)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"backbone weights file {path!r} does not exist; give an existing file or a timm tag such as "
+                "'resnet50s.gluon_in1k' (--set model.backbone_pretrained=...)."
+            )
     split = _fold_split(config)
     check_data_dir(config.dataset, config.data_dir)
     checkpoint = resolve_checkpoint(resume_from_checkpoint, config.output_dir)
@@ -388,11 +417,13 @@ def pretrain(
     num_classes = model.config.num_labels
     if torch.cuda.is_available() and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # Only trainable parameters: a frozen backbone (`freeze_backbone`) must not even see weight decay.
+    params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     else:
         optimizer = torch.optim.SGD(
-            model.parameters(), lr=config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay
+            params, lr=config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay
         )
     train_loader = DataLoader(
         train_set,

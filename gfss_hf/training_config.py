@@ -68,8 +68,12 @@ class TrainingConfig:
             defaults (the one place they are declared). The class lists, dataset and fold come from the run, the
             projection head from `contrastive_weight`. The flat keys of older configs (`backbone: resnet18` at the
             top level) are translated, with a warning.
-        backbone_weights (`str`, *optional*): local file of ImageNet backbone weights
-            ([`gfss_hf.conversion.load_backbone_weights`]).
+        backbone_weights (`str`, *optional*): older spelling of `model.backbone_pretrained` for a local file of
+            ImageNet backbone weights ([`gfss_hf.conversion.load_backbone_weights`]); prefer
+            `--set model.backbone_pretrained=resnet50s.gluon_in1k` (a timm tag, a `timm/...` Hub id or a file).
+        freeze_backbone (`bool`, defaults to `False`): train the decoder, classifier and projection only: the
+            backbone gets `requires_grad=False`, stays in eval mode (BatchNorm statistics kept) and is left out of
+            the optimizer, so its weights end the run bit-identical to the pre-trained ones.
         num_epochs (`int`, defaults to 100), max_steps (`int`, *optional*): length of the run in epochs, or in
             optimizer steps when `max_steps` is given.
         batch_size (`int`, defaults to 12): images per process per forward pass.
@@ -120,6 +124,7 @@ class TrainingConfig:
     # model
     model: dict = field(default_factory=dict)
     backbone_weights: str | None = None
+    freeze_backbone: bool = False
     # optimisation
     num_epochs: int = 100
     max_steps: int | None = None
@@ -338,6 +343,9 @@ _EXPECTED_TYPES = {
 MODEL_KEYS = (
     "backbone",
     "backbone_kwargs",
+    "backbone_pretrained",
+    "image_mean",
+    "image_std",
     "output_stride",
     "dilation_style",
     "hidden_size",
@@ -364,7 +372,11 @@ def model_defaults() -> dict[str, Any]:
     out = {}
     for name in MODEL_KEYS:
         default = fields[name].default
-        out[name] = list(default) if isinstance(default, tuple) else ({} if default is None else default)
+        if isinstance(default, tuple):
+            default = list(default)
+        elif default is None and name == "backbone_kwargs":
+            default = {}
+        out[name] = default
     return out
 
 

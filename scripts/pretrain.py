@@ -109,7 +109,7 @@ def main(argv=None) -> int:
         config = build_config(args)
         # Bad inputs end the run here with one readable line, before a model is built.
         preflight(config, args.resume_from_checkpoint, args.push_to_hub, args.hub_model_id)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # OSError: FileNotFoundError, backbone weights not reachable offline
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
