@@ -118,3 +118,14 @@ def test_builder_class_is_registered():
     from gfss_hf.data.sources import get_data_source
 
     assert get_data_source("camvid").builder(data_dir=None).__class__ is CamVid
+
+
+def test_cpu_recipe_loads():
+    from pathlib import Path
+
+    from gfss_hf.training_config import TrainingConfig
+
+    config = TrainingConfig.from_yaml(Path(__file__).resolve().parents[2] / "scripts" / "configs" / "camvid.yaml")
+    assert config.dataset == "camvid" and config.image_size == 240 and config.optimizer == "adamw"
+    assert config.scale_range == [0.75, 1.5] and config.color_jitter > 0 and config.hflip
+    assert config.model["backbone"] == "resnet18" and config.min_pixels == 1582
