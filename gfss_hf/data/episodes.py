@@ -583,6 +583,7 @@ def build_episodes(
     min_pixels: int | None = None,
     class_sampling: str = "pair",
     support_split: str | None = None,
+    exclusive: bool | None = None,
 ) -> list[EpisodeSpec]:
     """
     Sample the episodes of a protocol with the seeded samplers above.
@@ -600,6 +601,9 @@ def build_episodes(
         class_sampling (`str`, *optional*, defaults to `"pair"`): `paper` only, see `sample_paper_episodes`.
         support_split (`str`, *optional*): `paper` only: `"train"` draws the supports from `train_source` (same
             area threshold), the queries still from the val list; `None` / `"val"`: the published protocol.
+        exclusive (`bool`, *optional*): `diam` / `capl`: whether a support image of a class may hold no other novel
+            class; `None` keeps each protocol's published rule (`diam`: exclusive, `capl`: not). `False` for datasets
+            where no image qualifies (CamVid: every val image holds several novel classes of a fold).
 
     Returns:
         `list[EpisodeSpec]`: for `diam` / `capl`, one spec per (run, query), runs in order.
@@ -670,6 +674,7 @@ def build_episodes(
                 seed,
                 run=run,
                 min_support_pixels=min_pixels,
+                **({} if exclusive is None else {"exclusive": exclusive}),
                 **common,
             )
         else:
@@ -683,6 +688,7 @@ def build_episodes(
                 seed,
                 run=run,
                 min_support_pixels=min_pixels,
+                **({} if exclusive is None else {"exclusive": exclusive}),
                 **common,
             )
     return episodes
