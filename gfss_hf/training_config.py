@@ -50,7 +50,8 @@ class TrainingConfig:
 
     Args:
         dataset (`str`, defaults to `"synthetic"`): `"synthetic"` (embedded, no download), `"pascal5i"`,
-            `"pascal10i"`, `"coco20i"` or `"folder"` (your own images + masks + classes.json).
+            `"pascal10i"`, `"coco20i"`, `"camvid"` (the SegNet tutorial's 11-class CamVid folders) or `"folder"`
+            (your own images + masks + classes.json).
         fold (`int`, defaults to 0): the fold whose base classes are trained (novel pixels are ignored).
         split_kind (`str`, *optional*): fold-table variant (COCO-20i: `"interleaved"` or `"consecutive"`).
         data_dir (`str`, *optional*): root of the data (not used by `"synthetic"`).
@@ -60,7 +61,8 @@ class TrainingConfig:
             datasets: the first `num_val_images` of the val list; `None`: all).
         dataset_seed (`int`, defaults to 0): seed of the synthetic renderer.
         min_pixels (`int`, *optional*): base-training filter (an image needs a base class with this many pixels);
-            `None` uses the builder's default (2,048 px; 64 px for the 96-px synthetic images).
+            `None` uses the builder's default (2,048 px; 1,582 px for CamVid's 480x360; 64 px for the 96-px synthetic
+            images).
         novel_to_background (`bool`, defaults to `False`): label novel pixels background instead of ignoring them.
         model (`dict`, defaults to `{}`): the architecture, passed to [`GFSSConfig`] as is: `backbone`,
             `backbone_kwargs`, `output_stride`, `dilation_style`, `hidden_size`, `pool_scales`, `dropout`,

@@ -65,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=list(DATASET_NAMES),
         help="folder: your own images/ + masks/ + classes.json (as scripts/pretrain.py trains on)",
     )
-    data.add_argument("--data_dir", help="dataset folder (PASCAL / COCO 2014 or 2017 / folder)")
+    data.add_argument("--data_dir", help="dataset folder (PASCAL / COCO 2014 or 2017 / CamVid / folder)")
     data.add_argument("--cache_dir", help="datasets cache of the builders")
     data.add_argument("--fold", type=int, default=None, help="default: the model config's fold, else 0")
     data.add_argument("--split_kind", default=None, help="COCO-20i fold table: interleaved or consecutive")
