@@ -20,13 +20,11 @@ Pedestrian / Bicyclist):
     OMP_NUM_THREADS=1 python scripts/camvid_benchmark.py --data_dir /data/CamVid --output_dir camvid_results
     python scripts/camvid_benchmark.py --data_dir /data/CamVid --output_dir /tmp/q --quick   # the test's budget
 
-Duration (an ESTIMATE from short timings, not a measured full run; one core of the 2-core development machine,
-2026-12-01, with the other core busy): pre-training 1.3-2.5 s per step of 8 images (720 steps: ~16-30 min per
-model); evaluation at 100 fine-tuning steps (feature-resolution loss), per episode and GFSS variant, measured on 10
-episodes each: paper 1-shot 0.36 s, 5-shot 1.66 s, diam 0.29 s (1-shot) and 0.56 s (5-shot) per query. With the
-defaults (500 paper episodes and 5 diam runs of ~100 queries per shot count, 3 GFSS variants) that is ~50 min
-(paper) + ~20 min (diam) of evaluation per model and fold, so ~1.5 h per model and fold with its pre-training and
-~6 h for the full table (2 folds x 2 models) on one core; `--folds 0 --models ce` is a quarter of it.
+Duration, measured on one core of the 2-core development machine (2026-12-01): fold 0, CE model, the defaults
+(500 paper episodes and 5 diam runs per shot count, 3 GFSS variants, 100 fine-tuning steps at feature resolution):
+pre-training 12 min (720 steps, 1.0 s per step of 8 images; 1.3-2.5 s while the other core was busy) and evaluation
+7.5 min. The full table (2 folds x 2 models) is ESTIMATED from that at ~1.5 h (the contrastive model's steps are
+slower, not measured). `--quick` takes ~25 s.
 
 The test split is never read.
 """
