@@ -141,6 +141,8 @@ _RECIPE_KEYS = (
     "max_views",
     "background_anchors",
     "hflip",
+    "scale_range",
+    "color_jitter",
     "seed",
     "mixed_precision",
 )

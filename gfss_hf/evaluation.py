@@ -354,7 +354,7 @@ def check_episodes(episodes: Sequence[EpisodeSpec], split: FoldSplit, sources: M
             raise ValueError(
                 f"{where} scores base class {spec.base_class_id}, which is not a base class of this fold. {fix}"
             )
-        support_source = "train" if spec.protocol == "capl" else "val"
+        support_source = spec.support_list
         supports = spec.all_support_ids()
         if support_source == "val" and spec.query_id in supports:
             raise ValueError(
@@ -406,9 +406,13 @@ def _paper_unit(ctx: _Context, specs: list[EpisodeSpec], accs: dict[str, PooledI
     k = shots.pop()
     classes = [s.class_ids[0] for s in specs]
     support_ids = [i for s, c in zip(specs, classes) for i in s.support_ids[c]]
-    sup_feat = cache.features("val", support_ids)
+    lists = {s.support_list for s in specs}
+    if len(lists) != 1:
+        raise ValueError(f"episodes of one batch read supports from different lists {sorted(lists)}; use one.")
+    support_list = lists.pop()
+    sup_feat = cache.features(support_list, support_ids)
     sup_feat = sup_feat.view(e, k, *sup_feat.shape[1:])
-    sup_labels = cache.labels("val", support_ids).reshape(e, k, *ctx.size)
+    sup_labels = cache.labels(support_list, support_ids).reshape(e, k, *ctx.size)
     sup_masks = torch.stack([ctx.binary(sup_labels[j], c) for j, c in enumerate(classes)])
     query_ids = [s.query_id for s in specs]
     q_feat = cache.features("val", query_ids)[:, None]  # (E, 1, D, h, w)
@@ -556,7 +560,8 @@ def evaluate_episodes(
             protocol.
         split ([`FoldSplit`]): the fold.
         val_source: image source of the val list (queries; supports of `paper` and `diam`).
-        train_source (*optional*): image source of the train list (`capl` supports).
+        train_source (*optional*): image source of the train list (supports of `capl` episodes and of `paper`
+            episodes sampled with `support_split="train"`).
         processor ([`GFSSImageProcessor`], *optional*): defaults to `GFSSImageProcessor.from_config(model.config)`.
         options ([`EvaluationOptions`], *optional*): batching, cache and adaptation hyper-parameters.
         accelerator (`accelerate.Accelerator`, *optional*): splits the batches of episodes round-robin over its
@@ -594,8 +599,8 @@ def evaluate_episodes(
         raise ValueError(f"the episodes mix protocols {protocols}; evaluate one protocol at a time.")
     protocol = protocols[0]
     check_model_matches_split(model, split)
-    if protocol == "capl" and train_source is None:
-        raise ValueError("'capl' episodes take their supports from the train list: pass train_source.")
+    if train_source is None and any(e.support_list == "train" for e in episodes):
+        raise ValueError("these episodes take their supports from the train list: pass train_source.")
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     adaptation = options.adaptation
     if adaptation.legacy_carry_over:
@@ -663,7 +668,7 @@ def evaluate_episodes(
                 run = specs[0].run
                 if run not in supports:
                     supports.clear()  # one run's support features at a time
-                    supports[run] = _RunSupport(ctx, specs[0], "val" if protocol == "diam" else "train")
+                    supports[run] = _RunSupport(ctx, specs[0], specs[0].support_list)
                 _run_unit(ctx, specs, supports[run], accs[f"run{run}"], protocol, carry)
                 running = accs[f"run{run}"]
             if bar is not None:
@@ -717,7 +722,7 @@ def estimate_evaluation_seconds(
     size = processor.image_size
     pixels = torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype)
     protocol = episodes[0].protocol
-    images = {(("train" if protocol == "capl" else "val"), i) for e in episodes for i in e.all_support_ids()}
+    images = {(e.support_list, i) for e in episodes for i in e.all_support_ids()}
     images |= {("val", e.query_id) for e in episodes} | {("val", e.base_query_id) for e in episodes if e.base_query_id}
     config = options.adaptation
     shots = len(episodes[0].support_ids[episodes[0].class_ids[0]])

@@ -104,9 +104,15 @@ class PretrainingDataset(Dataset):
         source: indexable of `{"image", "label"}` dicts (numpy arrays or PIL images), e.g. a `datasets.Dataset`.
         processor ([`GFSSImageProcessor`]): the preprocessing.
         label_map (`Callable`, *optional*): applied to each label array (e.g. `FoldSplit.to_base_training`).
-        hflip (`bool`, *optional*, defaults to `False`): flip image and label horizontally with probability 0.5,
-            decided by `numpy.random.default_rng([seed, epoch, index])` (reproducible, worker-independent).
-        seed (`int`, *optional*, defaults to 0): seed of the flips.
+        hflip (`bool`, *optional*, defaults to `False`): flip image and label horizontally with probability 0.5.
+        scale_range (`tuple[float, float]`, *optional*): rescale the prepared sample by a factor uniform in the range
+            (image bilinear, label nearest), then crop or pad (image 0, the normalised mean colour; label 255) back to
+            the canvas at a uniform random offset.
+        color_jitter (`float`, *optional*, defaults to 0): brightness, contrast and saturation factors uniform in
+            `[1 - color_jitter, 1 + color_jitter]`, applied to the RGB image before preprocessing (labels unchanged).
+        seed (`int`, *optional*, defaults to 0): seed of the augmentations. Every random draw of a sample comes from
+            one `numpy.random.default_rng([seed, epoch, index])` (reproducible, worker-independent), the flip first,
+            so that enabling the other augmentations leaves the flips of a run unchanged.
         limit (`int`, *optional*): use only the first `limit` samples.
     """
 
@@ -118,11 +124,15 @@ class PretrainingDataset(Dataset):
         hflip: bool = False,
         seed: int = 0,
         limit: int | None = None,
+        scale_range: tuple[float, float] | None = None,
+        color_jitter: float = 0.0,
     ):
         self.source = source
         self.processor = processor
         self.label_map = label_map
         self.hflip = hflip
+        self.scale_range = None if scale_range is None else (float(scale_range[0]), float(scale_range[1]))
+        self.color_jitter = float(color_jitter)
         self.seed = int(seed)
         self.epoch = 0
         self.length = len(source) if limit is None else min(int(limit), len(source))
@@ -138,14 +148,65 @@ class PretrainingDataset(Dataset):
         label = np.asarray(sample["label"])
         if self.label_map is not None:
             label = self.label_map(label)
-        batch = self.processor(sample["image"], segmentation_maps=label, return_tensors="np")
+        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        flip = rng.random() < 0.5  # drawn first and always: the flips do not depend on the other options
+        image = sample["image"]
+        if self.color_jitter > 0:
+            image = _jitter_colours(
+                np.asarray(image.convert("RGB") if hasattr(image, "convert") else image), rng, self.color_jitter
+            )
+        batch = self.processor(image, segmentation_maps=label, return_tensors="np")
         pixel_values, labels = batch["pixel_values"][0], batch["labels"][0]
-        if self.hflip and np.random.default_rng([self.seed, self.epoch, int(index)]).random() < 0.5:
+        if self.scale_range is not None:
+            pixel_values, labels = _scale_and_crop(pixel_values, labels, rng, self.scale_range)
+        if self.hflip and flip:
             pixel_values, labels = pixel_values[:, :, ::-1], labels[:, ::-1]
         return {
             "pixel_values": torch.from_numpy(np.ascontiguousarray(pixel_values)),
             "labels": torch.from_numpy(np.ascontiguousarray(labels)),
         }
+
+
+def _jitter_colours(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """Random brightness, contrast and saturation (factors uniform in `[1 - strength, 1 + strength]`), uint8 RGB."""
+    brightness, contrast, saturation = rng.uniform(1 - strength, 1 + strength, size=3)
+    out = image.astype(np.float32) * brightness
+    grey = out @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    out = (out - grey.mean()) * contrast + grey.mean()
+    grey = (out @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[..., None]
+    out = (out - grey) * saturation + grey
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _scale_and_crop(
+    pixel_values: np.ndarray, labels: np.ndarray, rng: np.random.Generator, scale_range: tuple[float, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rescale a prepared `(3, S, S)` image and its `(S, S)` label by a random factor, then crop or pad back to S."""
+    size = labels.shape[-1]
+    factor = rng.uniform(*scale_range)
+    side = max(1, int(round(size * factor)))
+    image = torch.nn.functional.interpolate(
+        torch.from_numpy(np.ascontiguousarray(pixel_values))[None],
+        size=(side, side),
+        mode="bilinear",
+        align_corners=False,
+    )[0].numpy()
+    label = (
+        torch.nn.functional.interpolate(
+            torch.from_numpy(np.ascontiguousarray(labels)).float()[None, None], size=(side, side), mode="nearest"
+        )[0, 0]
+        .numpy()
+        .astype(labels.dtype)
+    )
+    # One offset range for both cases: crop when the rescaled sample is larger, paste into a padded canvas otherwise.
+    top, left = (int(rng.integers(0, abs(side - size) + 1)) for _ in range(2))
+    if side >= size:
+        return image[:, top : top + size, left : left + size], label[top : top + size, left : left + size]
+    out_image = np.zeros((image.shape[0], size, size), dtype=image.dtype)
+    out_label = np.full((size, size), 255, dtype=labels.dtype)
+    out_image[:, top : top + side, left : left + side] = image
+    out_label[top : top + side, left : left + side] = label
+    return out_image, out_label
 
 
 def build_pretraining_datasets(
@@ -162,7 +223,8 @@ def build_pretraining_datasets(
             reusing their cache (`download_mode="force_redownload"`).
 
     Returns:
-        `tuple(PretrainingDataset, PretrainingDataset)`: train (with flips when `config.hflip`) and val.
+        `tuple(PretrainingDataset, PretrainingDataset)`: train (with the augmentations of `config`: `hflip`,
+        `scale_range`, `color_jitter`) and val (none).
     """
     split = split if split is not None else _fold_split(config)
     processor = GFSSImageProcessor.from_config(GFSSConfig(**model_config_kwargs(config)))
@@ -204,7 +266,14 @@ def build_pretraining_datasets(
             f"the base-training view of {config.dataset!r} fold {config.fold} is empty: no image has a base class "
             f"with >= min_pixels pixels; lower min_pixels or check data_dir."
         )
-    train = PretrainingDataset(train_source, processor, hflip=config.hflip, seed=config.seed)
+    train = PretrainingDataset(
+        train_source,
+        processor,
+        hflip=config.hflip,
+        seed=config.seed,
+        scale_range=config.scale_range,
+        color_jitter=config.color_jitter,
+    )
     val = PretrainingDataset(val_source, processor, label_map=val_map, limit=config.num_val_images)
     return train, val
 

@@ -50,7 +50,8 @@ class TrainingConfig:
 
     Args:
         dataset (`str`, defaults to `"synthetic"`): `"synthetic"` (embedded, no download), `"pascal5i"`,
-            `"pascal10i"`, `"coco20i"` or `"folder"` (your own images + masks + classes.json).
+            `"pascal10i"`, `"coco20i"`, `"camvid"` (the SegNet tutorial's 11-class CamVid folders) or `"folder"`
+            (your own images + masks + classes.json).
         fold (`int`, defaults to 0): the fold whose base classes are trained (novel pixels are ignored).
         split_kind (`str`, *optional*): fold-table variant (COCO-20i: `"interleaved"` or `"consecutive"`).
         data_dir (`str`, *optional*): root of the data (not used by `"synthetic"`).
@@ -60,7 +61,8 @@ class TrainingConfig:
             datasets: the first `num_val_images` of the val list; `None`: all).
         dataset_seed (`int`, defaults to 0): seed of the synthetic renderer.
         min_pixels (`int`, *optional*): base-training filter (an image needs a base class with this many pixels);
-            `None` uses the builder's default (2,048 px; 64 px for the 96-px synthetic images).
+            `None` uses the builder's default (2,048 px; 1,582 px for CamVid's 480x360; 64 px for the 96-px synthetic
+            images).
         novel_to_background (`bool`, defaults to `False`): label novel pixels background instead of ignoring them.
         model (`dict`, defaults to `{}`): the architecture, passed to [`GFSSConfig`] as is: `backbone`,
             `backbone_kwargs`, `output_stride`, `dilation_style`, `hidden_size`, `pool_scales`, `dropout`,
@@ -88,6 +90,12 @@ class TrainingConfig:
         max_views (`int`, 100), background_anchors (`bool`, `False`): the contrastive loss
             (see `gfss_hf.losses.contrastive_loss_from_samples`).
         hflip (`bool`, defaults to `True`): random horizontal flips (the only augmentation of the paper).
+        scale_range (`list[float]`, *optional*): `[low, high]`: rescale each prepared training sample by a factor
+            drawn uniformly from the range, then crop (factor > 1) or pad (< 1, labels 255) back to the canvas at a
+            random position. It breaks the position prior of datasets shot from one viewpoint (street scenes: road at
+            the bottom, sky at the top). `None` (default) disables it, as in the paper.
+        color_jitter (`float`, defaults to 0): strength `j` of random brightness, contrast and saturation changes
+            (each factor uniform in `[1 - j, 1 + j]`) applied to the training images; 0 disables it.
         seed (`int`, defaults to 0): seed of initialisation, data order, flips, dropout and sampling.
         num_workers (`int`, defaults to 2): DataLoader workers.
         mixed_precision (`str`, defaults to `"no"`): `"no"`, `"fp16"` or `"bf16"`.
@@ -145,6 +153,8 @@ class TrainingConfig:
     background_anchors: bool = False
     # loop
     hflip: bool = True
+    scale_range: list[float] | None = None
+    color_jitter: float = 0.0
     seed: int = 0
     num_workers: int = 2
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -325,6 +335,14 @@ class TrainingConfig:
             bad("label_smoothing", "must be in [0, 1)")
         if not isinstance(self.fold, int) or isinstance(self.fold, bool):
             bad("fold", "must be an integer fold index")
+        if self.scale_range is not None:
+            low_high = list(self.scale_range)
+            if len(low_high) != 2 or not all(isinstance(v, (int, float)) and v > 0 for v in low_high):
+                bad("scale_range", "must be [low, high] with 0 < low <= high, e.g. [0.5, 2.0], or null")
+            if low_high[0] > low_high[1]:
+                bad("scale_range", "must be [low, high] with low <= high")
+        if not 0.0 <= self.color_jitter < 1.0:
+            bad("color_jitter", "must be in [0, 1) (0 disables it)")
         _check_model(self.model)
 
 

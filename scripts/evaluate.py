@@ -65,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=list(DATASET_NAMES),
         help="folder: your own images/ + masks/ + classes.json (as scripts/pretrain.py trains on)",
     )
-    data.add_argument("--data_dir", help="dataset folder (PASCAL / COCO 2014 or 2017 / folder)")
+    data.add_argument("--data_dir", help="dataset folder (PASCAL / COCO 2014 or 2017 / CamVid / folder)")
     data.add_argument("--cache_dir", help="datasets cache of the builders")
     data.add_argument("--fold", type=int, default=None, help="default: the model config's fold, else 0")
     data.add_argument("--split_kind", default=None, help="COCO-20i fold table: interleaved or consecutive")
@@ -85,6 +85,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="area threshold in pixels (default: the published one for PASCAL / COCO, else the same "
         "share of the median image area: 0.92 %% paper/capl, 9.4 %% diam)",
+    )
+    proto.add_argument(
+        "--support_split",
+        default="val",
+        choices=["val", "train"],
+        help="paper protocol: the list the supports come from. train: supports from the train list, queries from "
+        "val (for a val list shot in one sequence, e.g. CamVid's single drive, where val supports share the query's "
+        "viewpoint); val: the published protocol",
     )
     proto.add_argument("--episodes", help="replay the episodes of this file (from --save_episodes)")
     proto.add_argument("--save_episodes", help="write the episodes to this file")
@@ -144,8 +152,10 @@ def evaluation_function(args: argparse.Namespace, accelerator: Accelerator) -> d
         seed=args.synthetic_seed,
     )
     val = load_image_source(args.dataset, "val", num_images=args.num_val_images, **common)
+    if args.support_split == "train" and args.protocol != "paper":
+        raise SystemExit(f"--support_split train is an option of the paper protocol, not of {args.protocol}.")
     train = None
-    if args.protocol == "capl":
+    if args.protocol == "capl" or args.support_split == "train":
         train = load_image_source(args.dataset, "train", num_images=args.num_train_images, **common)
 
     description = getattr(val, "description", "")
@@ -170,6 +180,7 @@ def evaluation_function(args: argparse.Namespace, accelerator: Accelerator) -> d
             runs=args.runs,
             train_source=train,
             min_pixels=args.min_pixels,
+            support_split=args.support_split,
         )
     if args.save_episodes and accelerator.is_main_process:
         save_episodes(args.save_episodes, episodes)
@@ -217,6 +228,7 @@ def evaluation_function(args: argparse.Namespace, accelerator: Accelerator) -> d
         "split_kind": split.split_kind,
         "protocol": args.protocol,
         "shots": episodes[0].shots,
+        "support_split": episodes[0].support_list,
         "seed": args.seed,
         "episodes_file": args.episodes,
         "options": options.to_dict(),

@@ -1,8 +1,8 @@
 """Datasets, fold splits and episodes of gfss_hf.
 
-- `splits`: fold tables (PASCAL-5i, PASCAL-10i, COCO-20i, synthetic) and label remapping (`FoldSplit`).
+- `splits`: fold tables (PASCAL-5i, PASCAL-10i, COCO-20i, synthetic, CamVid) and label remapping (`FoldSplit`).
 - `synthetic`: the embedded procedural dataset (the default everywhere; no download).
-- `pascal`, `coco`, `folder`: `datasets` builders over local PASCAL VOC, COCO and user folders.
+- `pascal`, `coco`, `camvid`, `folder`: `datasets` builders over local PASCAL VOC, COCO, CamVid and user folders.
 - `episodes`: `EpisodeSpec`, per-class indexes, the seeded samplers of the `paper`, `diam` and `capl` protocols and
   `build_episodes`.
 - `sources`: the dataset registry (name -> fold table, layout check, builder views, evaluation image source).
@@ -11,6 +11,7 @@
 """
 
 from ._builder import GFSSBuilderConfig
+from .camvid import CamVid, CamVidConfig, camvid_class_statistics, camvid_pixel_counts
 from .coco import Coco20i, Coco20iConfig, CocoSemanticMasks, coco_class_index, coco_pixel_counts
 from .episodes import (
     PROTOCOLS,
@@ -33,6 +34,8 @@ from .folder import FolderSegmentation, FolderSegmentationConfig, folder_class_i
 from .pascal import Pascal5i, Pascal5iConfig, pascal_class_index, pascal_pixel_counts, standard_list_path
 from .sources import DATASET_NAMES, DatasetImageSource, check_data_dir, load_fold_split, load_image_source
 from .splits import (
+    CAMVID_CLASSES,
+    CAMVID_FOLDS,
     COCO_CLASSES,
     IGNORE_INDEX,
     SPLIT_DATASETS,
@@ -51,6 +54,8 @@ from .synthetic import (
 
 __all__ = [
     # splits
+    "CAMVID_CLASSES",
+    "CAMVID_FOLDS",
     "COCO_CLASSES",
     "IGNORE_INDEX",
     "SPLIT_DATASETS",
@@ -82,6 +87,10 @@ __all__ = [
     "load_image_source",
     # builders
     "GFSSBuilderConfig",
+    "CamVid",
+    "CamVidConfig",
+    "camvid_class_statistics",
+    "camvid_pixel_counts",
     "Coco20i",
     "Coco20iConfig",
     "CocoSemanticMasks",

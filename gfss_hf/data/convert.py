@@ -48,7 +48,7 @@ from ..image_processing_gfss import load_image
 from ._builder import read_mask, read_rgb
 from .coco import semantic_mask
 from .folder import IMAGE_EXTENSIONS, read_folder_classes
-from .splits import IGNORE_INDEX
+from .splits import CAMVID_CLASSES, CAMVID_VOID, IGNORE_INDEX
 
 logger = logging.get_logger(__name__)
 
@@ -66,20 +66,6 @@ __all__ = [
     "write_folder_dataset",
 ]
 
-CAMVID_CLASSES = (
-    "Sky",
-    "Building",
-    "Pole",
-    "Road",
-    "Pavement",
-    "Tree",
-    "SignSymbol",
-    "Fence",
-    "Car",
-    "Pedestrian",
-    "Bicyclist",
-)
-CAMVID_VOID = 11
 _SPLITS = ("train", "val")
 _ORIENTATION_TAG = 0x0112
 # EXIF orientations 5..8 rotate by 90 degrees: the upright image has width and height swapped.

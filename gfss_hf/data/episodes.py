@@ -31,7 +31,7 @@ import numpy as np
 from transformers.utils import logging
 
 from .._io import atomic_write_bytes
-from .splits import SPLIT_DATASETS, SYNTHETIC_IMAGE_SIZE, SYNTHETIC_MIN_PIXELS, FoldSplit
+from .splits import SYNTHETIC_IMAGE_SIZE, SYNTHETIC_MIN_PIXELS, FoldSplit
 
 logger = logging.get_logger(__name__)
 
@@ -77,6 +77,9 @@ class EpisodeSpec:
         base_query_id (`str`, *optional*): `paper` protocol: the extra val image of a base class.
         base_class_id (`int`, *optional*): `paper` protocol: the base dataset id of `base_query_id`.
         run (`int`, *optional*, defaults to 0): run index (`diam`, `capl`: one support set per run).
+        support_split (`str`, *optional*): the list the supports come from, when not the protocol's own (`paper` and
+            `diam`: `"val"`, `capl`: `"train"`); `paper` episodes sampled with supports from the train list
+            (`build_episodes(..., support_split="train")`) say `"train"`. See [`EpisodeSpec.support_list`].
 
     Example:
 
@@ -98,6 +101,7 @@ class EpisodeSpec:
     base_query_id: str | None = None
     base_class_id: int | None = None
     run: int = 0
+    support_split: str | None = None
 
     def __post_init__(self):
         self.fold, self.index, self.seed, self.run = int(self.fold), int(self.index), int(self.seed), int(self.run)
@@ -108,9 +112,18 @@ class EpisodeSpec:
         self.base_class_id = None if self.base_class_id is None else int(self.base_class_id)
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol={self.protocol!r} is not known; use one of {list(PROTOCOLS)}.")
+        if self.support_split not in (None, "val", "train"):
+            raise ValueError(f"support_split={self.support_split!r} is not a list; use 'val', 'train' or None.")
         missing = [c for c in self.class_ids if c not in self.support_ids]
         if missing:
             raise ValueError(f"class_ids {missing} have no entry in support_ids {sorted(self.support_ids)}.")
+
+    @property
+    def support_list(self) -> str:
+        """The list (`"val"` or `"train"`) the support images are read from."""
+        if self.support_split is not None:
+            return self.support_split
+        return "train" if self.protocol == "capl" else "val"
 
     @property
     def shots(self) -> int:
@@ -122,8 +135,9 @@ class EpisodeSpec:
         return [i for c in sorted(self.support_ids) for i in self.support_ids[c]]
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON dict (class ids of `support_ids` become strings, as JSON object keys must)."""
-        return {
+        """Plain-JSON dict (class ids of `support_ids` become strings, as JSON object keys must); `support_split`
+        only when set, so that the episodes (and hashes) of the protocols' own lists are as before it existed."""
+        out = {
             "dataset": self.dataset,
             "fold": self.fold,
             "protocol": self.protocol,
@@ -136,6 +150,9 @@ class EpisodeSpec:
             "base_query_id": self.base_query_id,
             "base_class_id": self.base_class_id,
         }
+        if self.support_split is not None:
+            out["support_split"] = self.support_split
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EpisodeSpec:
@@ -152,6 +169,7 @@ class EpisodeSpec:
             "class_ids",
             "base_query_id",
             "base_class_id",
+            "support_split",
         }
         unknown = set(data) - known
         if unknown:
@@ -256,8 +274,10 @@ def sample_paper_episodes(
     fold: int = 0,
     class_sampling: str = "pair",
     class_names: Mapping[int, str] | None = None,
+    support_index: Mapping[int, Sequence[str]] | None = None,
 ) -> list[EpisodeSpec]:
-    """Sample episodes of the `paper` protocol (one novel class per episode, everything from the val list).
+    """Sample episodes of the `paper` protocol (one novel class per episode, everything from the val list, or the
+    supports from the train list with `support_index`).
 
     Args:
         class_index (`Mapping[int, Sequence[str]]`): class id -> image ids where the class covers >= the protocol's
@@ -274,6 +294,10 @@ def sample_paper_episodes(
             so classes appear in proportion to their images (the common implementation); `"class"` draws the
             class uniformly, then the query.
         class_names (`Mapping[int, str]`, *optional*): names of the class ids, for warnings and errors.
+        support_index (`Mapping[int, Sequence[str]]`, *optional*): class id -> TRAIN image ids where the class
+            covers the threshold: the supports are drawn from it (`support_split="train"` in the specs) instead of
+            the query's list. For a val list shot in one sequence (CamVid: one drive), where val supports share the
+            query's viewpoint and lighting. `None` (default): the published protocol, with the same draws as before.
 
     Returns:
         `list[EpisodeSpec]`: `num_episodes` specs; a query never appears among its supports, and query, supports
@@ -286,19 +310,21 @@ def sample_paper_episodes(
         raise ValueError(f"class_sampling={class_sampling!r} is not known; use 'pair' or 'class'.")
     pool = {str(i) for i in query_pool_ids}
     cand = {c: sorted(pool.intersection(map(str, class_index.get(c, ())))) for c in novel}
-    usable = [c for c in novel if len(cand[c]) >= shots + 1]
+    if support_index is None:
+        usable = [c for c in novel if len(cand[c]) >= shots + 1]
+        need = f"{shots + 1} images (1 query + {shots} supports) in the pool"
+    else:
+        support_cand = {c: sorted(map(str, support_index.get(c, ()))) for c in novel}
+        usable = [c for c in novel if cand[c] and len(support_cand[c]) >= shots]
+        need = f"1 query image in the pool and {shots} support images in the train list"
     if not usable:
         raise ValueError(
-            f"no novel class of {_named(novel, class_names)} has {shots + 1} images (1 query + {shots} supports) "
-            "in the pool; lower "
+            f"no novel class of {_named(novel, class_names)} has {need}; lower "
             "`shots` or the area threshold of the class index, or use a larger val list."
         )
     skipped = sorted(set(novel) - set(usable))
     if skipped:
-        logger.warning(
-            f"novel classes {_named(skipped, class_names)} have fewer than {shots + 1} qualifying images and get no "
-            "episode"
-        )
+        logger.warning(f"novel classes {_named(skipped, class_names)} do not have {need} and get no episode")
     pair_class = np.concatenate([np.full(len(cand[c]), c) for c in usable])
     pair_pos = np.concatenate([np.arange(len(cand[c])) for c in usable])
     base_cand = {int(b): sorted(pool.intersection(map(str, class_index.get(b, ())))) for b in base_ids}
@@ -314,9 +340,13 @@ def sample_paper_episodes(
             c = usable[int(rng.integers(len(usable)))]
             qpos = int(rng.integers(len(cand[c])))
         images = cand[c]
-        picks = rng.choice(len(images) - 1, size=shots, replace=False)
-        picks = picks + (picks >= qpos)  # skip the query's position
-        supports = [images[int(p)] for p in picks]
+        if support_index is None:
+            picks = rng.choice(len(images) - 1, size=shots, replace=False)
+            picks = picks + (picks >= qpos)  # skip the query's position
+            supports = [images[int(p)] for p in picks]
+        else:
+            picks = rng.choice(len(support_cand[c]), size=shots, replace=False)
+            supports = [support_cand[c][int(p)] for p in picks]
         base_query_id = base_class_id = None
         if base_usable:
             base_class_id = base_usable[int(rng.integers(len(base_usable)))]
@@ -324,7 +354,17 @@ def sample_paper_episodes(
             base_query_id = options[int(rng.integers(len(options)))]
         episodes.append(
             EpisodeSpec(
-                dataset, fold, "paper", i, seed, images[qpos], {c: supports}, [c], base_query_id, base_class_id
+                dataset,
+                fold,
+                "paper",
+                i,
+                seed,
+                images[qpos],
+                {c: supports},
+                [c],
+                base_query_id,
+                base_class_id,
+                support_split=None if support_index is None else "train",
             )
         )
     return episodes
@@ -469,10 +509,13 @@ def sample_capl_run(
 
 # ------------------------------------------------------------------------------------------------ protocols
 # The literature's thresholds (`paper`, `capl`: 2,048 px at 473 x 473; `diam`: 16,384 px at 417 x 417), used as
-# published on the benchmarks that have a built-in fold table, and otherwise as a share of the canvas they were set
+# published on PASCAL and COCO, and otherwise as a share of the canvas they were set
 # for: datasets of other image sizes use the same share of their own (median) image area, so that a class counts as
 # "present" for the same reason.
 PUBLISHED_MIN_PIXELS = {"paper": 2048, "capl": 2048, "diam": 16384}
+# The benchmarks whose papers publish those thresholds; CamVid has a fold table but no published threshold, so it
+# scales the published share of the canvas to its images like any other dataset.
+_PUBLISHED_DATASETS = ("pascal5i", "pascal10i", "coco20i")
 AREA_SHARES = {"paper": 2048 / 473**2, "capl": 2048 / 473**2, "diam": 16384 / 417**2}
 # The procedural dataset at its default size (scaled to other sizes): `paper` / `capl` use its base-training
 # threshold; `diam` 300 px, because its objects cover 2-10 % of an image and DIaM's 9.4 % would leave one or two
@@ -497,7 +540,7 @@ def default_min_pixels(
     cover 2-10 % of an image and DIaM's 9.4 % (16,384 / 417^2) would leave one or two support candidates for some
     novel classes. Any other dataset (a folder dataset, CamVid, ...): the published thresholds' share of the canvas
     ([`AREA_SHARES`]: 0.92 % for `paper` / `capl`, 9.4 % for `diam`) of `image_area`, the median image area of the
-    list (e.g. 1,581 px for 480 x 360 street scenes, `paper`).
+    list (e.g. 1,582 px for 480 x 360 street scenes, `paper`).
 
     Args:
         protocol (`str`): one of [`PROTOCOLS`].
@@ -517,7 +560,7 @@ def default_min_pixels(
     if dataset == "synthetic":
         size = int(image_size or SYNTHETIC_IMAGE_SIZE)
         return scaled_pixel_threshold(_SYNTHETIC_MIN_PIXELS[protocol], SYNTHETIC_IMAGE_SIZE, size)
-    if dataset in SPLIT_DATASETS:
+    if dataset in _PUBLISHED_DATASETS:
         return PUBLISHED_MIN_PIXELS[protocol]
     if image_area is None or not image_area > 0:
         raise ValueError(
@@ -539,6 +582,8 @@ def build_episodes(
     train_source=None,
     min_pixels: int | None = None,
     class_sampling: str = "pair",
+    support_split: str | None = None,
+    exclusive: bool | None = None,
 ) -> list[EpisodeSpec]:
     """
     Sample the episodes of a protocol with the seeded samplers above.
@@ -554,6 +599,11 @@ def build_episodes(
         train_source: image source of the train list (`capl` supports).
         min_pixels (`int`, *optional*): area threshold (default: [`default_min_pixels`] for `split.dataset`).
         class_sampling (`str`, *optional*, defaults to `"pair"`): `paper` only, see `sample_paper_episodes`.
+        support_split (`str`, *optional*): `paper` only: `"train"` draws the supports from `train_source` (same
+            area threshold), the queries still from the val list; `None` / `"val"`: the published protocol.
+        exclusive (`bool`, *optional*): `diam` / `capl`: whether a support image of a class may hold no other novel
+            class; `None` keeps each protocol's published rule (`diam`: exclusive, `capl`: not). `False` for datasets
+            where no image qualifies (CamVid: every val image holds several novel classes of a fold).
 
     Returns:
         `list[EpisodeSpec]`: for `diam` / `capl`, one spec per (run, query), runs in order.
@@ -569,7 +619,7 @@ def build_episodes(
     if min_pixels is None:
         source = train_source if protocol == "capl" and train_source is not None else val_source
         area = None
-        if split.dataset not in SPLIT_DATASETS:
+        if split.dataset not in _PUBLISHED_DATASETS and split.dataset != "synthetic":
             if not hasattr(source, "median_image_area"):
                 raise ValueError(
                     f"dataset {split.dataset!r} needs min_pixels, or an image source with median_image_area() to "
@@ -585,8 +635,20 @@ def build_episodes(
             )
     names = {**dict(zip(split.base_ids, split.base_names)), **dict(zip(split.novel_ids, split.novel_names))}
     common = {"dataset": split.dataset, "fold": split.fold, "class_names": names}
+    if support_split not in (None, "val", "train"):
+        raise ValueError(f"support_split={support_split!r} is not a list; use 'val', 'train' or None.")
+    if support_split == "train" and protocol != "paper":
+        raise ValueError(
+            f"support_split='train' is an option of the paper protocol; {protocol!r} fixes its support list "
+            "(diam: val, capl: train)."
+        )
     if protocol == "paper":
         index = class_index_from_pixel_counts(val_source.pixel_counts(), min_pixels)
+        support_index = None
+        if support_split == "train":
+            if train_source is None:
+                raise ValueError("support_split='train' draws the supports from the train list: pass train_source.")
+            support_index = class_index_from_pixel_counts(train_source.pixel_counts(), min_pixels)
         return sample_paper_episodes(
             index,
             val_source.ids,
@@ -596,6 +658,7 @@ def build_episodes(
             num_episodes,
             seed,
             class_sampling=class_sampling,
+            support_index=support_index,
             **common,
         )
     if runs < 1:
@@ -611,6 +674,7 @@ def build_episodes(
                 seed,
                 run=run,
                 min_support_pixels=min_pixels,
+                **({} if exclusive is None else {"exclusive": exclusive}),
                 **common,
             )
         else:
@@ -624,6 +688,7 @@ def build_episodes(
                 seed,
                 run=run,
                 min_support_pixels=min_pixels,
+                **({} if exclusive is None else {"exclusive": exclusive}),
                 **common,
             )
     return episodes
@@ -710,6 +775,12 @@ def episodes_to_dataset(episodes: Sequence[EpisodeSpec]):
     import datasets
 
     rows: dict[str, list] = {name: [] for name in _episode_features()}
+    if any(e.support_split is not None for e in episodes):
+        # The Hub format has no column for it; dropping it would silently read train supports from the val list.
+        raise ValueError(
+            "episodes with support_split set (supports from another list) cannot be stored as a datasets.Dataset; "
+            "store them with save_episodes (JSON)."
+        )
     for e in episodes:
         d = e.to_dict()
         for name in (

@@ -21,6 +21,7 @@ import datasets
 import numpy as np
 from transformers.utils import logging
 
+from .camvid import CamVid, camvid_entries, camvid_image_areas, camvid_pixel_counts, check_camvid_layout
 from .coco import Coco20i, CocoSemanticMasks, coco_pixel_counts, standard_list_matches
 from .episodes import compute_pixel_counts
 from .folder import (
@@ -180,6 +181,10 @@ def _check_folder(root: Path) -> None:
     read_folder_classes(root)
 
 
+def _check_camvid(root: Path) -> None:
+    check_camvid_layout(root)
+
+
 def _pascal_builder(name: str):
     def builder(*, split_kind: str | None = None, **kwargs) -> Pascal5i:
         return Pascal5i(dataset=name, **kwargs)
@@ -193,6 +198,10 @@ def _coco_builder(*, split_kind: str | None = None, **kwargs) -> Coco20i:
 
 def _folder_builder(*, split_kind: str | None = None, **kwargs) -> FolderSegmentation:
     return FolderSegmentation(**kwargs)
+
+
+def _camvid_builder(*, split_kind: str | None = None, **kwargs) -> CamVid:
+    return CamVid(**kwargs)
 
 
 def _synthetic_images(split_name, *, num_images=None, image_size=None, seed=0, **_) -> SyntheticSegmentation:
@@ -248,6 +257,16 @@ def _folder_images(split_name, *, fold, data_dir, cache_dir=None, **_) -> Datase
     )
 
 
+def _camvid_images(split_name, *, fold, data_dir, cache_dir=None, **_) -> DatasetImageSource:
+    builder = CamVid(cache_dir=cache_dir, data_dir=data_dir, fold=fold, view=split_name)
+    counts = camvid_pixel_counts(data_dir, split_name)
+    areas = camvid_image_areas(data_dir, split_name)
+    description = f"the {len(camvid_entries(data_dir, split_name))} CamVid {split_name} images of {data_dir}"
+    return DatasetImageSource(
+        _prepared(builder, split_name), pixel_counts=counts, image_areas=areas, description=description
+    )
+
+
 # -- the registry ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DataSource:
@@ -282,6 +301,9 @@ DATA_SOURCES: dict[str, DataSource] = {
         for name in PASCAL_DATASETS
     },
     "coco20i": DataSource("coco20i", True, _builtin_fold_split("coco20i"), _check_coco, _coco_images, _coco_builder),
+    "camvid": DataSource(
+        "camvid", True, _builtin_fold_split("camvid"), _check_camvid, _camvid_images, _camvid_builder
+    ),
     "folder": DataSource("folder", True, _folder_fold_split, _check_folder, _folder_images, _folder_builder),
 }
 DATASET_NAMES: tuple[str, ...] = tuple(DATA_SOURCES)
@@ -380,7 +402,8 @@ def load_image_source(
 
     Args:
         dataset (`str`): `"synthetic"` (rendered in memory, no files), `"pascal5i"`, `"pascal10i"`, `"coco20i"`
-            (2014 or 2017: the standard val list when the annotation file holds it, else every image of the file) or
+            (2014 or 2017: the standard val list when the annotation file holds it, else every image of the file),
+            `"camvid"` (the SegNet tutorial's 11-class CamVid folders) or
             `"folder"` (your own images + masks + classes.json), built with the `gfss_hf.data` builders from
             `data_dir`.
         split_name (`str`): `"val"` or `"train"`.

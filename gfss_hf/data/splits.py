@@ -26,6 +26,9 @@ __all__ = [
     "SYNTHETIC_CLASSES",
     "SYNTHETIC_IMAGE_SIZE",
     "SYNTHETIC_MIN_PIXELS",
+    "CAMVID_CLASSES",
+    "CAMVID_VOID",
+    "CAMVID_FOLDS",
     "SPLIT_DATASETS",
     "FoldSplit",
     "get_split",
@@ -33,6 +36,7 @@ __all__ = [
     "pascal10i_novel_ids",
     "coco20i_novel_ids",
     "synthetic_novel_ids",
+    "camvid_novel_ids",
 ]
 
 IGNORE_INDEX = 255
@@ -155,13 +159,48 @@ SYNTHETIC_CLASSES: tuple[str, ...] = tuple(f"{s}-{t}" for s in SYNTHETIC_SHAPES 
 SYNTHETIC_IMAGE_SIZE = 96
 SYNTHETIC_MIN_PIXELS = 64
 
+# CamVid in the SegNet tutorial's 11-class version: label value k is CAMVID_CLASSES[k] (dataset id k + 1, as CamVid
+# has no background class), CAMVID_VOID is unlabelled (-> ignore).
+CAMVID_CLASSES: tuple[str, ...] = (
+    "Sky",
+    "Building",
+    "Pole",
+    "Road",
+    "Pavement",
+    "Tree",
+    "SignSymbol",
+    "Fence",
+    "Car",
+    "Pedestrian",
+    "Bicyclist",
+)
+CAMVID_VOID = 11
+# Novel classes (names) of the CamVid folds, derived from the train split's statistics
+# (`gfss_hf.data.camvid.camvid_class_statistics`, 367 images; "share" = share of the labelled pixels, "images" = train
+# images holding the class on >= 1,582 px, the paper protocol's threshold at 480x360):
+#
+#   class       share   images      class       share   images
+#   Road        32.96 %   367       Car          6.11 %   292
+#   Building    24.21 %   352       Pavement     4.67 %   306
+#   Sky         17.54 %   364       SignSymbol   1.22 %   157
+#   Tree        10.12 %   309       Fence        1.17 %   101
+#   Pole         1.02 %   158       Pedestrian   0.67 %    82
+#   Bicyclist    0.30 %    40
+#
+# Fold 1 ("thin / small") holds the three classes of smallest pixel share: Bicyclist, Pedestrian, Pole. Fold 0
+# ("large objects") holds, among the remaining object classes (Sky, Building, Road and Pavement are the scene's layout
+# surfaces, kept base so that pre-training learns the street frame), the three present at the threshold in the most
+# images: Tree (309), Car (292), SignSymbol (157; Fence has 101).
+CAMVID_FOLDS: tuple[tuple[str, ...], ...] = (("Tree", "SignSymbol", "Car"), ("Pole", "Pedestrian", "Bicyclist"))
+
 _SPLIT_KINDS: dict[str, tuple[str, ...]] = {
     "pascal5i": ("default",),
     "pascal10i": ("default",),
     "coco20i": ("interleaved", "consecutive"),
     "synthetic": ("default",),
+    "camvid": ("default",),
 }
-_NUM_FOLDS: dict[str, int] = {"pascal5i": 4, "pascal10i": 2, "coco20i": 4, "synthetic": 4}
+_NUM_FOLDS: dict[str, int] = {"pascal5i": 4, "pascal10i": 2, "coco20i": 4, "synthetic": 4, "camvid": len(CAMVID_FOLDS)}
 SPLIT_DATASETS: tuple[str, ...] = tuple(_SPLIT_KINDS)
 
 
@@ -202,6 +241,13 @@ def synthetic_novel_ids(fold: int) -> tuple[int, ...]:
     _check_fold("synthetic", fold)
     n_tex = len(SYNTHETIC_TEXTURES)
     return tuple(sorted(s * n_tex + (s + fold) % n_tex + 1 for s in range(len(SYNTHETIC_SHAPES))))
+
+
+def camvid_novel_ids(fold: int) -> tuple[int, ...]:
+    """Novel dataset ids (1..11) of CamVid fold `fold`: 0 = large objects (Tree, SignSymbol, Car), 1 = thin / small
+    objects (Pole, Pedestrian, Bicyclist); see [`CAMVID_FOLDS`] for the statistics behind them."""
+    _check_fold("camvid", fold)
+    return tuple(sorted(CAMVID_CLASSES.index(name) + 1 for name in CAMVID_FOLDS[fold]))
 
 
 def _check_fold(dataset: str, fold: int) -> None:
@@ -379,8 +425,8 @@ def get_split(dataset: str, fold: int, split_kind: str | None = None) -> FoldSpl
     """Return a standard fold.
 
     Args:
-        dataset (`str`): one of `"pascal5i"`, `"pascal10i"`, `"coco20i"`, `"synthetic"`.
-        fold (`int`): 0-3 (0-1 for `"pascal10i"`).
+        dataset (`str`): one of `"pascal5i"`, `"pascal10i"`, `"coco20i"`, `"synthetic"`, `"camvid"`.
+        fold (`int`): 0-3 (0-1 for `"pascal10i"` and `"camvid"`).
         split_kind (`str`, *optional*): `None` picks the default (`"interleaved"` for COCO-20i, `"default"`
             otherwise); COCO-20i also accepts `"consecutive"`.
 
@@ -409,6 +455,8 @@ def get_split(dataset: str, fold: int, split_kind: str | None = None) -> FoldSpl
         names, novel = VOC_CLASSES, pascal10i_novel_ids(fold)
     elif dataset == "coco20i":
         names, novel = COCO_CLASSES, coco20i_novel_ids(fold, kind)
+    elif dataset == "camvid":
+        names, novel = CAMVID_CLASSES, camvid_novel_ids(fold)
     else:
         names, novel = SYNTHETIC_CLASSES, synthetic_novel_ids(fold)
     return FoldSplit.from_novel_ids(dataset, fold, names, novel, split_kind=kind)

@@ -129,3 +129,22 @@ def test_episode_spec_round_trips(tmp_path, synthetic_counts):
         EpisodeSpec("x", 0, "fss", 0, 0, "q", {1: ["s"]}, [1])
     with pytest.raises(FileNotFoundError, match="save_episodes"):
         load_episodes(tmp_path / "missing.json")
+
+
+def test_paper_supports_from_a_train_index():
+    from gfss_hf.data.episodes import EpisodeSpec, episodes_to_dataset, sample_paper_episodes
+
+    val_index = {1: ["q1", "q2"], 2: ["q3"], 5: ["q1"]}
+    train_index = {1: ["t1", "t2", "t3"], 2: ["t4", "t5"]}
+    args = (val_index, ["q1", "q2", "q3"], [1, 2], [5], 2, 12, 7)
+    episodes = sample_paper_episodes(*args, support_index=train_index)
+    assert episodes == sample_paper_episodes(*args, support_index=train_index)  # seeded
+    for e in episodes:
+        assert e.support_split == "train" and e.support_list == "train"
+        assert set(e.all_support_ids()) <= set(train_index[e.class_ids[0]]) and e.query_id.startswith("q")
+        assert EpisodeSpec.from_dict(e.to_dict()) == e
+    with pytest.raises(ValueError, match="save_episodes"):
+        episodes_to_dataset(episodes)
+    # Without the train index: the published protocol, whose episodes carry no support_split.
+    published = sample_paper_episodes(val_index, ["q1", "q2", "q3"], [1, 2], [5], 1, 4, 7)
+    assert all(e.support_split is None and e.support_list == "val" for e in published)

@@ -398,3 +398,30 @@ def test_output_dir_that_cannot_hold_results_is_refused_first(pretrained_tiny_di
 def test_model_of_another_fold_is_refused_with_the_mismatch_spelled_out(pretrained_tiny_dir, tmp_path):
     with pytest.raises(ValueError, match=r"the model has base classes \[.*\] that synthetic fold 1 does not"):
         single_process([str(pretrained_tiny_dir), "--fold", "1", "--output_dir", str(tmp_path / "o"), "--no_progress"])
+
+
+def test_camvid_paper_protocol_with_supports_from_train(sample_data, tmp_path):
+    from data.test_camvid import small_camvid
+
+    data = small_camvid(sample_data, tmp_path / "camvid", num_train=8, num_val=12)
+    split = get_split("camvid", 0)
+    model = random_model_dir(tmp_path / "model", split.base_names, dataset="camvid")
+    out, episodes_file = tmp_path / "out", tmp_path / "episodes.json"
+    common = ["--dataset", "camvid", "--data_dir", str(data), "--cache_dir", str(tmp_path / "cache"), "--no_progress"]
+    common += ["--num_episodes", "4", "--steps", "2", "--save_episodes", str(episodes_file)]
+    single_process([str(model), *common, "--support_split", "train", "--output_dir", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["support_split"] == "train" and results["num_episodes"] == 4
+    train_ids = {p.stem for p in (data / "train").iterdir()}
+    val_ids = {p.stem for p in (data / "val").iterdir()}
+    episodes = load_episodes(episodes_file)
+    for e in episodes:
+        assert e.support_split == "train" and e.query_id in val_ids
+        assert set(e.all_support_ids()) <= train_ids
+    # The default stays the published protocol: supports from val, the episode files as before (no new key).
+    single_process([str(model), *common, "--output_dir", str(tmp_path / "out_val")])
+    for e in load_episodes(episodes_file):
+        assert e.support_split is None and set(e.all_support_ids()) <= val_ids
+        assert "support_split" not in e.to_dict()
+    with pytest.raises(SystemExit, match="paper protocol"):
+        single_process([str(model), *common, "--protocol", "diam", "--support_split", "train"])
