@@ -16,7 +16,7 @@ import torch
 
 import gfss_hf
 from gfss_hf.data.episodes import episodes_hash, load_episodes
-from gfss_hf.data.splits import get_split
+from gfss_hf.data.splits import CAMVID_CLASSES, get_split
 from gfss_hf.metrics import metric_keys
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -190,19 +190,6 @@ def test_paper_numbers_equal_an_independent_replay_through_the_pipeline(pretrain
 
 
 # -- any dataset the builders support --------------------------------------------------------------------------------
-CAMVID_CLASSES = [
-    "Sky",
-    "Building",
-    "Pole",
-    "Road",
-    "Pavement",
-    "Tree",
-    "SignSymbol",
-    "Fence",
-    "Car",
-    "Pedestrian",
-    "Bicyclist",
-]
 
 
 def random_model_dir(path, base_class_names, **config):
