@@ -35,7 +35,13 @@ def _register() -> None:
             auto.register(GFSSConfig, GFSSModel, exist_ok=True)
         except TypeError:
             auto.register(GFSSConfig, GFSSModel)
-    AutoImageProcessor.register(GFSSConfig, image_processor_classes={"pil": GFSSImageProcessor}, exist_ok=True)
+    # One class for both backends: it needs no torchvision, and without a "torchvision" entry the Auto class warns
+    # on every load that it falls back to PIL.
+    AutoImageProcessor.register(
+        GFSSConfig,
+        image_processor_classes={"pil": GFSSImageProcessor, "torchvision": GFSSImageProcessor},
+        exist_ok=True,
+    )
     # Hub export: saving copies the code files next to the weights and writes `auto_map`, so a saved folder loads
     # with `trust_remote_code=True` where gfss_hf is not installed.
     GFSSConfig.register_for_auto_class()

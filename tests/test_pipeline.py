@@ -584,3 +584,19 @@ def test_grayscale_rgba_and_16_bit_images(pipe, samples):
         steps=3,
     )
     assert len(out) == 3 and all(seg["mask"].size == gray.size for seg in out[2])
+
+
+def test_loading_says_nothing_about_image_processor_backends(pretrained_tiny_dir):
+    """The processor needs no torchvision: loading the pipeline must not warn that it 'falls back to PIL' (it did on
+    every load, for every user, with no action to take)."""
+    code = (
+        "import gfss_hf\n"
+        "from transformers import pipeline\n"
+        f"pipe = pipeline('few-shot-segmentation', model={str(pretrained_tiny_dir)!r}, device='cpu')\n"
+        "print(type(pipe.image_processor).__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "GFSSImageProcessor"
+    assert "backend is not available" not in done.stderr
