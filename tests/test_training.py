@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from fixtures.make_tiny_model import TINY_SYNTHETIC_RUN
 from safetensors.torch import load_file
 
 from gfss_hf import GFSSConfig
@@ -15,22 +16,7 @@ from gfss_hf.training_config import TrainingConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
-TINY = dict(
-    dataset="synthetic",
-    fold=0,
-    num_train_images=24,
-    num_val_images=8,
-    model=dict(backbone="test_resnet", hidden_size=16, image_size=64, projection_dim=8),
-    batch_size=4,
-    max_samples=64,
-    max_views=3,
-    num_workers=0,
-    learning_rate=0.05,
-    logging_steps=1,
-    report_to="none",
-    eval_every_epochs=1,
-    num_epochs=1,
-)
+TINY = TINY_SYNTHETIC_RUN
 
 
 def tiny_config(tmp_path, name="run", **overrides):

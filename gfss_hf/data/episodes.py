@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -157,20 +157,7 @@ class EpisodeSpec:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EpisodeSpec:
         """Inverse of `to_dict`."""
-        known = {
-            "dataset",
-            "fold",
-            "protocol",
-            "index",
-            "seed",
-            "run",
-            "query_id",
-            "support_ids",
-            "class_ids",
-            "base_query_id",
-            "base_class_id",
-            "support_split",
-        }
+        known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown EpisodeSpec fields {sorted(unknown)}; expected a subset of {sorted(known)}.")
@@ -783,19 +770,9 @@ def episodes_to_dataset(episodes: Sequence[EpisodeSpec]):
         )
     for e in episodes:
         d = e.to_dict()
-        for name in (
-            "dataset",
-            "fold",
-            "protocol",
-            "index",
-            "seed",
-            "run",
-            "query_id",
-            "class_ids",
-            "base_query_id",
-            "base_class_id",
-        ):
-            rows[name].append(d[name])
+        for name in rows:  # the scalar columns; the support sets are stored as two parallel lists below
+            if name in d:
+                rows[name].append(d[name])
         classes = sorted(e.support_ids)
         rows["support_class_ids"].append(classes)
         rows["support_image_ids"].append([e.support_ids[c] for c in classes])

@@ -16,24 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from fixtures.make_tiny_model import TINY_RECIPE
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "README_own_data.md"
-# A 64-px test backbone: the same tiny model as tests/scripts/test_pretrain.py.
-TINY_CONFIG = dict(
-    model=dict(backbone="test_resnet", hidden_size=16, image_size=64, projection_dim=8),
-    batch_size=4,
-    max_samples=64,
-    max_views=3,
-    num_workers=0,
-    learning_rate=0.05,
-    optimizer="adamw",
-    logging_steps=1,
-    report_to="none",
-    eval_every_epochs=1,
-    num_epochs=1,
-)
+# The tests' tiny training recipe (a 64-px test backbone), with the optimizer the doc's config uses.
+TINY_CONFIG = {**TINY_RECIPE, "optimizer": "adamw"}
 TINY_ENV = {"IMAGE_SIZE": "64", "EPOCHS": "1", "EPISODES": "4", "STEPS": "2"}
 
 

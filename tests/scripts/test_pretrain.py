@@ -13,26 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from fixtures.make_tiny_model import TINY_SYNTHETIC_RUN
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "pretrain.py"
-TINY = dict(
-    dataset="synthetic",
-    fold=0,
-    num_train_images=24,
-    num_val_images=8,
-    model=dict(backbone="test_resnet", hidden_size=16, image_size=64, projection_dim=8),
-    batch_size=4,
-    max_samples=64,
-    max_views=3,
-    num_workers=0,
-    learning_rate=0.05,
-    logging_steps=1,
-    report_to="none",
-    eval_every_epochs=1,
-    num_epochs=1,
-)
+TINY = TINY_SYNTHETIC_RUN
 
 
 def load_script():
