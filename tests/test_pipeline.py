@@ -638,5 +638,6 @@ def test_loading_draws_no_weight_bar_and_restores_the_previous_hook(pretrained_t
     finally:
         hf_logging.set_tqdm_hook(previous)
     assert isinstance(pipe, FewShotSegmentationPipeline)
+    assert hf_logging.is_progress_bar_enabled()  # the global switch is not touched
     assert "Loading weights" not in loading
     assert "Loading weights" in after  # the capture sees a bar when one is drawn
