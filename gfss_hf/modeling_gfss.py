@@ -8,6 +8,8 @@ This is the one model file: it imports only `configuration_gfss` and `losses` re
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import timm
@@ -21,9 +23,67 @@ from transformers.utils import ModelOutput, logging
 from .configuration_gfss import GFSSConfig
 from .losses import label_smoothed_cross_entropy
 
-__all__ = ["GFSSModel", "create_backbone", "GFSSModelOutput", "GFSSPreTrainedModel", "GFSSPyramidPooling"]
+__all__ = [
+    "GFSSModel",
+    "create_backbone",
+    "GFSSModelOutput",
+    "GFSSPreTrainedModel",
+    "GFSSPyramidPooling",
+    "quiet_weight_loading",
+]
 
 logger = logging.get_logger(__name__)
+
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+_quiet_previous_hook = None
+
+
+def _silent_tqdm(factory, args, kwargs):
+    kwargs = {**kwargs, "disable": True}
+    previous = _quiet_previous_hook
+    return previous(factory, args, kwargs) if previous is not None else factory(*args, **kwargs)
+
+
+@contextmanager
+def quiet_weight_loading():
+    """
+    Silence the progress bars that transformers itself draws (the per-tensor "Loading weights" bar of
+    `from_pretrained`, a screenful of carriage returns on every load that tells a user nothing) inside the block.
+
+    Only transformers' own bars are touched, through its tqdm hook: downloads from the Hub keep their
+    huggingface_hub bars (they say how much is left to fetch), and the global switches
+    (`transformers.utils.logging.disable_progress_bar`, `HF_HUB_DISABLE_PROGRESS_BARS`) are left as they are. The
+    hook that was set before is restored on exit, also when nested or entered from several threads at once. With a
+    transformers without `set_tqdm_hook` the block runs unchanged.
+
+    Example:
+
+    ```python
+    >>> from transformers.utils import logging
+    >>> with quiet_weight_loading():
+    ...     bar = logging.tqdm(range(3), desc="Loading weights")
+    >>> bar.disable
+    True
+    ```
+    """
+    global _quiet_depth, _quiet_previous_hook
+    set_hook = getattr(logging, "set_tqdm_hook", None)
+    if set_hook is None:
+        yield
+        return
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            _quiet_previous_hook = set_hook(_silent_tqdm)
+        _quiet_depth += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                set_hook(_quiet_previous_hook)
+                _quiet_previous_hook = None
 
 
 @dataclass
@@ -155,6 +215,14 @@ class GFSSPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = False
     accepts_loss_kwargs = False
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained` without transformers' "Loading weights" progress bar (see
+        [`quiet_weight_loading`]): every load of the model, by the pipeline, the scripts, the Space or the Auto
+        classes, is quiet; warnings and Hub download bars still show."""
+        with quiet_weight_loading():
+            return super().from_pretrained(*args, **kwargs)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Conv2d):

@@ -53,6 +53,19 @@ def find_example_indices(class_name: str, fold: int = EXAMPLE_FOLD) -> tuple[int
     raise RuntimeError(f"no support/query pair for {class_name!r} in the first {_SEARCH_LIMIT} val images.")
 
 
+def example_truth(class_name: str) -> np.ndarray:
+    """
+    The ground truth of an example: the pixels of `class_name` in its query, what segmenting the example should
+    find (`scripts/space_screenshot.py` scores the model's prediction against it).
+
+    Returns:
+        `np.ndarray` of bool `(EXAMPLE_SIZE, EXAMPLE_SIZE)`.
+    """
+    _, query_index = find_example_indices(class_name)
+    _, label = render_sample(EXAMPLE_SEED, VAL_INDEX_OFFSET + query_index, EXAMPLE_SIZE)
+    return label == SYNTHETIC_CLASSES.index(class_name) + 1
+
+
 def _png(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")

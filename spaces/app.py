@@ -44,38 +44,11 @@ TITLE = "GFSS: generalized few-shot segmentation"
 MAX_SUPPORTS = 3
 MAX_CLASS_NAME = 40
 BRUSH_COLOUR = "#ff2d7a"
-NOVEL_COLOUR = "#ff2d7a"
-# Base-class colours (Tableau 20 without the pinks, which mark the novel class); background stays uncoloured.
-BASE_COLOURS = (
-    "#1f77b4",
-    "#aec7e8",
-    "#ff7f0e",
-    "#ffbb78",
-    "#2ca02c",
-    "#98df8a",
-    "#d62728",
-    "#ff9896",
-    "#9467bd",
-    "#c5b0d5",
-    "#8c564b",
-    "#c49c94",
-    "#7f7f7f",
-    "#c7c7c7",
-    "#bcbd22",
-    "#dbdb8d",
-    "#17becf",
-    "#9edae5",
-)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # examples
 # ---------------------------------------------------------------------------------------------------------------
-def _hex_to_rgb(colour: str) -> tuple[int, int, int]:
-    colour = colour.lstrip("#")
-    return tuple(int(colour[i : i + 2], 16) for i in (0, 2, 4))
-
-
 def load_examples(folder: str | os.PathLike = EXAMPLES_DIR) -> list[tuple[str, dict[str, Path]]]:
     """
     The examples rendered by `scripts/render_space_examples.py` (classes the `make demo` model never saw), as
@@ -149,16 +122,22 @@ class FewShotSegmenter:
     def class_names(self) -> tuple[str, list[str]]:
         """(background name, names of the model's classes): from a local folder's config.json, else from the loaded
         model."""
-        config = self._config()
+        config = self.config()
         names = [config["id2label"][k] for k in sorted(config["id2label"], key=int)]
         return names[0], names[1:]
 
-    def _config(self) -> dict:
+    def config(self) -> dict:
+        """The model's config as a dict: a local folder's config.json, else the loaded model's config."""
         local = Path(self.source) / "config.json"
         if local.is_file():
             return json.loads(local.read_text())
-        pipe = self.pipeline()
-        return {"id2label": {int(k): v for k, v in pipe.model.config.id2label.items()}}
+        return self.pipeline().model.config.to_dict()
+
+    @property
+    def name(self) -> str:
+        """A readable name: a Hub id as it is, a local folder by its name (not its full path)."""
+        local = Path(self.source)
+        return local.name if local.is_dir() else self.source
 
     def pipeline(self):
         if not self.available:
@@ -294,11 +273,29 @@ def _check_class_name(class_name, known: list[str]) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # outputs
 # ---------------------------------------------------------------------------------------------------------------
+def _visualization():
+    """The package's drawing helpers (`gfss_hf.visualization`), or None on a Space without the package."""
+    try:
+        from gfss_hf import visualization
+    except ImportError:
+        return None
+    return visualization
+
+
+def _class_ids(background: str, base: list[str], novel: str) -> dict[str, int]:
+    """The id of each class in GFSS mode (background 0, base classes 1..B, the new class B + 1): a class keeps its
+    colour in both modes, the colour `scripts/predict.py` gives it."""
+    return {name: i for i, name in enumerate([background, *base, novel])}
+
+
 def _colour_map(background: str, base: list[str], novel: str) -> dict[str, str]:
-    colours = {name: BASE_COLOURS[i % len(BASE_COLOURS)] for i, name in enumerate(base)}
-    colours[novel] = NOVEL_COLOUR
-    colours[background] = "#000000"
-    return colours
+    """`{class name: "#rrggbb"}` from the package's palette; `{}` without the package (gradio picks colours)."""
+    vis = _visualization()
+    if vis is None:
+        return {}
+    return {
+        name: "#{:02x}{:02x}{:02x}".format(*rgb) for _, name, rgb in vis.legend_entries([background, *base, novel])
+    }
 
 
 def _segments(output) -> list[dict]:
@@ -311,12 +308,17 @@ def _segments(output) -> list[dict]:
     return list(output)
 
 
-def _mask_tile(query: Image.Image, mask: np.ndarray, colour: str) -> np.ndarray:
-    """The query dimmed, with the class's pixels in its colour: readable however the gallery crops it."""
+def _mask_tile(query: Image.Image, mask: np.ndarray, class_id: int) -> np.ndarray:
+    """The query dimmed, with the class's pixels blended with its colour (`gfss_hf.visualization.overlay`; kept
+    bright without the package): readable however the gallery crops it."""
     image = np.asarray(query, dtype=np.float32)
-    tile = image * 0.3
-    tile[mask] = 0.35 * image[mask] + 0.65 * np.asarray(_hex_to_rgb(colour), dtype=np.float32)
-    return tile.round().astype(np.uint8)
+    vis = _visualization()
+    shown = image if vis is None else np.asarray(vis.overlay(query, mask.astype(np.uint8) * class_id, alpha=0.65))
+    return np.where(mask[..., None], shown, (image * 0.3).round()).astype(np.uint8)
+
+
+def _swatch(colour: str | None) -> str:
+    return f'<span style="color:{colour}">&#9632;</span> ' if colour else ""
 
 
 def segment(segmenter: FewShotSegmenter, query, supports, class_name, mode="GFSS", gamma=10.0, steps=100):
@@ -373,6 +375,7 @@ def segment(segmenter: FewShotSegmenter, query, supports, class_name, mode="GFSS
         raise gr.Error(f"{type(err).__name__ if isinstance(err, RuntimeError) else 'Invalid input'}: {err}") from err
 
     colours = _colour_map(background, base, name)
+    ids = _class_ids(background, base, name)
     annotations, gallery, rows = [], [], []
     total = query.width * query.height
     for seg in segments:
@@ -380,19 +383,17 @@ def segment(segmenter: FewShotSegmenter, query, supports, class_name, mode="GFSS
         mask = np.asarray(seg["mask"].convert("L") if isinstance(seg["mask"], Image.Image) else seg["mask"]) > 0
         if label == background or not mask.any():
             continue
-        colour = colours.setdefault(label, BASE_COLOURS[len(colours) % len(BASE_COLOURS)])
         kind = "novel" if label == name else "base"
         score = seg.get("score")
         annotations.append((mask.astype(np.float32), label))
-        gallery.append((_mask_tile(query, mask, colour), f"{label} ({kind})"))
+        gallery.append((_mask_tile(query, mask, ids.get(label, 0)), f"{label} ({kind})"))
         share = 100.0 * mask.sum() / total
         score_text = f"{score:.2f}" if isinstance(score, (int, float)) else "-"
         cell = label.replace("|", "\\|")  # a class name must not split the table row
-        rows.append(f'| <span style="color:{colour}">&#9632;</span> {cell} | {kind} | {share:.1f} % | {score_text} |')
+        rows.append(f"| {_swatch(colours.get(label))}{cell} | {kind} | {share:.1f} % | {score_text} |")
     novel_found = any(label == name for _, label in annotations)
     legend = [
-        f'**Novel class:** <span style="color:{NOVEL_COLOUR}">&#9632;</span> {name} '
-        + ("" if novel_found else "(not found in the query)"),
+        f"**Novel class:** {_swatch(colours.get(name))}{name} " + ("" if novel_found else "(not found in the query)"),
         "",
         f"**Base classes of the model:** {', '.join(base) if base else '(none)'}"
         + (" (not predicted in FSS mode)" if mode == "fss" else ""),
@@ -409,17 +410,30 @@ def segment(segmenter: FewShotSegmenter, query, supports, class_name, mode="GFSS
 # ---------------------------------------------------------------------------------------------------------------
 # app
 # ---------------------------------------------------------------------------------------------------------------
-def _intro(segmenter: FewShotSegmenter) -> str:
+def _intro(segmenter: FewShotSegmenter, examples=()) -> str:
+    """What the model knows, in a few lines: its name, the data it was pre-trained on, its base classes, and that the
+    class you paint is the novel one (the examples' classes it never saw are named)."""
     if not segmenter.available:
         return f"> **{segmenter.message}**"
     try:
+        config = segmenter.config()
         _, base = segmenter.class_names()
-        known = f"It knows {len(base)} base classes: {', '.join(base)}."
     except gr.Error:
         return f"> **{segmenter.message}**"
     except Exception:  # a Hub id whose config cannot be read yet: loaded at the first run
-        known = ""
-    return f"Model: `{segmenter.source}`. {known}"
+        return f"**Model:** `{segmenter.name}`."
+    dataset, fold = config.get("dataset"), config.get("fold")
+    trained = f", pre-trained on the `{dataset}` dataset" if dataset else ""
+    trained += f", fold {fold}" if dataset and fold is not None else ""
+    lines = [
+        f"**Model:** `{segmenter.name}`{trained}.",
+        f"**Base classes** (known, {len(base)}): {', '.join(base) if base else '(none)'}.",
+        "**Novel class:** the one you paint and name.",
+    ]
+    unseen = [name for name, _ in examples if name.lower() not in {b.lower() for b in base}]
+    if unseen:
+        lines[-1] += f" The examples' classes ({', '.join(unseen)}) are novel to it."
+    return "  \n".join(lines)
 
 
 def build_app(
@@ -460,7 +474,7 @@ def build_app(
             "Few-shot Segmentation: On Contrastive Learning and Background Information Modeling* (Liu, Zhang and "
             "Lu, 2022)."
         )
-        gr.Markdown(_intro(segmenter), elem_id="model-status")
+        gr.Markdown(_intro(segmenter, examples), elem_id="model-status")
         with gr.Row():
             with gr.Column():
                 query = gr.Image(label="Query image", type="pil", sources=["upload", "clipboard"], elem_id="query")
@@ -535,7 +549,7 @@ def build_app(
                 segmenter, query_image, [s1, s2, s3], name, mode_value, gamma_value, steps_value
             )
             colours = _colour_map(*segmenter.class_names(), (name or "").strip())
-            return gr.AnnotatedImage(value=annotated, color_map=colours), gallery, text
+            return gr.AnnotatedImage(value=annotated, color_map=colours or None), gallery, text
 
         run.click(
             _run,

@@ -347,6 +347,8 @@ def test_trust_remote_code_in_a_fresh_process(pipe, samples, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "NEW new" in result.stdout
+    # The exported model file carries the quiet loading too.
+    assert "Loading weights" not in result.stderr
 
 
 def _rgb(h, w, seed=0):
@@ -588,7 +590,7 @@ def test_grayscale_rgba_and_16_bit_images(pipe, samples):
 
 def test_loading_says_nothing_about_image_processor_backends(pretrained_tiny_dir):
     """The processor needs no torchvision: loading the pipeline must not warn that it 'falls back to PIL' (it did on
-    every load, for every user, with no action to take)."""
+    every load, for every user, with no action to take), nor draw transformers' "Loading weights" bar."""
     code = (
         "import gfss_hf\n"
         "from transformers import pipeline\n"
@@ -600,3 +602,42 @@ def test_loading_says_nothing_about_image_processor_backends(pretrained_tiny_dir
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "GFSSImageProcessor"
     assert "backend is not available" not in done.stderr
+    assert "Loading weights" not in done.stderr and "it/s]" not in done.stderr
+
+
+def test_loading_draws_no_weight_bar_and_restores_the_previous_hook(pretrained_tiny_dir, capsys):
+    """GFSSModel.from_pretrained silences transformers' own bars for the load only: a hook set before is chained
+    (with the bars disabled) and put back afterwards, and bars drawn after the load show again."""
+    from transformers.utils import logging as hf_logging
+
+    from gfss_hf.modeling_gfss import quiet_weight_loading
+
+    if not hasattr(hf_logging, "set_tqdm_hook"):
+        pytest.skip("this transformers has no tqdm hook; loading draws its bar")
+    if not hf_logging.is_progress_bar_enabled():
+        pytest.skip("transformers' progress bars are disabled globally here")
+    seen = []
+
+    def recording_hook(factory, args, kwargs):
+        seen.append(kwargs.get("desc"))
+        return factory(*args, **kwargs)
+
+    previous = hf_logging.set_tqdm_hook(recording_hook)
+    try:
+        capsys.readouterr()
+        pipe = pipeline("few-shot-segmentation", model=str(pretrained_tiny_dir), device="cpu")
+        loading = capsys.readouterr().err
+        assert hf_logging.set_tqdm_hook(recording_hook) is recording_hook  # restored after the load
+        assert "Loading weights" in seen  # the bar was asked for, and silenced
+        with quiet_weight_loading(), quiet_weight_loading():  # nested: the outer exit restores
+            pass
+        assert hf_logging.set_tqdm_hook(recording_hook) is recording_hook
+        for _ in hf_logging.tqdm(range(2), desc="Loading weights"):
+            pass
+        after = capsys.readouterr().err
+    finally:
+        hf_logging.set_tqdm_hook(previous)
+    assert isinstance(pipe, FewShotSegmentationPipeline)
+    assert hf_logging.is_progress_bar_enabled()  # the global switch is not touched
+    assert "Loading weights" not in loading
+    assert "Loading weights" in after  # the capture sees a bar when one is drawn

@@ -1,10 +1,10 @@
-"""The Gradio Space (spaces/app.py): input handling, friendly errors, the API through gradio_client with a painted
-mask, and the page in a real headless Chromium (screenshot -> docs/space_screenshot.png)."""
+"""The Gradio Space (spaces/app.py): input handling, friendly errors, what the page says about the model, the
+package's colours, the API through gradio_client with a painted mask, the page in a real headless Chromium, and
+scripts/space_screenshot.py (the README's picture, taken here into a temporary folder only)."""
 
 import importlib.util
+import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,18 +16,6 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SCREENSHOT = REPO_ROOT / "docs" / "space_screenshot.png"
-# The flags of STACK.md: headless Chromium as root in a container, without network side channels.
-CHROMIUM_FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-]
 EXAMPLE = 1
 STEPS = 100  # adaptation steps (the default): the tiny model needs them to find the example class
 
@@ -46,6 +34,15 @@ def examples_script():
     spec = importlib.util.spec_from_file_location(
         "render_space_examples", REPO_ROOT / "scripts" / "render_space_examples.py"
     )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def screenshot_script():
+    """scripts/space_screenshot.py: it owns the browser driving that the page test shares."""
+    spec = importlib.util.spec_from_file_location("space_screenshot", REPO_ROOT / "scripts" / "space_screenshot.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -188,6 +185,26 @@ def test_package_failures_become_gradio_errors(app, segmenter, example, monkeypa
         app.segment(segmenter, Image.open(paths["query"]), [_editor(paths)], name, "GFSS", 10, 5)
 
 
+def _status(demo):
+    return [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "model-status"][0]
+
+
+def test_page_says_what_the_model_knows(app, pretrained_tiny_dir):
+    """The intro names the model (its folder's name, not a temporary path), the data it was pre-trained on, its
+    base classes, and that the painted class is the novel one (the examples' classes it never saw)."""
+    demo = app.build_app(pretrained_tiny_dir)
+    text = _status(demo).value
+    config = json.loads((pretrained_tiny_dir / "config.json").read_text())
+    assert f"**Model:** `{pretrained_tiny_dir.name}`, pre-trained on the `{config['dataset']}` dataset, fold " in text
+    assert str(pretrained_tiny_dir) not in text
+    _, base = demo.segmenter.class_names()
+    assert f"**Base classes** (known, {len(base)}): {', '.join(base)}." in text
+    novel = text.split("**Novel class:**")[1]
+    assert "paint and name" in novel
+    assert all(name in novel for name, _ in app.load_examples())
+    assert len(text.splitlines()) == 3
+
+
 def test_missing_model_gives_a_clear_message(app, example, tmp_path, monkeypatch):
     monkeypatch.delenv("GFSS_MODEL", raising=False)
     monkeypatch.setattr(app, "DEFAULT_MODEL_DIR", tmp_path / "demo_output" / "model_ce")
@@ -196,7 +213,7 @@ def test_missing_model_gives_a_clear_message(app, example, tmp_path, monkeypatch
     assert app.default_model_source() == str(tmp_path / "nowhere")
     demo = app.build_app(tmp_path / "nowhere")
     assert not demo.segmenter.available
-    status = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "model-status"][0]
+    status = _status(demo)
     assert "No model found" in status.value and "make demo" in status.value and "GFSS_MODEL" in status.value
     paths, name = example
     with pytest.raises(gr.Error, match="make demo"):
@@ -216,9 +233,36 @@ def test_segment_outputs_overlay_masks_and_legend(app, segmenter, example):
         assert mask.shape == (query.height, query.width) and mask.max() == 1.0
     assert len(gallery) == len(annotations) and all(c.endswith(("(base)", "(novel)")) for _, c in gallery)
     assert "**Novel class:**" in legend and "| Class | Kind |" in legend
+    # The package's colours: a class by its GFSS id (the new class after the base classes), as scripts/predict.py.
+    from gfss_hf.visualization import make_palette, overlay
+
+    background, base = segmenter.class_names()
+    colours = app._colour_map(background, base, name)
+    ids = {label: i for i, label in enumerate([background, *base, name])}
+    palette = make_palette()
+    assert colours == {label: "#{:02x}{:02x}{:02x}".format(*palette[i]) for label, i in ids.items()}
+    rgb = query.convert("RGB")
+    for (mask, label), (tile, _) in zip(annotations, gallery):
+        painted = mask > 0
+        blended = np.asarray(overlay(rgb, painted.astype(np.uint8) * ids[label], alpha=0.65))
+        assert np.array_equal(tile[painted], blended[painted])
+        assert colours[label] in legend
     # FSS: only the new class (or nothing) besides background.
     annotated, _, legend = app.segment(segmenter, query, [_editor(paths)], name, "FSS", 10, STEPS)
     assert {label for _, label in annotated[1]} <= {name} and "not predicted in FSS mode" in legend
+
+
+def test_without_the_package_gradio_picks_the_colours(app, segmenter, example, monkeypatch):
+    """A Space without gfss_hf has no palette: no colour map (gradio's own colours), classes kept bright."""
+    monkeypatch.setattr(app, "_visualization", lambda: None)
+    paths, name = example
+    query = Image.open(paths["query"])
+    assert app._colour_map(*segmenter.class_names(), name) == {}
+    (image, annotations), gallery, legend = app.segment(segmenter, query, [_editor(paths)], name, "GFSS", 10, 5)
+    rgb = np.asarray(query.convert("RGB"))
+    for (mask, _), (tile, _) in zip(annotations, gallery):
+        assert np.array_equal(tile[mask > 0], rgb[mask > 0])
+    assert "<span" not in legend and "**Novel class:**" in legend
 
 
 @pytest.fixture(scope="module")
@@ -259,60 +303,111 @@ def test_api_answers_with_a_painted_mask(launched, app, example):
         )
 
 
-def _chromium() -> str | None:
-    path = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+def _chromium(screenshot_script) -> str:
+    """The Chromium of the screenshot script; skips (fails with GFSS_REQUIRE_BROWSER=1) when it is missing."""
     try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return None
-    return path
+        return screenshot_script.find_chromium()
+    except SystemExit as missing:
+        if os.environ.get("GFSS_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"GFSS_REQUIRE_BROWSER=1 but {missing}")
+        pytest.skip(str(missing))
 
 
 @pytest.mark.browser
-def test_page_in_headless_chromium(launched, app):
-    executable = _chromium()
-    if executable is None:
-        if os.environ.get("GFSS_REQUIRE_BROWSER") == "1":
-            pytest.fail(
-                "GFSS_REQUIRE_BROWSER=1 but Chromium or Playwright is missing: apt-get install chromium "
-                "chromium-driver, pip install playwright."
-            )
-        pytest.skip("headless Chromium not installed (apt-get install chromium chromium-driver)")
+def test_page_in_headless_chromium(launched, app, screenshot_script, tmp_path):
+    executable = _chromium(screenshot_script)
     from playwright.sync_api import sync_playwright
 
+    shot = tmp_path / "page.png"  # never into docs/: the README's picture is taken by scripts/space_screenshot.py
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS, headless=True)
+        browser = screenshot_script.launch_browser(p, executable)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.goto(launched.local_url, wait_until="domcontentloaded", timeout=120_000)
-            page.wait_for_selector("#run", timeout=120_000)
+            page = screenshot_script.open_page(browser, launched.local_url)
             assert page.title() == app.TITLE
             assert page.get_by_role("heading", name=app.TITLE).is_visible()
             for selector in ("#query", "#support-1", "#class-name", "#mode", "#gamma", "#overlay", "#masks"):
                 assert page.locator(selector).count() == 1, selector
             assert page.locator("#run").inner_text().strip() == "Segment"
             assert page.locator("#examples tbody tr").count() == len(app.load_examples())
+            status = page.locator("#model-status").inner_text()
+            assert launched.segmenter.name in status and "Base classes" in status and "Novel class" in status
 
             # An example row fills query, painted support and class name; running it shows the overlay.
-            page.locator("#examples tbody tr").nth(EXAMPLE).click()
-            name_box = "document.querySelector('#class-name textarea, #class-name input')"
-            page.wait_for_function(f"{name_box}.value === '{app.load_examples()[EXAMPLE][0]}'", timeout=60_000)
-            page.wait_for_selector("#query img", timeout=60_000)
-            page.locator("#run").click()
-            page.wait_for_selector("#overlay img", timeout=300_000)
-            page.wait_for_selector("#legend >> text=Novel class", timeout=60_000)
-            assert app.load_examples()[EXAMPLE][0] in page.locator("#legend").inner_text()
+            name = app.load_examples()[EXAMPLE][0]
+            legend = screenshot_script.run_example(page, EXAMPLE, name)
+            assert name in legend
+            assert screenshot_script.shown_share(legend, name) is not None  # the new class is found
             assert page.locator("#masks img").count() >= 1
-            page.wait_for_timeout(500)  # let the overlay finish fading in before the screenshot
-            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".png", dir=SCREENSHOT.parent)
-            os.close(fd)
-            page.screenshot(path=tmp, full_page=True)
-            os.replace(tmp, SCREENSHOT)
+            page.screenshot(path=str(shot), full_page=True)
         finally:
             browser.close()
-    shot = Image.open(SCREENSHOT)
-    assert shot.width == 1280 and shot.height > 1000
+    image = Image.open(shot)
+    assert image.width == 1280 and image.height > 1000
+
+
+def test_screenshot_script_refuses_without_a_model_or_chromium(screenshot_script, pretrained_tiny_dir, tmp_path):
+    output = tmp_path / "shot.png"
+    with pytest.raises(SystemExit, match="nowhere.*does not exist.*save_pretrained.*make demo"):
+        screenshot_script.main(["--model", str(tmp_path / "nowhere"), "--output", str(output)])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="has no config.json"):
+        screenshot_script.main(["--model", str(tmp_path / "empty"), "--output", str(output)])
+    if importlib.util.find_spec("playwright") is not None:
+        with pytest.raises(SystemExit, match="no-chromium.*not an executable file.*apt-get install chromium"):
+            screenshot_script.main(
+                [
+                    "--model",
+                    str(pretrained_tiny_dir),
+                    "--output",
+                    str(output),
+                    "--chromium",
+                    str(tmp_path / "no-chromium"),
+                ]
+            )
+    assert not output.exists()
+
+
+def test_screenshot_script_shows_only_an_example_the_model_gets_right(screenshot_script):
+    results = [
+        {"index": 0, "class_name": "a", "iou": 0.1, "predicted_share": 1.0, "true_share": 3.0, "labels": []},
+        {"index": 1, "class_name": "b", "iou": 0.8, "predicted_share": 5.0, "true_share": 5.2, "labels": ["b"]},
+    ]
+    assert screenshot_script.pick_example(results)["index"] == 1
+    assert screenshot_script.pick_example(results, example=1)["class_name"] == "b"
+    with pytest.raises(SystemExit, match="example 0, class 'a'.*IoU 0.10.*below --min_iou 0.5.*--pick best"):
+        screenshot_script.pick_example(results, example=0)
+    with pytest.raises(SystemExit, match="out of range.*2 examples"):
+        screenshot_script.pick_example(results, example=2)
+    with pytest.raises(SystemExit, match=r"best example \(1\).*IoU 0.80.*below --min_iou 0.9"):
+        screenshot_script.pick_example(results, min_iou=0.9)
+    truth = np.zeros((4, 4), bool)
+    truth[:2] = True
+    assert screenshot_script.iou(truth, truth) == 1.0 and screenshot_script.iou(~truth, truth) == 0.0
+
+
+@pytest.mark.browser
+def test_screenshot_script_on_a_model(app, screenshot_script, pretrained_tiny_dir, tmp_path, capsys):
+    """The command of the README's picture, for real on the test model, into a temporary folder. The test model is
+    too small to get an example right: with the default --min_iou it refuses (nothing written), with --min_iou 0 it
+    shows its best example."""
+    _chromium(screenshot_script)
+    output = tmp_path / "docs" / "space_screenshot.png"
+    command = ["--model", str(pretrained_tiny_dir), "--output", str(output), "--pick", "best"]
+    with pytest.raises(SystemExit, match=r"the best example \(\d\).*below --min_iou 0.5.*Use a better-trained model"):
+        screenshot_script.main(command)
+    assert not output.exists()
+    capsys.readouterr()
+    done = screenshot_script.main([*command, "--min_iou", "0"])
+    printed = capsys.readouterr().out
+    chosen = done["chosen"]
+    assert len(done["results"]) == len(app.load_examples())
+    assert chosen["iou"] == max(r["iou"] for r in done["results"])
+    for result in done["results"]:
+        assert f"example {result['index']} ({result['class_name']}): IoU {result['iou']:.3f}" in printed
+    assert f"showing example {chosen['index']} ({chosen['class_name']}): IoU {chosen['iou']:.3f}" in printed
+    image = Image.open(output)
+    assert image.width == 1280 and image.height > 1000
+    assert [p.name for p in output.parent.iterdir()] == ["space_screenshot.png"]  # no temporary file left
 
 
 @pytest.mark.slow
