@@ -598,7 +598,7 @@ def pretrain(
                         accelerator,
                         _step_seed(config.seed, global_step, micro, rank, 1),
                     )
-                    loss = ce + config.contrastive_weight * contrastive
+                    loss = ce + contrastive_weight(config, global_step) * contrastive
                 else:
                     contrastive = torch.zeros((), device=ce.device)
                     loss = ce
@@ -740,6 +740,15 @@ def _read_log(path: Path) -> list[tuple[str, dict]]:
             ) from err
         out.append((line, record))
     return out
+
+
+def contrastive_weight(config: TrainingConfig, step: int) -> float:
+    """Lambda at optimizer step `step` (0-based): `contrastive_weight`, ramped linearly from 0 over the first
+    `contrastive_warmup_steps` steps when that is > 0 (step `k` of the ramp uses `(k + 1) / N` of lambda)."""
+    warmup = int(config.contrastive_warmup_steps)
+    if warmup <= 0 or step >= warmup:
+        return float(config.contrastive_weight)
+    return float(config.contrastive_weight) * (step + 1) / warmup
 
 
 def _contrastive_term(

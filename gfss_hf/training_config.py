@@ -86,6 +86,9 @@ class TrainingConfig:
         lr_schedule (`str`, defaults to `"cosine"`): `"cosine"` (to 0 at the last step) or `"constant"`.
         label_smoothing (`float`, defaults to 0.1): epsilon of the cross-entropy.
         contrastive_weight (`float`, defaults to 0.1): lambda; 0 disables the term and skips the projection head.
+        contrastive_warmup_steps (`int`, defaults to 0): ramp lambda linearly from 0 to `contrastive_weight` over the
+            first N optimizer steps (0: the paper's constant lambda). From scratch the early features are noise and
+            the term then pulls on random embeddings while cross-entropy is still leaving the all-background solution.
         temperature (`float`, 0.1), base_temperature (`float`, *optional*), max_samples (`int`, 1024),
         max_views (`int`, 100), background_anchors (`bool`, `False`): the contrastive loss
             (see `gfss_hf.losses.contrastive_loss_from_samples`).
@@ -146,6 +149,7 @@ class TrainingConfig:
     # loss
     label_smoothing: float = 0.1
     contrastive_weight: float = 0.1
+    contrastive_warmup_steps: int = 0
     temperature: float = 0.1
     base_temperature: float | None = None
     max_samples: int = 1024
@@ -327,6 +331,8 @@ class TrainingConfig:
             bad("learning_rate", "must be > 0")
         if self.contrastive_weight < 0:
             bad("contrastive_weight", "must be >= 0 (0 disables the contrastive term)")
+        if self.contrastive_warmup_steps < 0:
+            bad("contrastive_warmup_steps", "must be >= 0 (0: constant lambda from the first step)")
         if self.temperature <= 0 or (self.base_temperature is not None and self.base_temperature <= 0):
             bad("temperature", "temperature and base_temperature must be > 0")
         if self.max_samples < 1 or self.max_views < 1:

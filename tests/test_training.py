@@ -350,6 +350,25 @@ def test_contrastive_weight_zero_skips_the_projection(tmp_path):
     assert not any(k.startswith("projection") for k in _weights(tmp_path / "run"))
 
 
+
+def test_contrastive_warmup_ramps_lambda_linearly(tmp_path):
+    """Each logged step's loss is ce + lambda_t * contrastive with lambda_t = lambda * (t + 1) / N during the ramp,
+    then lambda; the schedule function says the same."""
+    from gfss_hf.training import contrastive_weight
+
+    config = tiny_config(tmp_path, contrastive_weight=0.4, contrastive_warmup_steps=4, max_steps=6, eval_every_epochs=0)
+    assert [contrastive_weight(config, k) for k in range(6)] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.4, 0.4])
+    summary = pretrain(config)
+    rows = summary["history"]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert any(r["contrastive"] > 0 for r in rows)
+    for r in rows:
+        expected = r["ce"] + 0.4 * min(1.0, r["step"] / 4) * r["contrastive"]
+        assert r["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-6), r
+    with pytest.raises(ValueError, match="contrastive_warmup_steps"):
+        tiny_config(tmp_path, contrastive_warmup_steps=-1)
+
+
 # -- checkpoints: what they hold, what resume accepts ------------------------------------------------------------
 RESUMABLE = dict(max_steps=7, gradient_accumulation_steps=2, logging_steps=3)
 
