@@ -350,13 +350,14 @@ def test_contrastive_weight_zero_skips_the_projection(tmp_path):
     assert not any(k.startswith("projection") for k in _weights(tmp_path / "run"))
 
 
-
 def test_contrastive_warmup_ramps_lambda_linearly(tmp_path):
     """Each logged step's loss is ce + lambda_t * contrastive with lambda_t = lambda * (t + 1) / N during the ramp,
     then lambda; the schedule function says the same."""
     from gfss_hf.training import contrastive_weight
 
-    config = tiny_config(tmp_path, contrastive_weight=0.4, contrastive_warmup_steps=4, max_steps=6, eval_every_epochs=0)
+    config = tiny_config(
+        tmp_path, contrastive_weight=0.4, contrastive_warmup_steps=4, max_steps=6, eval_every_epochs=0
+    )
     assert [contrastive_weight(config, k) for k in range(6)] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.4, 0.4])
     summary = pretrain(config)
     rows = summary["history"]
