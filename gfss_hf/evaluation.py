@@ -461,7 +461,16 @@ def _paper_unit(ctx: _Context, specs: list[EpisodeSpec], accs: dict[str, PooledI
 
 
 class _RunSupport:
-    """The support set of one `diam` / `capl` run: features, binary masks and novel class of each support."""
+    """
+    The support set of one `diam` / `capl` run: features, novel label maps and annotated classes of each support.
+
+    A support image drawn for class c is annotated for c and for every other novel class of the run that it holds.
+    With exclusive supports (DIaM's rule) that is c alone: its binary mask. Without (`capl`, and `diam` on datasets
+    such as CamVid where no image holds one novel class without the others), the other novel classes' pixels would
+    otherwise be "background" of that support, and the distillation, whose teacher's background takes every novel
+    row, would teach them to be no novel class at all: on CamVid fold 0 no novel pixel was ever predicted with
+    gamma = 10.
+    """
 
     def __init__(self, ctx: _Context, spec: EpisodeSpec, source: str):
         ids, classes = [], []
@@ -471,8 +480,17 @@ class _RunSupport:
                 classes.append(c)
         self.features = ctx.cache.features(source, ids)  # (K * N, D, h, w)
         labels = ctx.cache.labels(source, ids)
-        self.masks = torch.stack([ctx.binary(lab, c) for lab, c in zip(labels, classes)])
-        self.classes = torch.tensor([ctx.novel_rank[c] for c in classes], dtype=torch.long)
+        maps = np.zeros(labels.shape, np.int64)
+        annotated = np.zeros((len(ids), len(ctx.novel_rank)), bool)
+        for k, (lab, c) in enumerate(zip(labels, classes)):
+            for novel, rank in ctx.novel_rank.items():
+                on = lab == novel
+                if novel == c or on.any():
+                    maps[k][on] = rank + 1
+                    annotated[k, rank] = True
+        maps[labels == IGNORE_INDEX] = IGNORE_INDEX
+        self.labels = torch.from_numpy(maps).to(ctx.device)  # 0 background, rank + 1 novel class, 255 ignored
+        self.annotated = torch.from_numpy(annotated).to(ctx.device)  # (K * N, N)
         self.classifier = None
 
 
@@ -489,10 +507,10 @@ def _run_unit(
         clf = adapt_classifier(
             ctx.model,
             support.features.expand(e, *support.features.shape),
-            support.masks.expand(e, *support.masks.shape),
+            support.labels.expand(e, *support.labels.shape),
             config,
             num_teacher_rows=ctx.num_base_rows,
-            support_classes=support.classes.expand(e, -1),
+            annotated=support.annotated,
             num_novel_classes=num_novel,
             query_features=q_feat[:, None],
             seeds=[episode_seed(ctx.options.adaptation.seed, s) for s in specs],
@@ -503,10 +521,10 @@ def _run_unit(
             support.classifier = adapt_classifier(
                 ctx.model,
                 support.features,
-                support.masks,
+                support.labels,
                 config,
                 num_teacher_rows=ctx.num_base_rows,
-                support_classes=support.classes,
+                annotated=support.annotated,
                 num_novel_classes=num_novel,
                 state=carry,
                 seeds=episode_seed(ctx.options.adaptation.seed, specs[0], per_query=False),
@@ -576,7 +594,8 @@ def evaluate_episodes(
       supports; both predict the query (IoU of the episode's novel class, binary ground truth), the GFSS classifier
       also predicts the extra base image (IoU of its base class). Labels at the canvas resolution.
     - `diam`: per run one GFSS (B+1+N)-way classifier from the run's supports (binary masks, one novel class per
-      support); every query predicted over all classes on the canvas; base mIoU without background.
+      support; a support that also holds other novel classes of the run, allowed with `exclusive=False`, is
+      annotated for them too); every query predicted over all classes on the canvas; base mIoU without background.
     - `capl`: as `diam` with supports from the train list and queries scored at their original resolution; base
       mIoU with background, plus the total.
 

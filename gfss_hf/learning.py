@@ -6,6 +6,8 @@
 - [`adapt_to_supports`]: images -> adapted classifier, one episode (the pipeline's `learn` and [`learn_classes`]).
 - [`learn_classes`]: adapt novel rows from images and write them into the model with `expand_classifier`, so that
   `save_pretrained` publishes a model that segments base + learned classes with a plain forward pass.
+- [`one_shot_predictions`]: the FSS and GFSS label maps of one support / query pair, as the qualitative figures of
+  `scripts/demo.py` and `scripts/camvid_benchmark.py` show them.
 
 Like `adaptation`, this module needs only torch and its siblings at import time (the image processor lazily), so that
 it travels with a Hub export of the pipeline.
@@ -16,9 +18,9 @@ from __future__ import annotations
 import torch
 
 from ._solver import downsample_labels
-from .adaptation import AdaptationConfig, AdaptedClassifier, adapt_classifier
+from .adaptation import AdaptationConfig, AdaptedClassifier, adapt_classifier, predict
 
-__all__ = ["adapt_to_supports", "extract_support_features", "learn_classes"]
+__all__ = ["adapt_to_supports", "extract_support_features", "learn_classes", "one_shot_predictions"]
 
 
 def extract_support_features(model, supports, loss_resolution: str = "input") -> torch.Tensor:
@@ -142,3 +144,62 @@ def adapt_to_supports(
             annotated=supports.annotated.to(features.device),
         )
     return list(supports.class_names), classifier
+
+
+# -- one episode, for figures -------------------------------------------------------------------------------------
+def one_shot_predictions(
+    model,
+    image_processor,
+    support_image,
+    support_label,
+    query_image,
+    query_label,
+    class_id: int,
+    base_ids,
+    config: AdaptationConfig | None = None,
+    gammas=(0.0, 10.0),
+) -> list:
+    r"""
+    Predictions of a one-shot episode (one support, one query) by FSS 2-way and by GFSS for each gamma, as dataset
+    ids: what a qualitative figure shows next to the ground truth.
+
+    Args:
+        model ([`GFSSModel`]): pre-trained on the base classes `base_ids` (its classifier rows are
+            `[background, base_ids...]`), in eval mode; left unchanged.
+        image_processor ([`GFSSImageProcessor`]): encodes both images (one batch of two).
+        support_image, query_image: images as the processor takes them (PIL, arrays).
+        support_label, query_label (`np.ndarray` of shape `(H, W)`): dataset-id label maps at the images' sizes
+            (the support's says where `class_id` is; the query's is encoded alongside, as in an evaluation).
+        class_id (`int`): the novel dataset id of the episode.
+        base_ids (`Sequence[int]`): the dataset ids of the pre-trained rows `1..B`.
+        config ([`AdaptationConfig`], *optional*): steps, lr, seed, loss resolution...; `method` and `gamma` are set
+            per prediction (FSS, then GFSS with each of `gammas`).
+        gammas (`Sequence[float]`, *optional*, defaults to `(0.0, 10.0)`): the GFSS predictions to make.
+
+    Returns:
+        `list[np.ndarray]`: `1 + len(gammas)` int64 maps of the query's resized size (the canvas without its
+        padding): FSS (`class_id` or 0), then GFSS per gamma (`class_id`, a base id, or 0 for the background row).
+    """
+    import numpy as np  # lazy: the module's import needs torch only
+
+    config = config if config is not None else AdaptationConfig()
+    batch = image_processor(
+        [support_image, query_image], segmentation_maps=[np.asarray(support_label), np.asarray(query_label)]
+    )
+    size = batch["pixel_values"].shape[-2:]
+    with torch.no_grad():
+        features = model.extract_features(batch["pixel_values"])
+    support = batch["labels"][0]
+    mask = torch.where(support == 255, 255, (support == class_id).long())[None]
+    align = model.config.logits_align_corners
+    height, width = (int(v) for v in batch["resized_sizes"][1])
+    fss = adapt_classifier(model, features[:1], mask, config.replace(method="fss"))
+    rows = predict(features[1:], fss, size=size, align_corners=align)[0].argmax(0)
+    maps = [torch.where(rows == 1, class_id, 0)]
+    num_base_rows = len(base_ids) + 1
+    row_to_dataset = torch.tensor([0, *base_ids], dtype=torch.long)
+    for gamma in gammas:
+        gfss = adapt_classifier(model, features[:1], mask, config.replace(method="gfss", gamma=gamma))
+        rows = predict(features[1:], gfss, size=size, align_corners=align)[0].argmax(0)
+        maps.append(torch.where(rows == num_base_rows, class_id, row_to_dataset[rows.clamp(max=num_base_rows - 1)]))
+    return [m[:height, :width].numpy().astype(np.int64) for m in maps]

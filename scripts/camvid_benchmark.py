@@ -42,19 +42,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 import gfss_hf
 from gfss_hf import GFSSImageProcessor, GFSSModel
 from gfss_hf._io import atomic_write_text
-from gfss_hf.adaptation import AdaptationConfig, adapt_classifier, predict
+from gfss_hf.adaptation import AdaptationConfig
 from gfss_hf.data.camvid import CAMVID_MIN_PIXELS
 from gfss_hf.data.episodes import build_episodes
 from gfss_hf.data.sources import load_image_source
 from gfss_hf.data.splits import get_split
 from gfss_hf.evaluation import EvaluationOptions, evaluate_episodes
+from gfss_hf.learning import one_shot_predictions
 from gfss_hf.training import pretrain
 from gfss_hf.training_config import TrainingConfig
-from gfss_hf.visualization import colorize, overlay, panels
+from gfss_hf.visualization import colorize, draw_legend, overlay, panels
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "camvid.yaml"
 # (key, label, contrastive weight)
@@ -258,39 +260,35 @@ def fold_tables(fold_result: dict, split) -> str:
     return "\n".join(lines)
 
 
-def qualitative_figure(model_dir: Path, split, val, sources, episodes, path: Path, steps: int, num: int = 3) -> None:
-    """Support with its mask, query, ground truth, FSS, GFSS gamma 0 and gamma 10 for the first `num` episodes."""
+def qualitative_figure(
+    model_dir: Path, split, val, sources, episodes, path: Path, adaptation: AdaptationConfig, num: int = 3
+) -> None:
+    """Support with its mask, query, ground truth, FSS, GFSS gamma 0 and gamma 10 for the first `num` episodes (the
+    table's fine-tuning settings), with a legend of every class shown."""
     model = GFSSModel.from_pretrained(model_dir).eval()
     processor = GFSSImageProcessor.from_pretrained(model_dir)
-    base_rows = len(split.base_ids) + 1
-    row_to_dataset = np.array([0, *split.base_ids], np.int64)
     titles = ["support + mask", "query", "ground truth", "FSS 2-way", "GFSS gamma=0", "GFSS gamma=10"]
-    strips = []
+    strips, shown = [], set()
     for spec in episodes[:num]:
         novel = spec.class_ids[0]
         support = sources[spec.support_list].get_by_id(spec.support_ids[novel][0])
         query = val.get_by_id(spec.query_id)
-        batch = processor(
-            [support["image"], query["image"]],
-            segmentation_maps=[np.asarray(support["label"]), np.asarray(query["label"])],
+        predictions = one_shot_predictions(
+            model,
+            processor,
+            support["image"],
+            support["label"],
+            query["image"],
+            query["label"],
+            novel,
+            split.base_ids,
+            adaptation,
         )
-        size = batch["pixel_values"].shape[-2:]
-        with torch.no_grad():
-            features = model.extract_features(batch["pixel_values"])
-        s_label = batch["labels"][0]
-        s_mask = torch.where(s_label == 255, 255, (s_label == novel).long())[None]
-        align = model.config.logits_align_corners
-        fss = adapt_classifier(model, features[:1], s_mask, AdaptationConfig(method="fss", steps=steps, seed=0))
-        fss_rows = predict(features[1:], fss, size=size, align_corners=align)[0].argmax(0).numpy()
-        predictions = [np.where(fss_rows == 1, novel, 0)]
-        for gamma in (0.0, 10.0):
-            gfss = adapt_classifier(model, features[:1], s_mask, AdaptationConfig(gamma=gamma, steps=steps, seed=0))
-            rows = predict(features[1:], gfss, size=size, align_corners=align)[0].argmax(0).numpy()
-            predictions.append(np.where(rows == base_rows, novel, row_to_dataset[np.minimum(rows, base_rows - 1)]))
-        h, w = (int(v) for v in batch["resized_sizes"][1])
+        truth = np.asarray(query["label"])
         support_mask = np.where(np.asarray(support["label"]) == novel, novel, 0)
-        images = [overlay(support["image"], support_mask, alpha=0.6), query["image"], colorize(query["label"])]
-        images += [colorize(p[:h, :w]) for p in predictions]
+        images = [overlay(support["image"], support_mask, alpha=0.6), query["image"], colorize(truth)]
+        images += [colorize(p) for p in predictions]
+        shown.update(int(v) for m in (truth, support_mask, *predictions) for v in np.unique(m))
         strips.append(
             panels(
                 images,
@@ -299,13 +297,14 @@ def qualitative_figure(model_dir: Path, split, val, sources, episodes, path: Pat
             )
         )
     width = max(s.width for s in strips)
-    from PIL import Image
-
     canvas = Image.new("RGB", (width, sum(s.height for s in strips)), (255, 255, 255))
     y = 0
     for strip in strips:
         canvas.paste(strip, (0, y))
         y += strip.height
+    # CamVid has no background class: id 0 is the background row (GFSS) or "not the class" (FSS, support mask).
+    names = {0: "background / not the class", **dict(enumerate(split.class_names, start=1)), 255: "void (ignored)"}
+    canvas = draw_legend(canvas, names, np.array([sorted(shown)]), font_size=16)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
 
@@ -368,7 +367,7 @@ def main(argv=None) -> int:
                 sources,
                 episode_sets[("paper", 1)],
                 out / "qualitative.png",
-                args.adaptation_steps,
+                AdaptationConfig(steps=args.adaptation_steps, loss_resolution=args.loss_resolution),
             )
             figure_done = True
         results[f"fold{fold}"] = fold_result

@@ -36,12 +36,13 @@ import torch
 import gfss_hf
 from gfss_hf import GFSSImageProcessor, GFSSModel
 from gfss_hf._io import atomic_write_bytes, atomic_write_text
-from gfss_hf.adaptation import AdaptationConfig, adapt_classifier, predict
+from gfss_hf.adaptation import AdaptationConfig
 from gfss_hf.cards import render_model_card, save_model_card
 from gfss_hf.data.episodes import build_episodes
 from gfss_hf.data.splits import get_split
 from gfss_hf.data.synthetic import SyntheticSegmentation
 from gfss_hf.evaluation import EvaluationOptions, evaluate_episodes
+from gfss_hf.learning import one_shot_predictions
 from gfss_hf.training import pretrain
 from gfss_hf.training_config import TrainingConfig
 
@@ -228,9 +229,7 @@ def qualitative_figure(model_dir: Path, split, val, path: Path, seed: int, steps
     model = GFSSModel.from_pretrained(model_dir).eval()
     processor = GFSSImageProcessor.from_pretrained(model_dir)
     episodes = build_episodes("paper", split, val, shots=1, num_episodes=num, seed=seed)
-    base_rows = len(split.base_ids) + 1
     # display ids: dataset ids (0 background, 1..20 classes)
-    row_to_dataset = np.array([0, *split.base_ids, 0], np.int64)
     palette = _palette(len(split.class_names) + 1)
     columns = ["support + mask", "query", "ground truth", "FSS 2-way", "GFSS gamma=0", "GFSS gamma=10"]
     fig, axes = plt.subplots(len(episodes), len(columns), figsize=(2.2 * len(columns), 2.3 * len(episodes)))
@@ -239,32 +238,22 @@ def qualitative_figure(model_dir: Path, split, val, path: Path, seed: int, steps
         novel = spec.class_ids[0]
         support = val.get_by_id(spec.support_ids[novel][0])
         query = val.get_by_id(spec.query_id)
-        batch = processor(
-            [support["image"], query["image"]],
-            segmentation_maps=[np.asarray(support["label"]), np.asarray(query["label"])],
+        preds = one_shot_predictions(
+            model,
+            processor,
+            support["image"],
+            support["label"],
+            query["image"],
+            query["label"],
+            novel,
+            split.base_ids,
+            AdaptationConfig(steps=steps, seed=spec.index),
         )
-        size = batch["pixel_values"].shape[-2:]
-        with torch.no_grad():
-            features = model.extract_features(batch["pixel_values"])
-        s_label = batch["labels"][0]
-        s_mask = torch.where(s_label == 255, 255, (s_label == novel).long())[None]
-        align = model.config.logits_align_corners
-        fss_config = AdaptationConfig(method="fss", steps=steps, seed=spec.index)
-        fss = adapt_classifier(model, features[:1], s_mask, fss_config)
-        preds = [predict(features[1:], fss, size=size, align_corners=align)[0].argmax(0).numpy()]
-        preds[0] = np.where(preds[0] == 1, novel, 0)
-        for gamma in (0.0, 10.0):
-            gfss_config = AdaptationConfig(gamma=gamma, steps=steps, seed=spec.index)
-            gfss = adapt_classifier(model, features[:1], s_mask, gfss_config)
-            rows = predict(features[1:], gfss, size=size, align_corners=align)[0].argmax(0).numpy()
-            shown = row_to_dataset[np.minimum(rows, base_rows)]
-            preds.append(np.where(rows == base_rows, novel, shown))
-        h, w = (int(v) for v in batch["resized_sizes"][1])
         support_img = np.asarray(support["image"]).copy()
         overlay = np.asarray(support["label"]) == novel
         support_img[overlay] = (0.45 * support_img[overlay] + 0.55 * np.array([255, 40, 40])).astype(np.uint8)
         panels = [support_img, np.asarray(query["image"]), palette[np.asarray(query["label"])]]
-        panels += [palette[p[:h, :w]] for p in preds]
+        panels += [palette[p] for p in preds]
         for col, panel in enumerate(panels):
             ax = axes[row, col]
             ax.imshow(panel, interpolation="nearest")

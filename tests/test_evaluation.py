@@ -329,3 +329,57 @@ def test_run_protocols_pooling_matches_their_definition(protocol):
         assert metrics[key] == pytest.approx(np.mean([r[key] for r in runs]), abs=1e-12), key
         assert metrics[f"{key}_std"] == pytest.approx(np.std([r[key] for r in runs], ddof=1), abs=1e-12), key
         assert [s[key] for s in summaries] == pytest.approx([r[key] for r in runs], abs=1e-12)
+
+
+def test_run_supports_annotate_every_novel_class_they_hold(setup, monkeypatch):
+    """A `diam` / `capl` support image of class c that also holds another novel class of the run is annotated for
+    both: left as background, the other class's pixels are taught "no novel class" by the distillation (whose
+    teacher's background takes every novel row), and on CamVid, where no image holds one novel class alone, gamma = 10
+    then never predicted a novel pixel. A support that holds its class alone keeps its binary mask."""
+    import gfss_hf.evaluation as evaluation
+    from gfss_hf.data.episodes import EpisodeSpec
+
+    model, processor, split, val, train = setup
+    novel = list(split.novel_ids)
+    holds = {i: {c for c in novel if (np.asarray(val.get_by_id(i)["label"]) == c).any()} for i in val.ids}
+    shared = next(i for i, classes in holds.items() if len(classes) >= 2)
+    first, second = sorted(holds[shared])[:2]
+    alone = next(i for i, classes in holds.items() if classes == {second} and i != shared)
+    queries = [i for i in val.ids if i not in (shared, alone)][:3]
+    support_ids = {first: [shared], second: [alone]}
+    episodes = [
+        EpisodeSpec("synthetic", 0, "diam", k, 42, q, support_ids, sorted(support_ids), run=0)
+        for k, q in enumerate(queries)
+    ]
+    calls = []
+    real = evaluation.adapt_classifier
+
+    def spy(model, features, labels, config, **kwargs):
+        calls.append((labels.clone(), kwargs))
+        return real(model, features, labels, config, **kwargs)
+
+    monkeypatch.setattr(evaluation, "adapt_classifier", spy)
+    options = EvaluationOptions(adaptation=AdaptationConfig(steps=2, gamma=10.0), progress=False)
+    evaluate_episodes(model, episodes, split=split, val_source=val, processor=processor, options=options)
+    assert len(calls) == 1  # one classifier per run
+    labels, kwargs = calls[0]
+    rank = {c: r for r, c in enumerate(novel)}
+    assert kwargs["num_novel_classes"] == len(novel)
+    labels = labels.cpu()
+    if kwargs.get("support_classes") is not None:  # binary masks + the class of each: the same, written as maps
+        classes = torch.as_tensor(kwargs["support_classes"]).cpu()
+        labels = torch.where(labels == 1, classes[:, None, None] + 1, labels)
+        annotated = torch.nn.functional.one_hot(classes, len(novel)).bool()
+    else:
+        annotated = kwargs["annotated"].cpu()
+    canvas = {i: processor(val.get_by_id(i)["image"], segmentation_maps=np.asarray(val.get_by_id(i)["label"])) for i in (shared, alone)}  # fmt: skip
+    for k, image_id in enumerate([shared, alone]):  # supports in class order: first, then second
+        truth = canvas[image_id]["labels"][0]
+        expected = torch.zeros_like(truth)
+        for c in holds[image_id]:
+            expected[truth == c] = rank[c] + 1
+        expected[truth == 255] = 255
+        assert torch.equal(labels[k], expected), image_id
+        assert annotated[k].tolist() == [c in holds[image_id] for c in novel]
+    assert annotated[0, rank[first]] and annotated[0, rank[second]]  # the shared image: both classes
+    assert set(torch.unique(labels[1]).tolist()) <= {0, rank[second] + 1, 255}  # alone: its binary mask
