@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import colorsys
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -45,6 +46,8 @@ __all__ = [
     "legend_entries",
     "draw_legend",
     "panels",
+    "EpisodeRow",
+    "episode_figure",
 ]
 
 BACKGROUND_COLOR = (0, 0, 0)
@@ -281,3 +284,59 @@ def panels(images: Sequence, titles: Sequence[str] | None = None, height: int | 
             draw.text((x + im.width // 2, title_height // 2), str(titles[k]), fill=(0, 0, 0), font=font, anchor="mm")
         x += im.width + gap
     return canvas
+
+
+class EpisodeRow(NamedTuple):
+    """One episode of an [`episode_figure`]: the support with its novel-class mask (the class id on the class, 0
+    elsewhere), the query, its ground truth and the predicted label maps (dataset ids), and the row's class name."""
+
+    support_image: object
+    support_mask: np.ndarray
+    query_image: object
+    truth: np.ndarray
+    predictions: Sequence[np.ndarray]
+    name: str
+
+
+def episode_figure(
+    rows: Sequence[EpisodeRow],
+    id2label: Mapping[int, str] | Sequence[str],
+    titles: Sequence[str] = ("support", "query", "ground truth", "FSS 2-way", "GFSS gamma=0", "GFSS gamma=10"),
+    height: int = 180,
+    font_size: int = 16,
+) -> Image.Image:
+    """
+    The qualitative figure of few-shot episodes: one strip per episode (support with its mask laid over it, query,
+    ground truth, then each prediction), the first title followed by the episode's class name, and a legend of every
+    class the figure shows. The demo and the CamVid benchmark draw their figures with it.
+
+    Args:
+        rows (`Sequence[EpisodeRow]`): the episodes, top to bottom.
+        id2label (`Mapping[int, str]` or `Sequence[str]`): names of the ids in the masks (ignore 255 may be absent).
+        titles (`Sequence[str]`): one per panel: support, query, ground truth, then one per prediction.
+        height (`int`, *optional*, defaults to 180): panel height in pixels.
+        font_size (`int`, *optional*, defaults to 16): legend text height.
+
+    Returns:
+        `PIL.Image` (RGB).
+    """
+    if len(rows) == 0:
+        raise ValueError("episode_figure() needs at least one episode row.")
+    strips, shown = [], set()
+    for row in rows:
+        maps = [np.asarray(row.truth), np.asarray(row.support_mask), *[np.asarray(p) for p in row.predictions]]
+        if len(titles) != 3 + len(row.predictions):
+            raise ValueError(
+                f"got {len(titles)} titles for {3 + len(row.predictions)} panels (support, query, ground truth and "
+                f"{len(row.predictions)} predictions); give one title per panel."
+            )
+        images = [overlay(row.support_image, row.support_mask, alpha=0.6), row.query_image, colorize(row.truth)]
+        images += [colorize(p) for p in row.predictions]
+        shown.update(int(v) for m in maps for v in np.unique(m))
+        strips.append(panels(images, [f"{titles[0]}: {row.name}", *titles[1:]], height=height))
+    canvas = Image.new("RGB", (max(s.width for s in strips), sum(s.height for s in strips)), (255, 255, 255))
+    y = 0
+    for strip in strips:
+        canvas.paste(strip, (0, y))
+        y += strip.height
+    return draw_legend(canvas, id2label, np.array([sorted(shown)]), font_size=font_size)

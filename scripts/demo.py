@@ -45,6 +45,7 @@ from gfss_hf.evaluation import EvaluationOptions, evaluate_episodes
 from gfss_hf.learning import one_shot_predictions
 from gfss_hf.training import pretrain
 from gfss_hf.training_config import TrainingConfig
+from gfss_hf.visualization import EpisodeRow, episode_figure
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "synthetic.yaml"
 # (folder, label, contrastive weight, novel pixels labelled background during pre-training (BAM's convention)
@@ -208,37 +209,17 @@ def results_table(results, models=MODELS) -> str:
 
 
 # -- qualitative figure ---------------------------------------------------------------------------------------------
-def _palette(n: int) -> np.ndarray:
-    import matplotlib
-
-    colours = (np.asarray(matplotlib.colormaps["tab20"].colors) * 255).astype(np.uint8)
-    out = np.zeros((256, 3), np.uint8)
-    for i in range(1, n):
-        out[i] = colours[(i - 1) % len(colours)]
-    out[255] = (255, 255, 255)
-    return out
-
-
 def qualitative_figure(model_dir: Path, split, val, path: Path, seed: int, steps: int, num: int = 4) -> None:
-    """Support with its mask, query, ground truth, FSS, GFSS gamma 0 and gamma 10 predictions for a few episodes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Support with its mask, query, ground truth, FSS, GFSS gamma 0 and gamma 10 predictions for a few episodes,
+    with a legend of the classes shown."""
     model = GFSSModel.from_pretrained(model_dir).eval()
     processor = GFSSImageProcessor.from_pretrained(model_dir)
-    episodes = build_episodes("paper", split, val, shots=1, num_episodes=num, seed=seed)
-    # display ids: dataset ids (0 background, 1..20 classes)
-    palette = _palette(len(split.class_names) + 1)
-    columns = ["support + mask", "query", "ground truth", "FSS 2-way", "GFSS gamma=0", "GFSS gamma=10"]
-    fig, axes = plt.subplots(len(episodes), len(columns), figsize=(2.2 * len(columns), 2.3 * len(episodes)))
-    axes = np.atleast_2d(axes)
-    for row, spec in enumerate(episodes):
+    rows = []
+    for spec in build_episodes("paper", split, val, shots=1, num_episodes=num, seed=seed):
         novel = spec.class_ids[0]
         support = val.get_by_id(spec.support_ids[novel][0])
         query = val.get_by_id(spec.query_id)
-        preds = one_shot_predictions(
+        predictions = one_shot_predictions(
             model,
             processor,
             support["image"],
@@ -249,24 +230,22 @@ def qualitative_figure(model_dir: Path, split, val, path: Path, seed: int, steps
             split.base_ids,
             AdaptationConfig(steps=steps, seed=spec.index),
         )
-        support_img = np.asarray(support["image"]).copy()
-        overlay = np.asarray(support["label"]) == novel
-        support_img[overlay] = (0.45 * support_img[overlay] + 0.55 * np.array([255, 40, 40])).astype(np.uint8)
-        panels = [support_img, np.asarray(query["image"]), palette[np.asarray(query["label"])]]
-        panels += [palette[p] for p in preds]
-        for col, panel in enumerate(panels):
-            ax = axes[row, col]
-            ax.imshow(panel, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(columns[col], fontsize=9)
-        axes[row, 0].set_ylabel(split.class_names[novel - 1], fontsize=8)
-    fig.suptitle(f"1-shot episodes, fold {split.fold} (novel class on the left; colours = classes)", fontsize=10)
-    fig.tight_layout()
+        mask = np.where(np.asarray(support["label"]) == novel, novel, 0)
+        rows.append(
+            EpisodeRow(
+                support["image"],
+                mask,
+                query["image"],
+                np.asarray(query["label"]),
+                predictions,
+                split.class_names[novel - 1],
+            )
+        )
+    # display ids: dataset ids (0 background, 1..20 classes)
+    names = {0: "background", **dict(enumerate(split.class_names, start=1)), 255: "ignore"}
+    figure = episode_figure(rows, names)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
+    figure.save(buffer, format="png")
     atomic_write_bytes(path, buffer.getvalue())
 
 

@@ -8,8 +8,10 @@ from PIL import Image
 from gfss_hf.visualization import (
     BACKGROUND_COLOR,
     IGNORE_COLOR,
+    EpisodeRow,
     colorize,
     draw_legend,
+    episode_figure,
     legend_entries,
     make_palette,
     overlay,
@@ -97,6 +99,28 @@ def test_panels_titles_and_heights(label_map):
         panels([a, b], ["only one"])
     with pytest.raises(ValueError, match="at least one image"):
         panels([])
+
+
+def test_episode_figure_strips_tinted_support_and_legend_of_shown_classes(label_map):
+    palette = make_palette()
+    image = np.full((40, 60, 3), 100, np.uint8)
+    support_mask = np.where(label_map == 1, 1, 0)
+    predictions = [np.where(label_map == 3, 3, 0), np.where(label_map == 3, 5, 0)]
+    rows = [EpisodeRow(image, support_mask, image, label_map, predictions, "zebra")] * 2
+    names = {0: "background", 1: "zebra", 3: "car", 5: "bus", 7: "never shown", 255: "ignore"}
+    out = np.asarray(episode_figure(rows, names, titles=("support", "query", "truth", "a", "b"), height=40))
+    assert out.shape[0] >= 2 * 40  # two strips (plus title bars)
+    colours = {tuple(c) for c in out.reshape(-1, 3)}
+    for k in (1, 3, 5):  # drawn in the panels and as legend swatches
+        assert tuple(palette[k]) in colours
+    assert tuple(palette[7]) not in colours  # named but in no map: not in the legend
+    # The support panel is the picture tinted with the class colour where the mask is, untouched elsewhere.
+    tinted = np.round(0.4 * 100 + 0.6 * palette[1].astype(float))
+    assert any(np.abs(np.array(c, float) - tinted).max() <= 1 for c in colours)
+    with pytest.raises(ValueError, match="one title per panel"):
+        episode_figure(rows, names, titles=("support", "query"))
+    with pytest.raises(ValueError, match="at least one episode"):
+        episode_figure([], names)
 
 
 @pytest.mark.parametrize(
