@@ -202,7 +202,7 @@ def _pct(value) -> str:
 
 def fold_tables(fold_result: dict, split) -> str:
     """The tables of one fold: per protocol, rows = model x method (+ baselines), columns = 1/5-shot novel / base /
-    mean mIoU; then per-class novel IoU (gamma = 10 and the baselines)."""
+    mean mIoU; then per-class novel IoU (FSS, GFSS gamma = 0 and gamma = 10, the baselines)."""
     lines = []
     for protocol in PROTOCOLS:
         novel_key, base_key = (
@@ -242,7 +242,10 @@ def fold_tables(fold_result: dict, split) -> str:
             res = fold_result["models"].get(model_key)
             if res is None:
                 continue
-            rows = [("gamma10", f"{label}, GFSS gamma = 10", "novel_per_class")]
+            rows = [
+                ("gamma0", f"{label}, GFSS gamma = 0", "novel_per_class"),
+                ("gamma10", f"{label}, GFSS gamma = 10", "novel_per_class"),
+            ]
             if protocol == "paper":
                 rows.insert(0, ("gamma0", f"{label}, FSS 2-way", "fss_per_class"))
             for key, row_label, field in rows:

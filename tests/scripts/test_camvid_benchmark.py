@@ -53,6 +53,8 @@ def test_camvid_benchmark_quick(sample_data, tmp_path, monkeypatch, capsys):
     assert "`paper` protocol" in markdown and "`diam` protocol" in markdown
     with Image.open(tmp_path / "qualitative.png") as figure:
         assert figure.width > 1000 and np.asarray(figure).std() > 0
+        # The colour legend is a light strip on the right (draw_legend's background).
+        assert (np.asarray(figure.convert("RGB"))[:, -2:] == 245).all()
     # The images are linked, never copied, into the output folder.
     assert all(p.is_symlink() for p in (tmp_path / "quick_data" / "val").iterdir())
 
