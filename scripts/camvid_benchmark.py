@@ -8,8 +8,9 @@ Pedestrian / Bicyclist):
 2. evaluates, 1-shot and 5-shot, the `paper` protocol (one novel class per episode, queries from val, supports from
    train with `--support_split train`, the default here: all 101 val images come from one drive) and the `diam`
    protocol (all novel classes at once, `--runs` support sets from val; on CamVid with supports at the paper's
-   1,582 px and not exclusive, as no val image holds one novel class without the others): FSS 2-way (paper only), GFSS with gamma 0, gamma 10,
-   and gamma 10 with the distillation off novel pixels;
+   1,582 px and not exclusive, as no val image holds one novel class without the others, each support annotated for
+   every novel class it holds): FSS 2-way (paper only), GFSS with gamma 0, gamma 10, and gamma 10 with the
+   distillation off novel pixels;
 3. scores two trivial baselines on the very same episodes, per novel class, pooled over episodes like the model's
    novel IoU: every query pixel predicted as the novel class, and the support mask(s) of the class pasted onto the
    query (same image size; CamVid's scenes share a road layout, which is what this baseline measures);
@@ -20,11 +21,10 @@ Pedestrian / Bicyclist):
     OMP_NUM_THREADS=1 python scripts/camvid_benchmark.py --data_dir /data/CamVid --output_dir camvid_results
     python scripts/camvid_benchmark.py --data_dir /data/CamVid --output_dir /tmp/q --quick   # the test's budget
 
-Duration, measured on one core of the 2-core development machine (2026-12-01): fold 0, CE model, the defaults
-(500 paper episodes and 5 diam runs per shot count, 3 GFSS variants, 100 fine-tuning steps at feature resolution):
-pre-training 12 min (720 steps, 1.0 s per step of 8 images; 1.3-2.5 s while the other core was busy) and evaluation
-7.5 min. The full table (2 folds x 2 models) is ESTIMATED from that at ~1.5 h (the contrastive model's steps are
-slower, not measured). `--quick` takes ~25 s.
+Duration, measured on one core of the 2-core development machine with the other core busy (2026-12-01), the
+defaults (500 paper episodes and 5 diam runs per shot count, 3 GFSS variants, 100 fine-tuning steps at feature
+resolution): pre-training 10-11 min per model (720 steps of 8 images; CE + contrastive no slower), evaluation 6.0-6.4
+min per model; the full table (2 folds x 2 models) 68 min. `--quick` takes ~25 s.
 
 The test split is never read.
 """
@@ -202,7 +202,7 @@ def _pct(value) -> str:
 
 def fold_tables(fold_result: dict, split) -> str:
     """The tables of one fold: per protocol, rows = model x method (+ baselines), columns = 1/5-shot novel / base /
-    mean mIoU; then per-class novel IoU (gamma = 10 and the baselines)."""
+    mean mIoU; then per-class novel IoU (FSS, GFSS gamma = 0 and gamma = 10, the baselines)."""
     lines = []
     for protocol in PROTOCOLS:
         novel_key, base_key = (
@@ -242,7 +242,10 @@ def fold_tables(fold_result: dict, split) -> str:
             res = fold_result["models"].get(model_key)
             if res is None:
                 continue
-            rows = [("gamma10", f"{label}, GFSS gamma = 10", "novel_per_class")]
+            rows = [
+                ("gamma0", f"{label}, GFSS gamma = 0", "novel_per_class"),
+                ("gamma10", f"{label}, GFSS gamma = 10", "novel_per_class"),
+            ]
             if protocol == "paper":
                 rows.insert(0, ("gamma0", f"{label}, FSS 2-way", "fss_per_class"))
             for key, row_label, field in rows:

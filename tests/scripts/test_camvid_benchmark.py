@@ -53,6 +53,8 @@ def test_camvid_benchmark_quick(sample_data, tmp_path, monkeypatch, capsys):
     assert "`paper` protocol" in markdown and "`diam` protocol" in markdown
     with Image.open(tmp_path / "qualitative.png") as figure:
         assert figure.width > 1000 and np.asarray(figure).std() > 0
+        # The colour legend is a light strip on the right (draw_legend's background).
+        assert (np.asarray(figure.convert("RGB"))[:, -2:] == 245).all()
     # The images are linked, never copied, into the output folder.
     assert all(p.is_symlink() for p in (tmp_path / "quick_data" / "val").iterdir())
 
@@ -75,3 +77,19 @@ def test_baseline_ious_by_hand():
     out = bench.baseline_ious([spec], get_split("camvid", 0), Source({"q": query}), Source({"s": support}))
     assert out["all_novel"]["Car"] == 2 / 3  # 3 valid pixels predicted, 2 are Car
     assert out["support_mask"]["Car"] == 1 / 2  # pasted {0, 3}, void 3 dropped: {0} vs {0, 1}
+
+
+def test_published_tables_are_those_of_the_committed_run():
+    """docs/README_camvid.md's tables are the rendering of docs/camvid_results.json (the results.json of the run they
+    report), and README.md quotes its headline numbers from the same run."""
+    from gfss_hf.data.splits import get_split
+
+    bench = _load_script()
+    run = json.loads((ROOT / "docs" / "camvid_results.json").read_text(encoding="utf-8"))
+    assert not run["quick"] and run["folds"] == [0, 1] and run["models"] == ["ce", "contrastive"]
+    doc = (ROOT / "docs" / "README_camvid.md").read_text(encoding="utf-8")
+    for fold in run["folds"]:
+        table = bench.fold_tables(run["results"][f"fold{fold}"], get_split("camvid", fold))
+        assert table.count("\n") >= 40
+        assert table.strip() in doc, fold
+    assert run["date"][:10] in doc and run["date"][:10] in (ROOT / "README.md").read_text(encoding="utf-8")
