@@ -32,6 +32,7 @@ The test split is never read.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -42,11 +43,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 import gfss_hf
 from gfss_hf import GFSSImageProcessor, GFSSModel
-from gfss_hf._io import atomic_write_text
+from gfss_hf._io import atomic_write_bytes, atomic_write_text
 from gfss_hf.adaptation import AdaptationConfig
 from gfss_hf.data.camvid import CAMVID_MIN_PIXELS
 from gfss_hf.data.episodes import build_episodes
@@ -56,7 +56,7 @@ from gfss_hf.evaluation import EvaluationOptions, evaluate_episodes
 from gfss_hf.learning import one_shot_predictions
 from gfss_hf.training import pretrain
 from gfss_hf.training_config import TrainingConfig
-from gfss_hf.visualization import colorize, draw_legend, overlay, panels
+from gfss_hf.visualization import EpisodeRow, episode_figure
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "camvid.yaml"
 # (key, label, contrastive weight)
@@ -270,8 +270,7 @@ def qualitative_figure(
     table's fine-tuning settings), with a legend of every class shown."""
     model = GFSSModel.from_pretrained(model_dir).eval()
     processor = GFSSImageProcessor.from_pretrained(model_dir)
-    titles = ["support + mask", "query", "ground truth", "FSS 2-way", "GFSS gamma=0", "GFSS gamma=10"]
-    strips, shown = [], set()
+    rows = []
     for spec in episodes[:num]:
         novel = spec.class_ids[0]
         support = sources[spec.support_list].get_by_id(spec.support_ids[novel][0])
@@ -287,29 +286,23 @@ def qualitative_figure(
             split.base_ids,
             adaptation,
         )
-        truth = np.asarray(query["label"])
         support_mask = np.where(np.asarray(support["label"]) == novel, novel, 0)
-        images = [overlay(support["image"], support_mask, alpha=0.6), query["image"], colorize(truth)]
-        images += [colorize(p) for p in predictions]
-        shown.update(int(v) for m in (truth, support_mask, *predictions) for v in np.unique(m))
-        strips.append(
-            panels(
-                images,
-                [f"{t} ({split.class_names[novel - 1]})" if k == 0 else t for k, t in enumerate(titles)],
-                height=180,
+        rows.append(
+            EpisodeRow(
+                support["image"],
+                support_mask,
+                query["image"],
+                np.asarray(query["label"]),
+                predictions,
+                split.class_names[novel - 1],
             )
         )
-    width = max(s.width for s in strips)
-    canvas = Image.new("RGB", (width, sum(s.height for s in strips)), (255, 255, 255))
-    y = 0
-    for strip in strips:
-        canvas.paste(strip, (0, y))
-        y += strip.height
     # CamVid has no background class: id 0 is the background row (GFSS) or "not the class" (FSS, support mask).
     names = {0: "background / not the class", **dict(enumerate(split.class_names, start=1)), 255: "void (ignored)"}
-    canvas = draw_legend(canvas, names, np.array([sorted(shown)]), font_size=16)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    canvas = episode_figure(rows, names)
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="png")
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def main(argv=None) -> int:
