@@ -212,3 +212,28 @@ def test_postprocess_memory_benchmark_runs_both_paths():
         assert result["error"] is None and result["peak_rss_mb"] >= result["rss_before_mb"] > 0
         assert result["present"] == ["base0", "base3", "novel4"]  # both paths find the same classes
     assert {"command", "date", "machine"} <= set(report)
+
+
+def test_contrastive_gradients_benchmark_reports_both_norms(pretrained_tiny_dir, tmp_path):
+    """On the tiny model and a tiny recipe: one row per batch with finite positive norms, ratio = their quotient and
+    a cosine in [-1, 1]; a fresh model (--init) gives other numbers than the trained one."""
+    import yaml
+    from fixtures.make_tiny_model import TINY_SYNTHETIC_RUN
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({**TINY_SYNTHETIC_RUN, "output_dir": str(tmp_path / "unused")}))
+    rows = {}
+    for flag in ([], ["--init"]):
+        cmd = [sys.executable, str(ROOT / "bench" / "contrastive_gradients.py"), str(pretrained_tiny_dir)]
+        cmd += ["--batches", "2", "--config", str(recipe), *flag]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert done.returncode == 0, done.stderr[-3000:]
+        lines = [line for line in done.stdout.splitlines() if line[:1].isdigit()]
+        assert len(lines) == 2
+        rows[bool(flag)] = lines
+        for line in lines:
+            _, ce, ctr, ratio, cosine, loss = (float(v) for v in line.split("|"))
+            assert ce > 0 and ctr > 0 and loss > 0
+            assert ratio == pytest.approx(ctr / ce, rel=0.05, abs=0.05)
+            assert -1.0 <= cosine <= 1.0
+    assert rows[True] != rows[False]
