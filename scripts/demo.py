@@ -57,7 +57,7 @@ MODELS = (
 )
 DEFAULT_MODELS = ("model_ce", "model_contrastive")
 # The model of the figure, of `model_card.md` and of the Space's default: the better of the two in the measured
-# demo (validation base mIoU 20.3 % against 9.1 % for the contrastive model on 2026-12-01, and every episodic
+# demo (validation base mIoU 51.6 % against 40.6 % for the contrastive model on 2026-12-01, and every GFSS
 # number; see the README).
 SHOWCASE = "model_ce"
 # (key, row label, AdaptationConfig overrides). FSS numbers come with every `paper` evaluation.
