@@ -20,7 +20,13 @@ import torch
 from ._solver import downsample_labels
 from .adaptation import AdaptationConfig, AdaptedClassifier, adapt_classifier, predict
 
-__all__ = ["adapt_to_supports", "extract_support_features", "learn_classes", "one_shot_predictions"]
+__all__ = [
+    "adapt_to_supports",
+    "episode_figure_row",
+    "extract_support_features",
+    "learn_classes",
+    "one_shot_predictions",
+]
 
 
 def extract_support_features(model, supports, loss_resolution: str = "input") -> torch.Tensor:
@@ -203,3 +209,37 @@ def one_shot_predictions(
         rows = predict(features[1:], gfss, size=size, align_corners=align)[0].argmax(0)
         maps.append(torch.where(rows == num_base_rows, class_id, row_to_dataset[rows.clamp(max=num_base_rows - 1)]))
     return [m[:height, :width].numpy().astype(np.int64) for m in maps]
+
+
+def episode_figure_row(
+    model, image_processor, support: dict, query: dict, class_id: int, base_ids, name: str, config=None
+):
+    """
+    One row of a qualitative figure ([`gfss_hf.visualization.episode_figure`]): the support with its mask of
+    `class_id`, the query with its ground truth, and the [`one_shot_predictions`] of the episode.
+
+    Args:
+        model, image_processor, class_id, base_ids, config: as for [`one_shot_predictions`].
+        support, query (`dict`): dataset items with `"image"` and `"label"` (dataset ids).
+        name (`str`): the row's class name.
+
+    Returns:
+        [`gfss_hf.visualization.EpisodeRow`].
+    """
+    import numpy as np
+
+    from .visualization import EpisodeRow
+
+    predictions = one_shot_predictions(
+        model,
+        image_processor,
+        support["image"],
+        support["label"],
+        query["image"],
+        query["label"],
+        class_id,
+        base_ids,
+        config,
+    )
+    mask = np.where(np.asarray(support["label"]) == class_id, class_id, 0)
+    return EpisodeRow(support["image"], mask, query["image"], np.asarray(query["label"]), predictions, name)

@@ -53,10 +53,10 @@ from gfss_hf.data.episodes import build_episodes
 from gfss_hf.data.sources import load_image_source
 from gfss_hf.data.splits import get_split
 from gfss_hf.evaluation import EvaluationOptions, evaluate_episodes
-from gfss_hf.learning import one_shot_predictions
+from gfss_hf.learning import episode_figure_row
 from gfss_hf.training import pretrain
 from gfss_hf.training_config import TrainingConfig
-from gfss_hf.visualization import EpisodeRow, episode_figure
+from gfss_hf.visualization import episode_figure
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "camvid.yaml"
 # (key, label, contrastive weight)
@@ -275,26 +275,9 @@ def qualitative_figure(
         novel = spec.class_ids[0]
         support = sources[spec.support_list].get_by_id(spec.support_ids[novel][0])
         query = val.get_by_id(spec.query_id)
-        predictions = one_shot_predictions(
-            model,
-            processor,
-            support["image"],
-            support["label"],
-            query["image"],
-            query["label"],
-            novel,
-            split.base_ids,
-            adaptation,
-        )
-        support_mask = np.where(np.asarray(support["label"]) == novel, novel, 0)
         rows.append(
-            EpisodeRow(
-                support["image"],
-                support_mask,
-                query["image"],
-                np.asarray(query["label"]),
-                predictions,
-                split.class_names[novel - 1],
+            episode_figure_row(
+                model, processor, support, query, novel, split.base_ids, split.class_names[novel - 1], adaptation
             )
         )
     # CamVid has no background class: id 0 is the background row (GFSS) or "not the class" (FSS, support mask).

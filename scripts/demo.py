@@ -30,7 +30,6 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import gfss_hf
@@ -42,10 +41,10 @@ from gfss_hf.data.episodes import build_episodes
 from gfss_hf.data.splits import get_split
 from gfss_hf.data.synthetic import SyntheticSegmentation
 from gfss_hf.evaluation import EvaluationOptions, evaluate_episodes
-from gfss_hf.learning import one_shot_predictions
+from gfss_hf.learning import episode_figure_row
 from gfss_hf.training import pretrain
 from gfss_hf.training_config import TrainingConfig
-from gfss_hf.visualization import EpisodeRow, episode_figure
+from gfss_hf.visualization import episode_figure
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "synthetic.yaml"
 # (folder, label, contrastive weight, novel pixels labelled background during pre-training (BAM's convention)
@@ -219,26 +218,16 @@ def qualitative_figure(model_dir: Path, split, val, path: Path, seed: int, steps
         novel = spec.class_ids[0]
         support = val.get_by_id(spec.support_ids[novel][0])
         query = val.get_by_id(spec.query_id)
-        predictions = one_shot_predictions(
-            model,
-            processor,
-            support["image"],
-            support["label"],
-            query["image"],
-            query["label"],
-            novel,
-            split.base_ids,
-            AdaptationConfig(steps=steps, seed=spec.index),
-        )
-        mask = np.where(np.asarray(support["label"]) == novel, novel, 0)
         rows.append(
-            EpisodeRow(
-                support["image"],
-                mask,
-                query["image"],
-                np.asarray(query["label"]),
-                predictions,
+            episode_figure_row(
+                model,
+                processor,
+                support,
+                query,
+                novel,
+                split.base_ids,
                 split.class_names[novel - 1],
+                AdaptationConfig(steps=steps, seed=spec.index),
             )
         )
     # display ids: dataset ids (0 background, 1..20 classes)

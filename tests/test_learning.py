@@ -1,4 +1,4 @@
-"""`gfss_hf.learning.one_shot_predictions`: the episode predictions the qualitative figures of scripts/demo.py and
+"""`gfss_hf.learning.one_shot_predictions` and `episode_figure_row`: the episode predictions the qualitative figures of scripts/demo.py and
 scripts/camvid_benchmark.py show."""
 
 import numpy as np
@@ -9,7 +9,7 @@ from gfss_hf.adaptation import AdaptationConfig, adapt_classifier, predict
 from gfss_hf.data.episodes import build_episodes
 from gfss_hf.data.splits import get_split
 from gfss_hf.data.synthetic import SyntheticSegmentation
-from gfss_hf.learning import one_shot_predictions
+from gfss_hf.learning import episode_figure_row, one_shot_predictions
 
 
 def test_one_shot_predictions_are_the_fss_and_gfss_maps_of_the_episode(pretrained_tiny_dir):
@@ -56,3 +56,26 @@ def test_one_shot_predictions_are_the_fss_and_gfss_maps_of_the_episode(pretraine
         model, processor, support["image"], support["label"], query["image"], query["label"], novel, split.base_ids,
         config, gammas=(),
     )) == 1  # fmt: skip
+
+
+def test_episode_figure_row_holds_the_support_mask_truth_and_predictions(pretrained_tiny_dir):
+    model = GFSSModel.from_pretrained(pretrained_tiny_dir).eval()
+    processor = GFSSImageProcessor.from_pretrained(pretrained_tiny_dir)
+    split = get_split("synthetic", 0)
+    val = SyntheticSegmentation("val", num_images=20, image_size=model.config.image_size)
+    spec = build_episodes("paper", split, val, shots=1, num_episodes=1, seed=3)[0]
+    novel = spec.class_ids[0]
+    support, query = val.get_by_id(spec.support_ids[novel][0]), val.get_by_id(spec.query_id)
+    config = AdaptationConfig(steps=5, seed=7)
+    row = episode_figure_row(model, processor, support, query, novel, split.base_ids, "the class", config)
+    label = np.asarray(support["label"])
+    np.testing.assert_array_equal(row.support_mask, np.where(label == novel, novel, 0))
+    assert (row.support_mask == novel).any() and row.name == "the class"
+    np.testing.assert_array_equal(row.truth, np.asarray(query["label"]))
+    expected = one_shot_predictions(
+        model, processor, support["image"], support["label"], query["image"], query["label"], novel, split.base_ids,
+        config,
+    )  # fmt: skip
+    assert len(row.predictions) == len(expected) == 3
+    for got, want in zip(row.predictions, expected):
+        np.testing.assert_array_equal(got, want)
