@@ -228,7 +228,7 @@ def episode_figure_row(
     """
     import numpy as np
 
-    from .visualization import EpisodeRow
+    from gfss_hf.visualization import EpisodeRow  # absolute: Hub exports scan relative imports
 
     predictions = one_shot_predictions(
         model,
