@@ -2,6 +2,7 @@
 scripts/camvid_benchmark.py show."""
 
 import numpy as np
+import pytest
 import torch
 
 from gfss_hf import GFSSImageProcessor, GFSSModel
@@ -12,7 +13,9 @@ from gfss_hf.data.synthetic import SyntheticSegmentation
 from gfss_hf.learning import episode_figure_row, one_shot_predictions
 
 
-def test_one_shot_predictions_are_the_fss_and_gfss_maps_of_the_episode(pretrained_tiny_dir):
+@pytest.fixture
+def episode(pretrained_tiny_dir):
+    """The tiny model, its processor, and one 1-shot `paper` episode of fold 0 with a 5-step fine-tuning config."""
     model = GFSSModel.from_pretrained(pretrained_tiny_dir).eval()
     processor = GFSSImageProcessor.from_pretrained(pretrained_tiny_dir)
     split = get_split("synthetic", 0)
@@ -21,6 +24,11 @@ def test_one_shot_predictions_are_the_fss_and_gfss_maps_of_the_episode(pretraine
     novel = spec.class_ids[0]
     support, query = val.get_by_id(spec.support_ids[novel][0]), val.get_by_id(spec.query_id)
     config = AdaptationConfig(steps=5, seed=7)
+    return model, processor, split, novel, support, query, config
+
+
+def test_one_shot_predictions_are_the_fss_and_gfss_maps_of_the_episode(episode):
+    model, processor, split, novel, support, query, config = episode
     maps = one_shot_predictions(
         model, processor, support["image"], support["label"], query["image"], query["label"], novel, split.base_ids,
         config, gammas=(0.0, 10.0),
@@ -58,15 +66,8 @@ def test_one_shot_predictions_are_the_fss_and_gfss_maps_of_the_episode(pretraine
     )) == 1  # fmt: skip
 
 
-def test_episode_figure_row_holds_the_support_mask_truth_and_predictions(pretrained_tiny_dir):
-    model = GFSSModel.from_pretrained(pretrained_tiny_dir).eval()
-    processor = GFSSImageProcessor.from_pretrained(pretrained_tiny_dir)
-    split = get_split("synthetic", 0)
-    val = SyntheticSegmentation("val", num_images=20, image_size=model.config.image_size)
-    spec = build_episodes("paper", split, val, shots=1, num_episodes=1, seed=3)[0]
-    novel = spec.class_ids[0]
-    support, query = val.get_by_id(spec.support_ids[novel][0]), val.get_by_id(spec.query_id)
-    config = AdaptationConfig(steps=5, seed=7)
+def test_episode_figure_row_holds_the_support_mask_truth_and_predictions(episode):
+    model, processor, split, novel, support, query, config = episode
     row = episode_figure_row(model, processor, support, query, novel, split.base_ids, "the class", config)
     label = np.asarray(support["label"])
     np.testing.assert_array_equal(row.support_mask, np.where(label == novel, novel, 0))
